@@ -1,0 +1,56 @@
+"""The fused path: the Triton kernels as torch.library custom ops (with fake implementations, so
+torch.compile traces through them) behind a torch.autograd.Function."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kernels.attn_bwd import attn_bwd
+from kernels.attn_fwd import attn_fwd
+
+
+@torch.library.custom_op("attn_ops::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], band_lo: Optional[int],
+                  band_hi: Optional[int], scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return attn_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed)
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("attn_ops::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  mask: Optional[Tensor], band_lo: Optional[int], band_hi: Optional[int], scale: float,
+                  dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return attn_bwd(dout, dlse, q, k, v, out, lse, mask, band_lo, band_hi, scale, dropout_p, seed)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, mask, band_lo, band_hi, scale, dropout_p, seed):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class FusedAttention(torch.autograd.Function):
+    """Saves q, k, v, out and lse (plus the caller's mask and seed): no [Lq, Lk] tensor."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed):
+        out, lse = torch.ops.attn_ops.attention_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+        ctx.band, ctx.scale, ctx.dropout_p = (band_lo, band_hi), scale, dropout_p
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask, seed = ctx.saved_tensors
+        dq, dk, dv = torch.ops.attn_ops.attention_bwd(dout, dlse, q, k, v, out, lse, mask, *ctx.band, ctx.scale,
+                                                      ctx.dropout_p, seed)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def fused_attention(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed):
+    """(out, lse) through the kernels; `seed` is an int64 tensor on q's device when dropout_p > 0."""
+    return FusedAttention.apply(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed)

@@ -1,0 +1,229 @@
+"""Backward pass: a preprocess (delta = rowsum(dO * O)), a dK/dV pass over key blocks and a dQ pass
+over query blocks. Both recompute the probabilities from the saved LSE (and the dropout pattern from
+the seed); no [Lq, Lk] tensor is stored and no atomics are used, so results are deterministic."""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attn_common import LOG2E, _dot, _dropout_keep, _load_tile, _masked_scores, _visible_blocks
+from kernels.attn_launch import launch_args, tile_config
+
+
+@triton.jit
+def _attn_bwd_preprocess(Out, dOut, Delta,
+                         stride_ob, stride_oh, stride_om, stride_od,
+                         stride_dob, stride_doh, stride_dom, stride_dod,
+                         num_heads_q, len_q,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    num_m_blocks = tl.cdiv(len_q, BLOCK_M)
+    pid = tl.program_id(0)
+    head_index = pid // num_m_blocks
+    offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    b = (head_index // num_heads_q).to(tl.int64)
+    h = (head_index % num_heads_q).to(tl.int64)
+    o = _load_tile(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, len_q, HEAD_DIM)
+    do = _load_tile(dOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + head_index.to(tl.int64) * len_q + offs_m, delta, mask=offs_m < len_q)
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, offs_m, len_q):
+    """Per-row log2-domain LSE and delta; a fully masked row gets LSE +inf so exp2(s - lse) = 0."""
+    lse2 = tl.load(Lse + offs_m, mask=offs_m < len_q, other=float("-inf")) * LOG2E
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(Delta + offs_m, mask=offs_m < len_q, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, seed, offs_n, offs_d, head_index, start, stop,
+                         stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
+                         len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+                         DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    for start_m in range(start, stop, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
+        do = _load_tile(dO, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
+        lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
+        s = _masked_scores(q, k_t, offs_m, offs_n, mask_col_ptrs + offs_m[:, None] * stride_mm, len_q, len_k,
+                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, FP32_DOT, INPUT_PRECISION)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _dot(do, v_t, FP32_DOT, INPUT_PRECISION)
+        p_out = p
+        if DROPOUT:  # O used the kept, rescaled probabilities: dV and dP see the same pattern
+            keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
+            p_out = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        dv += _dot(tl.trans(p_out.to(do.dtype)), do, FP32_DOT, INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT, INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_mb, stride_mh, stride_mm, stride_mn,
+                   stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, scale, dropout_p,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):
+    num_n_blocks = tl.cdiv(len_k, BLOCK_N)
+    pid = tl.program_id(0)
+    kv_index = pid // num_n_blocks  # batch * Hkv + kv head
+    start_n = (pid % num_n_blocks) * BLOCK_N
+    num_heads_kv = num_heads_q // group_size
+    b = (kv_index // num_heads_kv).to(tl.int64)
+    h_kv = (kv_index % num_heads_kv).to(tl.int64)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    k_t = _load_tile(K + b * stride_kb + h_kv * stride_kh, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
+    v_t = _load_tile(V + b * stride_vb + h_kv * stride_vh, offs_d, offs_n, stride_vd, stride_vn, HEAD_DIM, len_k)
+    seed = tl.load(Seed) if DROPOUT else 0
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    # Query j - hi <= i <= j - lo sees key j: the same band, seen from the key side.
+    lo, full_lo, full_hi, hi = _visible_blocks(start_n, len_k, len_q, -band_hi, -band_lo, BLOCK_N, BLOCK_M)
+    # GQA: the query heads sharing this kv head are summed here, in order, instead of with atomics.
+    for g in range(group_size):
+        h = h_kv * group_size + g
+        head_index = b * num_heads_q + h
+        Q_h = Q + b * stride_qb + h * stride_qh
+        dO_h = dO + b * stride_dob + h * stride_doh
+        Lse_h = Lse + head_index * len_q
+        Delta_h = Delta + head_index * len_q
+        mask_col_ptrs = Mask + b * stride_mb + h * stride_mh + offs_n[None, :] * stride_mn
+        dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n, offs_d,
+                                      head_index, lo, full_lo, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
+                                      len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_M,
+                                      MASK_KIND, True, DROPOUT, FP32_DOT, INPUT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n, offs_d,
+                                      head_index, full_lo, full_hi, stride_qm, stride_qd, stride_dom, stride_dod,
+                                      stride_mm, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, HEAD_DIM,
+                                      BLOCK_M, MASK_KIND, False, DROPOUT, FP32_DOT, INPUT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n, offs_d,
+                                      head_index, full_hi, hi, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
+                                      len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_M,
+                                      MASK_KIND, True, DROPOUT, FP32_DOT, INPUT_PRECISION)
+    dk *= scale  # ds is the gradient of the natural-log scores s = scale * q.k
+    out_mask = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
+    dk_ptrs = dK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = dV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, start, stop,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                       len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+                       DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
+        v_t = _load_tile(V, offs_d, offs_n, stride_vd, stride_vn, HEAD_DIM, len_k)
+        s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + offs_n[None, :] * stride_mn, len_q, len_k,
+                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, FP32_DOT, INPUT_PRECISION)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _dot(do, v_t, FP32_DOT, INPUT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), FP32_DOT, INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_mb, stride_mh, stride_mm, stride_mn,
+                 stride_dob, stride_doh, stride_dom, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, scale, dropout_p,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    num_m_blocks = tl.cdiv(len_q, BLOCK_M)
+    pid = tl.program_id(0)
+    head_index = pid // num_m_blocks
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    b = (head_index // num_heads_q).to(tl.int64)
+    h = (head_index % num_heads_q).to(tl.int64)
+    h_kv = h // group_size
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
+    do = _load_tile(dO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
+    lse2, delta = _load_row_stats(Lse + head_index.to(tl.int64) * len_q, Delta + head_index.to(tl.int64) * len_q,
+                                  offs_m, len_q)
+    K += b * stride_kb + h_kv * stride_kh
+    V += b * stride_vb + h_kv * stride_vh
+    mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    seed = tl.load(Seed) if DROPOUT else 0
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
+    dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, lo, full_lo,
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
+                            qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, True, DROPOUT, FP32_DOT, INPUT_PRECISION)
+    dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, full_lo,
+                            full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo,
+                            band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, False, DROPOUT, FP32_DOT,
+                            INPUT_PRECISION)
+    dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, full_hi, hi,
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
+                            qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, True, DROPOUT, FP32_DOT, INPUT_PRECISION)
+    dq *= scale
+    dq_ptrs = dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM))
+
+
+def attn_bwd(do, dlse, q, k, v, out, lse, mask, band_lo, band_hi, scale, dropout_p, seed, config=None):
+    """Launches the three backward passes; returns (dq, dk, dv) laid out like q, k, v.
+
+    ``dlse`` (the gradient of the returned LSE, or None) folds into delta: d lse_i / d s_ij = p_ij,
+    so ds = p * (dp - (delta - dlse)).
+    """
+    batch, num_heads_q, len_q, head_dim = q.shape
+    num_heads_kv, len_k = k.shape[1], k.shape[2]
+    args = launch_args(q, k, mask, band_lo, band_hi, scale)
+    block_m, block_n, num_warps, num_stages = tile_config(q, config, backward=True)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    seed = seed if dropout_p > 0 else q
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=args.head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+                  MASK_KIND=args.mask_kind, DROPOUT=dropout_p > 0, FP32_DOT=args.fp32_dot,
+                  INPUT_PRECISION=args.input_precision, num_warps=num_warps, num_stages=num_stages)
+    scalars = (num_heads_q, num_heads_q // num_heads_kv, len_q, len_k, args.band_lo, args.band_hi, args.qk_scale,
+               scale, dropout_p)
+    _attn_bwd_preprocess[(triton.cdiv(len_q, block_m) * batch * num_heads_q,)](
+        out, do, delta, *out.stride(), *do.stride(), num_heads_q, len_q,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=args.head_dim_pad, BLOCK_M=block_m,
+    )
+    if dlse is not None:
+        delta -= dlse
+    _attn_bwd_dkdv[(triton.cdiv(len_k, block_n) * batch * num_heads_kv,)](
+        q, k, v, args.mask, seed, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *args.mask_strides, *do.stride(), *dk.stride(), *dv.stride(),
+        *scalars, **common,
+    )
+    _attn_bwd_dq[(triton.cdiv(len_q, block_m) * batch * num_heads_q,)](
+        q, k, v, args.mask, seed, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *args.mask_strides, *do.stride(), *dq.stride(),
+        *scalars, **common,
+    )
+    return dq, dk, dv

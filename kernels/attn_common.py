@@ -1,0 +1,86 @@
+"""Triton helpers shared by the forward and backward passes, so both see the same scores.
+
+Scores live in the log2 domain: ``s = q.k * scale * log2(e) (+ mask * log2(e))`` and ``exp2(s)``
+replaces ``exp`` (exp2 is the hardware instruction; exp costs an extra multiply).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634  # 1/ln(2)
+LN2: tl.constexpr = 0.6931471805599453
+FLOAT_MIN: tl.constexpr = -3.4028234663852886e38
+NO_MASK: tl.constexpr = 0
+BOOL_MASK: tl.constexpr = 1
+ADD_MASK: tl.constexpr = 2
+
+
+@triton.jit
+def _visible_blocks(start, len_self, len_other, off_lo, off_hi, BLOCK_SELF: tl.constexpr, BLOCK_OTHER: tl.constexpr):
+    """Blocks of the other axis that rows ``[start, start + BLOCK_SELF)`` of this axis can see.
+
+    Row r sees other-axis index c iff ``r + off_lo <= c <= r + off_hi`` and ``c < len_other``.
+    Returns ``lo <= full_lo <= full_hi <= hi``: tiles in ``[full_lo, full_hi)`` are visible to every
+    row in full and need no element-wise band mask; ``[lo, full_lo)`` and ``[full_hi, hi)`` are
+    boundary tiles; everything outside ``[lo, hi)`` is dead and never touched.
+    """
+    last = tl.minimum(start + BLOCK_SELF, len_self) - 1
+    lo = tl.maximum(start + off_lo, 0) // BLOCK_OTHER * BLOCK_OTHER
+    hi = tl.maximum(tl.minimum(last + off_hi + 1, len_other), lo)
+    full_lo = tl.cdiv(tl.maximum(last + off_lo, 0), BLOCK_OTHER) * BLOCK_OTHER
+    full_hi = tl.maximum(tl.minimum(start + off_hi + 1, len_other), 0) // BLOCK_OTHER * BLOCK_OTHER
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # FP32_DOT upcasts the operands first: exact for bf16 (products fit in fp32), and needed where
+    # the backend's bf16 dot is broken (Triton's interpreter multiplies the raw bits).
+    if FP32_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, len_q, len_k, band_lo, band_hi, qk_scale,
+                   MASK_KIND: tl.constexpr, EDGE: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """log2-domain scores of one [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible."""
+    s = _dot(q, k_t, FP32_DOT, INPUT_PRECISION) * qk_scale
+    if MASK_KIND != NO_MASK:
+        in_bounds = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
+        m = tl.load(mask_ptrs, mask=in_bounds, other=0)
+        if MASK_KIND == BOOL_MASK:
+            s = tl.where(m != 0, s, float("-inf"))
+        else:
+            m = m.to(tl.float32)
+            # A finite mask (e.g. finfo.min) must stay finite after * log2(e), as plain addition
+            # would; only -inf masks.
+            s = tl.where(m == float("-inf"), float("-inf"), tl.maximum(s + m * LOG2E, FLOAT_MIN))
+    if EDGE:
+        rel = offs_n[None, :] - offs_m[:, None]
+        visible = (rel >= band_lo) & (rel <= band_hi) & (offs_n[None, :] < len_k)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p):
+    """Keep decisions of one tile, from Philox keyed by (seed, batch * Hq + head, query, key).
+
+    The key is the element's coordinates, so the pattern does not depend on the tiling or the pass.
+    """
+    zero = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.uint32)
+    r, _, _, _ = tl.philox(seed, zero + offs_n[None, :].to(tl.uint32), zero + offs_m[:, None].to(tl.uint32),
+                           zero + head_index.to(tl.uint32), zero)
+    # 24 random bits compare exactly in fp32: P(keep) = 1 - p to within 2**-24.
+    return (r >> 8).to(tl.float32) >= dropout_p * 16777216.0
+
+
+@triton.jit
+def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, len_r, len_c):
+    """A [rows, cols] tile, zero outside ``len_r`` x ``len_c``."""
+    mask = (offs_r[:, None] < len_r) & (offs_c[None, :] < len_c)
+    return tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=0.0)

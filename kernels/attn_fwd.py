@@ -1,0 +1,109 @@
+"""Forward pass: each program owns BLOCK_M queries of one (batch, head) and streams K/V tiles with
+an online softmax (running max and sum), writing O and the row log-sum-exp; no [Lq, Lk] tensor."""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attn_common import LN2, _dot, _dropout_keep, _load_tile, _masked_scores, _visible_blocks
+from kernels.attn_launch import launch_args, tile_config
+
+
+@triton.jit
+def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, start, stop,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                    len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+                    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
+        s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + offs_n[None, :] * stride_mn, len_q, len_k,
+                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, FP32_DOT, INPUT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Until a row has seen a visible key its max is -inf; shift by 0 then, so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            # The normalizer sums every probability; dropout acts on the normalized ones.
+            keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = _load_tile(V, offs_n, offs_d, stride_vn, stride_vd, len_k, HEAD_DIM)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT, INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_mb, stride_mh, stride_mm, stride_mn,
+              stride_ob, stride_oh, stride_om, stride_od,
+              num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # One flat grid axis (query blocks fastest) keeps B * Hq clear of the 65535 limit of axes 1 and 2.
+    num_m_blocks = tl.cdiv(len_q, BLOCK_M)
+    pid = tl.program_id(0)
+    head_index = pid // num_m_blocks  # batch * Hq + head
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    b = (head_index // num_heads_q).to(tl.int64)
+    h = (head_index % num_heads_q).to(tl.int64)
+    h_kv = h // group_size
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
+    K += b * stride_kb + h_kv * stride_kh
+    V += b * stride_vb + h_kv * stride_vh
+    mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    seed = tl.load(Seed) if DROPOUT else 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
+    # Boundary tiles get the element-wise band mask, interior tiles skip it, dead tiles are not visited.
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, lo, full_lo,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
+                                    qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, True, DROPOUT, FP32_DOT,
+                                    INPUT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, full_lo,
+                                    full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo,
+                                    band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, False, DROPOUT, FP32_DOT,
+                                    INPUT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, full_hi, hi,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
+                                    qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, True, DROPOUT, FP32_DOT,
+                                    INPUT_PRECISION)
+
+    # A row with no visible key has l_i = 0: its output is 0 and its lse -inf, never NaN.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + head_index.to(tl.int64) * len_q + offs_m, lse, mask=offs_m < len_q)
+
+
+def attn_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed, config=None):
+    """Launches the forward; returns (out laid out like q, lse [B, Hq, Lq] float32)."""
+    batch, num_heads_q, len_q, head_dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, num_heads_q, len_q), device=q.device, dtype=torch.float32)
+    args = launch_args(q, k, mask, band_lo, band_hi, scale)
+    block_m, block_n, num_warps, num_stages = tile_config(q, config)
+    grid = (triton.cdiv(len_q, block_m) * batch * num_heads_q,)
+    _attn_fwd[grid](
+        q, k, v, args.mask, seed if dropout_p > 0 else q, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *args.mask_strides, *out.stride(),
+        num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], args.band_lo, args.band_hi, args.qk_scale, dropout_p,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=args.head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=args.mask_kind,
+        DROPOUT=dropout_p > 0, FP32_DOT=args.fp32_dot, INPUT_PRECISION=args.input_precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse

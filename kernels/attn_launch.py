@@ -1,0 +1,79 @@
+"""Launch-side helpers shared by the forward and backward launchers: tile configs and kernel arguments."""
+
+from typing import NamedTuple
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from kernels.attn_common import ADD_MASK, BOOL_MASK, LOG2E, NO_MASK
+
+# Triton's interpreter (TRITON_INTERPRET=1 when triton was imported) runs kernels with numpy on CPU.
+INTERPRETED = isinstance(triton.jit(lambda: None), InterpretedFunction)
+
+
+class LaunchArgs(NamedTuple):
+    mask: torch.Tensor
+    mask_strides: tuple
+    mask_kind: int
+    band_lo: int
+    band_hi: int
+    qk_scale: float
+    head_dim_pad: int
+    fp32_dot: bool
+    input_precision: str
+
+
+def launch_args(q, k, mask, band_lo, band_hi, scale):
+    """Kernel arguments that every pass derives the same way from the op's inputs."""
+    batch, num_heads_q, len_q, head_dim = q.shape
+    len_k = k.shape[2]
+    if mask is None:
+        mask, mask_strides, mask_kind = q, (0, 0, 0, 0), NO_MASK
+    else:
+        # A broadcast view: size-1 dimensions get stride 0, nothing is copied.
+        mask = mask.expand(batch, num_heads_q, len_q, len_k)
+        mask_kind = BOOL_MASK if mask.dtype == torch.bool else ADD_MASK
+        if mask_kind == BOOL_MASK:
+            mask = mask.view(torch.uint8)
+        mask_strides = mask.stride()
+    # An unbounded side of the band becomes an offset no index pair can reach.
+    reach = len_q + len_k
+    fp32 = q.dtype == torch.float32
+    tf32 = fp32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return LaunchArgs(
+        mask=mask,
+        mask_strides=mask_strides,
+        mask_kind=mask_kind,
+        band_lo=-reach if band_lo is None else band_lo,
+        band_hi=reach if band_hi is None else band_hi,
+        qk_scale=scale * LOG2E,
+        head_dim_pad=max(16, triton.next_power_of_2(head_dim)),
+        # The interpreter's bf16 dot multiplies raw bits; upcasting is exact, so results stay faithful.
+        fp32_dot=INTERPRETED and q.dtype == torch.bfloat16,
+        input_precision="tf32" if tf32 else "ieee",
+    )
+
+
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(q, config=None, backward=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by pass, head dim and dtype, unless `config` is given."""
+    if config is not None:
+        return TileConfig(*config)
+    if INTERPRETED:
+        return TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps
+    head_dim = triton.next_power_of_2(q.shape[-1])
+    wide = q.element_size() == 4  # fp32 tiles take twice the shared memory
+    if backward:  # each program keeps two [BLOCK, D] fp32 accumulators besides its tiles
+        return TileConfig(64, 64, 4 if head_dim <= 64 else 8, 2) if head_dim <= 128 else TileConfig(32, 32, 4, 2)
+    if head_dim <= 64:
+        return TileConfig(128, 64, 4, 3)
+    if head_dim <= 128:
+        return TileConfig(128, 32 if wide else 64, 8, 2 if wide else 3)
+    return TileConfig(64, 32 if wide else 64, 8, 2)

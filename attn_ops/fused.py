@@ -1,6 +1,7 @@
 """The fused path: the Triton kernels as torch.library custom ops (with fake implementations, so
 torch.compile traces through them) behind a torch.autograd.Function."""
 
+import math
 from typing import Optional
 
 import torch
@@ -8,6 +9,8 @@ from torch import Tensor
 
 from kernels.attn_bwd import attn_bwd
 from kernels.attn_fwd import attn_fwd
+
+LN2 = math.log(2.0)
 
 
 @torch.library.custom_op("attn_ops::attention_fwd", mutates_args=())
@@ -38,15 +41,15 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed):
-        out, lse = torch.ops.attn_ops.attention_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+        out, lse2 = torch.ops.attn_ops.attention_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, lse2, mask, seed)
         ctx.band, ctx.scale, ctx.dropout_p = (band_lo, band_hi), scale, dropout_p
-        return out, lse
+        return out, lse2 * LN2  # the kernels keep log2 units; users get the natural log
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, mask, seed = ctx.saved_tensors
-        dq, dk, dv = torch.ops.attn_ops.attention_bwd(dout, dlse, q, k, v, out, lse, mask, *ctx.band, ctx.scale,
+        q, k, v, out, lse2, mask, seed = ctx.saved_tensors
+        dq, dk, dv = torch.ops.attn_ops.attention_bwd(dout, dlse, q, k, v, out, lse2, mask, *ctx.band, ctx.scale,
                                                       ctx.dropout_p, seed)
         return dq, dk, dv, None, None, None, None, None, None
 

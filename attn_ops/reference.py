@@ -108,8 +108,8 @@ def _attention(q, k, v, mask, causal, window, scale, dropout_p, seed, return_lse
     len_k = k.shape[2]
     rows = max(1, CHUNK_ELEMENTS // max(1, batch * heads * len_k))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if len_k == 0:  # every row is fully masked
-        out = torch.zeros_like(q) + 0 * (k.sum() + v.sum())  # keeps the graph to k and v
+    if len_q == 0 or len_k == 0:  # nothing to compute; with no key every row is fully masked
+        out = torch.zeros_like(q) + 0 * (q.sum() + k.sum() + v.sum())  # zero gradients, not None
         lse = torch.full((batch, heads, len_q), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
         return (out, lse) if return_lse else out
     outs, lses = [], []
@@ -121,10 +121,10 @@ def _attention(q, k, v, mask, causal, window, scale, dropout_p, seed, return_lse
             out, lse = _attention_chunk(*args)
         outs.append(out)
         lses.append(lse)
-    out = torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape, dtype=_compute_dtype(q.dtype))
+    out = torch.cat(outs, dim=2)
     # The output is laid out like q (a [B, L, H, D] view in gives a [B, L, H, D] view out).
     out = torch.empty_like(q).copy_(out)
     if not return_lse:
         return out
-    lse = torch.cat(lses, dim=2) if lses else q.new_zeros((batch, heads, 0), dtype=_compute_dtype(q.dtype))
+    lse = torch.cat(lses, dim=2)
     return out, lse

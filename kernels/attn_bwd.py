@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attn_common import LOG2E, _dot, _dropout_keep, _load_tile, _masked_scores, _visible_blocks
+from kernels.attn_common import _dot, _dropout_keep, _load_tile, _masked_scores, _visible_blocks
 from kernels.attn_launch import launch_args, tile_config
 
 
@@ -32,7 +32,7 @@ def _attn_bwd_preprocess(Out, dOut, Delta,
 @triton.jit
 def _load_row_stats(Lse, Delta, offs_m, len_q):
     """Per-row log2-domain LSE and delta; a fully masked row gets LSE +inf so exp2(s - lse) = 0."""
-    lse2 = tl.load(Lse + offs_m, mask=offs_m < len_q, other=float("-inf")) * LOG2E
+    lse2 = tl.load(Lse + offs_m, mask=offs_m < len_q, other=float("-inf"))
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(Delta + offs_m, mask=offs_m < len_q, other=0.0)
     return lse2, delta
@@ -195,8 +195,8 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
 def attn_bwd(do, dlse, q, k, v, out, lse, mask, band_lo, band_hi, scale, dropout_p, seed, config=None):
     """Launches the three backward passes; returns (dq, dk, dv) laid out like q, k, v.
 
-    ``dlse`` (the gradient of the returned LSE, or None) folds into delta: d lse_i / d s_ij = p_ij,
-    so ds = p * (dp - (delta - dlse)).
+    ``lse`` is the forward's log2-domain LSE. ``dlse`` (the gradient of the natural-log LSE, or None)
+    folds into delta: d lse_i / d s_ij = p_ij, so ds = p * (dp - (delta - dlse)).
     """
     batch, num_heads_q, len_q, head_dim = q.shape
     num_heads_kv, len_k = k.shape[1], k.shape[2]

@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 LOG2E: tl.constexpr = 1.4426950408889634  # 1/ln(2)
-LN2: tl.constexpr = 0.6931471805599453
 FLOAT_MIN: tl.constexpr = -3.4028234663852886e38
 NO_MASK: tl.constexpr = 0
 BOOL_MASK: tl.constexpr = 1

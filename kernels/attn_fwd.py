@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attn_common import LN2, _dot, _dropout_keep, _load_tile, _masked_scores, _visible_blocks
+from kernels.attn_common import _dot, _dropout_keep, _load_tile, _masked_scores, _visible_blocks
 from kernels.attn_launch import launch_args, tile_config
 
 
@@ -84,14 +84,16 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
     # A row with no visible key has l_i = 0: its output is 0 and its lse -inf, never NaN.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    # log2-domain LSE: the backward's exp2(s - lse2) then reproduces p = 1 exactly for the max score,
+    # which a natural-log round trip would not at large |s|.
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM))
     tl.store(Lse + head_index.to(tl.int64) * len_q + offs_m, lse, mask=offs_m < len_q)
 
 
 def attn_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed, config=None):
-    """Launches the forward; returns (out laid out like q, lse [B, Hq, Lq] float32)."""
+    """Launches the forward; returns (out laid out like q, log2-domain lse [B, Hq, Lq] float32)."""
     batch, num_heads_q, len_q, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((batch, num_heads_q, len_q), device=q.device, dtype=torch.float32)

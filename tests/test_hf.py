@@ -1,0 +1,126 @@
+"""attn_implementation="attn_ops" against "sdpa" on tiny, randomly initialised transformers models."""
+
+import pytest
+import torch
+
+import attn_ops
+import attn_ops.hf
+
+transformers = pytest.importorskip("transformers")
+
+# float32 on CPU: per layer both implementations differ only in the attention's summation order
+# (a few ulp); two layers and a vocabulary projection keep the logits within ~1e-6 of each other.
+TOL = dict(atol=1e-5, rtol=1e-5)
+VOCAB, SEQ = 64, 9
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    attn_ops.register_transformers()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The masks our attention function receives, proving it (not sdpa) ran."""
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        seen.append(attention_mask)
+        return attn_ops.hf.attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+    transformers.AttentionInterface.register("attn_ops", spy)
+    yield seen
+    transformers.AttentionInterface.register("attn_ops", attn_ops.hf.attention_forward)
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _bert():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(config, add_pooling_layer=False).eval()
+
+
+def _batch(padding_side):
+    """Three sequences of 9, 6 and 8 real tokens, padded on `padding_side`."""
+    ids = torch.randint(0, VOCAB, (3, SEQ))
+    mask = torch.ones(3, SEQ, dtype=torch.long)
+    for row, pad in ((1, 3), (2, 1)):
+        mask[row, :pad] = 0 if padding_side == "left" else 1
+        mask[row, SEQ - pad :] = 0 if padding_side == "right" else 1
+    return ids, mask
+
+
+def _run(model, implementation, **inputs):
+    model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        return model(**inputs)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_llama_with_gqa_and_padding_matches_sdpa(padding_side, calls):
+    model = _llama()
+    ids, mask = _batch(padding_side)
+    expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
+    actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual, expected, **TOL)
+    assert calls and all(m.shape == (3, SEQ) for m in calls)  # the small padding mask, causal from the module
+
+
+def test_llama_without_padding_matches_sdpa(calls):
+    model = _llama()
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    expected = _run(model, "sdpa", input_ids=ids).logits
+    torch.testing.assert_close(_run(model, "attn_ops", input_ids=ids).logits, expected, **TOL)
+    assert calls and all(m is None for m in calls)
+
+
+def test_llama_greedy_generation_with_kv_cache_matches_sdpa():
+    model = _llama()
+    ids, mask = _batch("left")
+    outputs = {}
+    for implementation in ("sdpa", "attn_ops"):
+        model.set_attn_implementation(implementation)
+        outputs[implementation] = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+            return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+        )
+    assert torch.equal(outputs["attn_ops"].sequences, outputs["sdpa"].sequences)
+    for actual, expected in zip(outputs["attn_ops"].logits, outputs["sdpa"].logits):
+        torch.testing.assert_close(actual, expected, **TOL)
+
+
+def test_bert_encoder_with_padding_matches_sdpa(calls):
+    model = _bert()
+    ids, mask = _batch("right")
+    expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).last_hidden_state
+    actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(actual, expected, **TOL)
+    assert calls and all(m.shape == (3, 1, 1, SEQ) for m in calls)  # padding broadcast over the queries
+
+
+def test_config_attn_implementation_selects_the_op(calls):
+    config = _llama().config
+    config._attn_implementation = "attn_ops"
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, VOCAB, (1, SEQ)))
+    assert calls
+
+
+def test_llama_on_the_kernel_path_matches_sdpa():
+    # One tiny batch: the Triton interpreter runs each program block step in Python.
+    model = _llama()
+    ids, mask = _batch("left")
+    expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
+    with attn_ops.use_backend("triton"):
+        actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual, expected, **TOL)

@@ -1,0 +1,74 @@
+"""Ground truth and tolerances for the kernel tests.
+
+The rule (from FlagAttention): the kernel's error against float64 math may be at most twice the
+error that plain PyTorch makes computing the same thing at the inputs' precision, plus a floor of a
+few units in the last place of that dtype for cases where PyTorch happens to be exact.
+"""
+
+import pytest
+import torch
+
+from attn_ops import reference
+from kernels.attn_launch import INTERPRETED
+
+# Where the kernels run: CPU tensors through the interpreter in CI, CUDA when present.
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# A few units in the last place at O(1) magnitudes; fp32 errors also grow with the reduction length.
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_qkv(batch, heads_q, heads_kv, len_q, len_k, head_dim, dtype, device, scale=1.0):
+    q = torch.randn(batch, heads_q, len_q, head_dim, device=device) * scale
+    k = torch.randn(batch, heads_kv, len_k, head_dim, device=device)
+    v = torch.randn(batch, heads_kv, len_k, head_dim, device=device)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def plain_torch(q, k, v, mask=None, scale=None, **rules):
+    """softmax(q k^T * scale + mask) v computed by plain PyTorch ops at the inputs' precision."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    # Which keys are visible comes from the float64 reference (masking itself is exact).
+    visible = reference.masked_scores(q.detach().double(), k.detach().double(), mask=_wide(mask), scale=1.0,
+                                      **rules) > float("-inf")
+    if mask is not None and mask.dtype != torch.bool:
+        s = s + mask.to(s.dtype)
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.matmul(p, v)
+
+
+def _wide(mask):
+    return mask if mask is None or mask.dtype == torch.bool else mask.double()
+
+
+def check_against_float64(q, k, v, out, grads=None, dout=None, score_gain=1.0, **kw):
+    """Asserts out (and grads of q, k, v for the upstream gradient dout) obey the 2x rule.
+
+    ``score_gain`` scales the floor of dq and dk: they are ``scale * ds @ k``, so a rounding-level
+    error in ``dp - delta`` comes out multiplied by about ``scale * |k| * sqrt(D)``.
+    """
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    truth = reference.attention(*wide, **{**kw, "mask": _wide(kw.get("mask"))})
+    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    plain = plain_torch(*low, **kw)
+    _assert_rule("out", out, truth, plain, q.dtype)
+    if grads is None:
+        return
+    truth_grads = torch.autograd.grad(truth, wide, dout.double())
+    plain_grads = torch.autograd.grad(plain, low, dout)
+    for name, g, tg, pg, gain in zip(("dq", "dk", "dv"), grads, truth_grads, plain_grads, (score_gain, score_gain, 1)):
+        _assert_rule(name, g, tg, pg, q.dtype, gain)
+
+
+def _assert_rule(name, actual, truth, plain, dtype, gain=1.0):
+    assert not torch.isnan(actual).any(), f"{name} has NaN"
+    err = (actual.double() - truth).abs().max().item()
+    plain_err = (plain.double() - truth).abs().max().item()
+    bound = 2 * plain_err + FLOOR[dtype] * max(gain, truth.abs().max().item())
+    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (plain PyTorch's error {plain_err:.3g})"

@@ -107,6 +107,18 @@ def test_bert_encoder_with_padding_matches_sdpa(calls):
     assert calls and all(m.shape == (3, 1, 1, SEQ) for m in calls)  # padding broadcast over the queries
 
 
+def test_sliding_window_model_gets_the_dense_mask_and_matches_sdpa(calls):
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=4,
+    )
+    model = transformers.MistralForCausalLM(config).eval()
+    ids, mask = _batch("left")
+    expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(_run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits, expected, **TOL)
+    assert calls and all(m.shape == (3, 1, SEQ, SEQ) for m in calls)
+
+
 def test_config_attn_implementation_selects_the_op(calls):
     config = _llama().config
     config._attn_implementation = "attn_ops"

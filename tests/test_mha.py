@@ -112,12 +112,13 @@ def test_unbatched_inputs_match_torch(mask_kind, average):
 
 
 @pytest.mark.parametrize("need_weights", [True, False])
-def test_is_causal_hint_matches_torch(need_weights):
+@pytest.mark.parametrize("mask_kind", ["attn_2d_bool", "both_bool"])
+def test_is_causal_hint_picks_the_same_mask_as_torch(need_weights, mask_kind):
+    # attn_mask is deliberately not causal: torch trusts the hint (and ignores attn_mask) only
+    # without key_padding_mask and need_weights, so each case shows which of the two was used.
     theirs, ours = _pair(batch_first=True)
-    query, key, value = _inputs()
-    causal = torch.ones(LEN_Q, LEN_K, dtype=torch.bool).triu(1)
     _assert_same_forward_and_backward(
-        theirs, ours, (query, key, value), attn_mask=causal, is_causal=True, need_weights=need_weights
+        theirs, ours, _inputs(), is_causal=True, need_weights=need_weights, **_masks(mask_kind)
     )
 
 

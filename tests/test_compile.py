@@ -1,0 +1,52 @@
+"""attn_ops.attention under torch.compile(fullgraph=True), and its torch.library ops under opcheck."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import attn_ops
+from truth import DEVICES
+
+
+def fwd_args(device, permuted, masked, dropout):
+    q, k, v = (torch.randn(1, 2, 24, 16, device=device) for _ in range(3))
+    if permuted:  # a [B, L, H, D] tensor seen as [B, H, L, D]
+        q = torch.randn(1, 24, 2, 16, device=device).transpose(1, 2)
+    mask = torch.rand(24, 24, device=device) > 0.3 if masked else None
+    seed = torch.tensor([3], device=device) if dropout else None
+    return q, k, v, mask, None, 0, 0.25, 0.2 if dropout else 0.0, seed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("masked,dropout", [(False, False), (True, True)])
+def test_opcheck_forward_and_backward_ops(device, permuted, masked, dropout):
+    args = fwd_args(device, permuted, masked, dropout)
+    opcheck(torch.ops.attn_ops.attention_fwd.default, args)
+    out, lse2 = torch.ops.attn_ops.attention_fwd(*args)
+    q, k, v = args[:3]
+    dout = torch.randn(1, 24, 2, 16, device=device).transpose(1, 2) if permuted else torch.randn_like(out)
+    opcheck(torch.ops.attn_ops.attention_bwd.default, (dout, None, q, k, v, out, lse2, *args[3:]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_forward_and_backward_equal_eager_without_graph_breaks(device, compiler):
+    q, k, v = (torch.randn(2, 4, 40, 16, device=device, requires_grad=True) for _ in range(3))
+    k2, v2 = (t[:, :2].detach().clone().requires_grad_() for t in (k, v))  # GQA
+    mask = torch.rand(2, 1, 1, 40, device=device) > 0.2
+
+    def step(q, k, v):
+        out, lse = attn_ops.attention(q, k, v, mask=mask, causal=True, dropout_p=0.1, seed=1,
+                                      backend="triton", return_lse=True)
+        return out, lse
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)  # fullgraph: a graph break raises
+    results = []
+    for fn in (step, compiled):
+        out, lse = fn(q, k2, v2)
+        grads = torch.autograd.grad((out.square().sum(), lse.sum()), (q, k2, v2))
+        results.append((out, lse, *grads))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)

@@ -6,10 +6,11 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.attn_common import ADD_MASK, BOOL_MASK, LOG2E, NO_MASK
+from kernels.attn_common import ADD_MASK, BOOL_MASK, LOG2E, NO_MASK, _dot
 
-# Triton's interpreter (TRITON_INTERPRET=1 when triton was imported) runs kernels with numpy on CPU.
-INTERPRETED = isinstance(triton.jit(lambda: None), InterpretedFunction)
+# Under Triton's interpreter (TRITON_INTERPRET=1 when the kernels were defined) every @triton.jit
+# function is an InterpretedFunction that runs with numpy on CPU tensors.
+INTERPRETED = isinstance(_dot, InterpretedFunction)
 
 
 class LaunchArgs(NamedTuple):

@@ -1,0 +1,73 @@
+"""The benchmark cases, as plain data: one `Case` per table row (times one row per provider).
+
+GPU shapes follow the FlashAttention papers: batch * length = 16k tokens and heads * head_dim =
+2048, so every length does about the same work per token and the GPU stays full.
+"""
+
+from dataclasses import dataclass
+
+MASKS = ("none", "causal", "padding", "random_bool", "window", "block_sparse")
+MODES = ("fwd", "bwd", "fwd_bwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    # Field names and order are BENCH.md's row keys.
+    mode: str  # one of MODES
+    dtype: str  # a torch dtype name: bfloat16, float16, float32
+    batch: int
+    heads_q: int
+    heads_kv: int
+    len_q: int
+    len_k: int
+    head_dim: int
+    mask: str  # one of MASKS
+
+
+def self_attention(lengths, head_dims, masks, modes, dtype="bfloat16", group=1, tokens=16384, width=2048):
+    """Lq = Lk cases; `group` = Hq / Hkv (GQA)."""
+    return [
+        Case(mode, dtype, tokens // n, width // d, width // d // group, n, n, d, mask)
+        for mask in masks
+        for mode in modes
+        for d in head_dims
+        for n in lengths
+    ]
+
+
+LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+
+GPU_SWEEP = (
+    self_attention(LENGTHS, (64, 128), MASKS, MODES)
+    + self_attention(LENGTHS, (256,), ("none", "causal"), MODES)
+    + self_attention(LENGTHS, (128,), ("none", "causal"), MODES, dtype="float16")
+    + self_attention((2048,), (64,), ("none",), ("fwd",), dtype="float32")
+    + self_attention(LENGTHS, (128,), ("none", "causal"), MODES, group=4)
+    # Cross attention: 1k queries against longer keys (e.g. an encoder's output).
+    + [
+        Case(mode, "bfloat16", 16384 // n, 16, 16, 1024, n, 128, mask)
+        for mask in ("none", "padding")
+        for mode in ("fwd", "fwd_bwd")
+        for n in LENGTHS[2:]
+    ]
+    # Decoding: one new query per sequence against a long KV cache, GQA as in current LLMs.
+    + [
+        Case("fwd", "bfloat16", 8, 32, 8, 1, n, 128, mask)
+        for mask in ("none", "padding")
+        for n in (1024, 4096, 16384, 65536, 131072)
+    ]
+)
+
+GPU_QUICK = self_attention((1024, 4096), (128,), MASKS, ("fwd", "fwd_bwd")) + [
+    Case("fwd", "bfloat16", 8, 32, 8, 1, 16384, 128, "none")
+]
+
+# Sized to finish well inside 2 minutes on 2 cores, demo included.
+CPU_CASES = (
+    self_attention((256, 512, 1024, 2048), (64,), ("none", "causal", "padding"), ("fwd",),
+                   dtype="float32", tokens=2048, width=512)
+    + self_attention((256, 512, 1024, 2048), (64,), ("none", "causal", "padding"), ("fwd",),
+                     dtype="bfloat16", tokens=2048, width=512)
+    + self_attention((256, 1024), (64,), ("none", "causal"), ("fwd_bwd",),
+                     dtype="float32", tokens=2048, width=512)
+)

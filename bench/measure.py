@@ -1,0 +1,147 @@
+"""How a row is measured: inputs, the timed step per mode, the timers, FLOPs, and error rows."""
+
+import statistics
+import time
+import warnings
+
+import torch
+
+from bench.masks import make_masking
+from bench.providers import Unsupported
+
+FLOP_RULE = (
+    "4*B*Hq*Lq*Lk*D fwd, /2 for mask 'causal' only (the other masks, window and block_sparse "
+    "included, count dense FLOPs, as the FlashAttention papers do), x2.5 bwd, x3.5 fwd_bwd"
+)
+MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+DO_BENCH = {"warmup": 25, "rep": 100}  # milliseconds, as triton.testing.do_bench counts them
+GPU_TIMER = (
+    "triton.testing.do_bench median (warmup=25 ms, rep=100 ms, L2 flushed) after one warm-up call "
+    "that compiles and autotunes, ms; peak_mem_mb: torch.cuda.max_memory_allocated during one "
+    "more call after reset_peak_memory_stats (inputs and, for bwd, the saved forward included)"
+)
+CPU_REPS, CPU_BUDGET_S = (3, 10), 0.3  # at least 3 calls, more up to 10 while under 0.3 s
+CPU_TIMER = (
+    "time.perf_counter median of 3 to 10 calls after one warm-up call, ms; peak_mem_mb: growth of "
+    "the process's peak RSS over those calls (VmHWM, reset through /proc/self/clear_refs, minus "
+    "RSS before them): memory the allocator already held from earlier calls is not counted"
+)
+MAX_ERROR_CHARS = 200
+
+
+def flops(case):
+    dense = 4 * case.batch * case.heads_q * case.len_q * case.len_k * case.head_dim
+    return dense * (0.5 if case.mask == "causal" else 1.0) * MODE_FACTOR[case.mode]
+
+
+def make_inputs(case, device):
+    """Fresh randn q, k, v (never zeros: they hide unwritten outputs and can run faster)."""
+    dtype = getattr(torch, case.dtype)
+    grad = case.mode != "fwd"
+
+    def t(heads, length):
+        shape = (case.batch, heads, length, case.head_dim)
+        return torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
+
+    return t(case.heads_q, case.len_q), t(case.heads_kv, case.len_k), t(case.heads_kv, case.len_k)
+
+
+def timed_step(run, q, k, v, mode):
+    """The call to time for `mode`; autograd.grad, not .backward, so no .grad accumulates."""
+    if mode == "fwd":
+        return run
+    dout = torch.randn_like(q)  # out has q's shape (Dv = D)
+    if mode == "fwd_bwd":
+        return lambda: torch.autograd.grad(run(), (q, k, v), dout)
+    out = run()  # bwd: one forward, then its backward again and again
+    return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+
+def time_gpu(step):
+    """(median ms, peak MB) on CUDA."""
+    from triton.testing import do_bench
+
+    step()  # compilation and autotuning stay out of the numbers
+    torch.cuda.synchronize()
+    ms = do_bench(step, return_mode="median", **DO_BENCH)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return ms, torch.cuda.max_memory_allocated() / 2**20
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def time_cpu(step):
+    """(median ms, peak RSS growth MB, or None where /proc has no peak to reset)."""
+    step()
+    try:
+        rss = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset VmHWM, the peak RSS, to the current RSS
+    except OSError:
+        rss = None
+    times = []
+    while len(times) < CPU_REPS[0] or (len(times) < CPU_REPS[1] and sum(times) < CPU_BUDGET_S):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak_mb = None if rss is None else (_status_kb("VmHWM") - rss) / 1024
+    return statistics.median(times) * 1e3, peak_mb
+
+
+def _round(x):
+    return None if x is None else float(f"{x:.4g}")
+
+
+def _describe(error, caught):
+    """A short reason; SDPA says why it refused a backend only in warnings, so add those."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reasons = [str(w.message).strip() for w in caught if not str(w.message).strip().endswith(":")]
+    if isinstance(error, Unsupported):
+        text = f"unsupported: {text}"
+    elif "No available kernel" in text or "No viable backend" in text:
+        text = "unsupported: " + ("; ".join(dict.fromkeys(reasons)) or text)
+    return text[:MAX_ERROR_CHARS]
+
+
+def run_row(case, provider, prepare, q, k, v, masking, timer):
+    """One BENCH.md row: the numbers, or `ms: null` and why."""
+    row = {"provider": provider, **vars(case), "ms": None, "tflops": None, "peak_mem_mb": None, "error": None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ms, peak_mb = timer(timed_step(prepare(q, k, v, masking), q, k, v, case.mode))
+            tflops = flops(case) / ms / 1e9
+            row.update(ms=_round(ms), tflops=_round(tflops), peak_mem_mb=_round(peak_mb))
+        except Exception as e:  # any failure is this row's result, not the sweep's end
+            row["error"] = _describe(e, caught)
+    if q.is_cuda:
+        torch.cuda.empty_cache()  # a failed row's leftovers must not crowd the next
+    return row
+
+
+def sweep(cases, providers, device, progress):
+    timer = time_gpu if device == "cuda" else time_cpu
+    rows = []
+    for case in cases:
+        q, k, v = make_inputs(case, device)
+        masking = make_masking(case, device)
+        for name, prepare in providers.items():
+            progress.step(f"{name} {label(case)}")
+            rows.append(run_row(case, name, prepare, q, k, v, masking, timer))
+    progress.close()
+    return rows
+
+
+def label(case):
+    heads = f"H{case.heads_q}" + (f"/{case.heads_kv}" if case.heads_kv != case.heads_q else "")
+    length = f"L{case.len_q}" + (f"x{case.len_k}" if case.len_k != case.len_q else "")
+    return f"{case.mode} {case.dtype} B{case.batch} {heads} {length} D{case.head_dim} {case.mask}"

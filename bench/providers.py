@@ -1,0 +1,96 @@
+"""Who is measured: each provider turns (q, k, v, masking) into a zero-argument call returning out.
+
+Work that is not attention (FlexAttention's block mask, say) happens here, outside the timed
+call. A provider that cannot express a case raises `Unsupported`; the row keeps the reason.
+"""
+
+import importlib.util
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import attn_ops
+import attn_ops.reference
+
+
+class Unsupported(Exception):
+    pass
+
+
+def _attn_ops(q, k, v, m):
+    backend = "triton" if q.is_cuda else "reference"  # the CPU has no fused path to measure
+    return lambda: attn_ops.attention(q, k, v, backend=backend, **m.attn_ops)
+
+
+def _naive(q, k, v, m):
+    return lambda: attn_ops.reference.attention(q, k, v, **m.attn_ops)
+
+
+def _sdpa(backend_name):
+    backend = getattr(SDPBackend, backend_name, None)  # CUDNN_ATTENTION is missing from older torch
+
+    def prepare(q, k, v, m):
+        if backend is None:
+            raise Unsupported(f"torch {torch.__version__} has no SDPBackend.{backend_name}")
+        gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, **gqa, **m.sdpa)
+
+        return run
+
+    return prepare
+
+
+def _flex(q, k, v, m):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        raise Unsupported(f"no flex_attention in torch {torch.__version__}: {e}") from None
+    # Each case compiles anew (static shapes, its own mask_mod); starting from a clean slate keeps
+    # dynamo's recompile limits, past which it would quietly run flex_attention eagerly, out of play.
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if m.mask_mod is not None:
+        batch = q.shape[0] if m.mask_mod_batched else None
+        block_mask = create_block_mask(m.mask_mod, batch, None, q.shape[2], k.shape[2], device=q.device)
+    gqa = q.shape[1] != k.shape[1]
+    return lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def _flash_attn(q, k, v, m):
+    from flash_attn import flash_attn_func
+
+    if m.flash_attn is None:
+        raise Unsupported("flash_attn_func takes no mask tensor")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise Unsupported("flash_attn needs float16 or bfloat16")
+    # flash_attn's layout is [B, L, H, D]: transposed views, no copies.
+    return lambda: flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **m.flash_attn
+    ).transpose(1, 2)
+
+
+GPU_PROVIDERS = {
+    "attn_ops": _attn_ops,
+    "naive": _naive,
+    "sdpa_flash": _sdpa("FLASH_ATTENTION"),
+    "sdpa_efficient": _sdpa("EFFICIENT_ATTENTION"),
+    "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"),
+    "sdpa_math": _sdpa("MATH"),
+    "flex": _flex,
+}
+if importlib.util.find_spec("flash_attn") is not None:
+    GPU_PROVIDERS["flash_attn"] = _flash_attn
+
+# On the CPU attn_ops is its reference, so `naive` would repeat it; SDPA's CPU kernels are
+# FLASH_ATTENTION (a tiled C++ kernel) and MATH.
+CPU_PROVIDERS = {
+    "attn_ops": _attn_ops,
+    "sdpa_flash": _sdpa("FLASH_ATTENTION"),
+    "sdpa_math": _sdpa("MATH"),
+}

@@ -1,0 +1,193 @@
+"""What a sweep leaves behind: a progress line while it runs, then JSON (BENCH.md's format), a
+Markdown table and PNG plots."""
+
+import json
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from bench.cases import Case
+from bench.measure import FLOP_RULE
+
+CASE_KEYS = tuple(f.name for f in fields(Case))
+HEADER = ("mode", "dtype", "B", "Hq", "Hkv", "Lq", "Lk", "D", "mask")
+
+
+class Progress:
+    """tqdm when it is installed, else a one-line counter on stderr."""
+
+    def __init__(self, total):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self.bar = tqdm(total=total, unit="row") if tqdm else None
+        self.total, self.done = total, 0
+
+    def step(self, text):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update()
+        else:
+            print(f"\r[{self.done}/{self.total}] {text:<70}", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def file_stem(device, what, now):
+    """`h100-2026-11-25-sweep`: a GPU by its model number ('NVIDIA H100 80GB HBM3' -> h100), a CPU
+    by its architecture (x86-64)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", platform.machine().lower())
+    if device == "cuda":
+        name = torch.cuda.get_device_name().lower().replace("nvidia", "")
+        found = re.search(r"[a-z]*\d+[a-z0-9]*", name)
+        slug = found.group(0) if found else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return f"{slug}-{now:%Y-%m-%d}-{what}"
+
+
+def _git_commit():
+    """HEAD's hash, '-dirty' when the tree has changes; None outside a repository or before a commit."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def meta(device, timer, now):
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__.split("+")[0],
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "git": _git_commit(),
+        "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "timer": timer,
+        "flop_rule": FLOP_RULE,
+    }
+
+
+def write_json(path, meta_, rows):
+    """BENCH.md's format, one row per line so that diffs stay readable."""
+    body = ",\n  ".join(json.dumps(row) for row in rows)
+    meta_text = json.dumps(meta_, indent=2).replace("\n", "\n ")
+    path.write_text(f'{{\n "meta": {meta_text},\n "rows": [\n  {body}\n ]\n}}\n')
+
+
+def _cell(row):
+    if row["tflops"] is not None:
+        return f"{row['tflops']:.1f}" if row["tflops"] >= 10 else f"{row['tflops']:.3g}"
+    if row["error"] == "out of memory":
+        return "OOM"
+    return "n/a" if row["error"].startswith("unsupported") else "err"
+
+
+def markdown(meta_, rows):
+    """One line per case, one TFLOP/s column per provider, then attn_ops over the best SDPA backend."""
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    cases = {}
+    for r in rows:
+        cases.setdefault(tuple(r[key] for key in CASE_KEYS), {})[r["provider"]] = r
+    lines = [
+        f"# attn_ops vs peers: TFLOP/s on {meta_['device']}",
+        "",
+        f"torch {meta_['torch']}, triton {meta_['triton']}, CUDA {meta_['cuda'] or '-'}, "
+        f"git {meta_['git']}, {meta_['date']}.",
+        f"Timer: {meta_['timer']}.",
+        f"FLOPs: {meta_['flop_rule']}.",
+        "",
+        "| " + " | ".join(HEADER + tuple(providers) + ("attn_ops / best SDPA",)) + " |",
+        "|" + "---|" * (len(HEADER) + len(providers) + 1),
+    ]
+    for key, by_provider in cases.items():
+        sdpa = [r["tflops"] for p, r in by_provider.items() if p.startswith("sdpa_") and r["tflops"]]
+        ours = by_provider.get("attn_ops", {}).get("tflops")
+        ratio = f"{ours / max(sdpa):.3g}x" if ours and sdpa else "-"
+        cells = [str(x) for x in key] + [_cell(by_provider[p]) if p in by_provider else "-" for p in providers]
+        lines.append("| " + " | ".join(cells + [ratio]) + " |")
+    lines += ["", "OOM: out of memory; n/a: the provider cannot run this case; err: it failed. "
+              "The JSON beside this table says why."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, stem):
+    """One PNG per mask kind: TFLOP/s and peak memory against length, one line per provider.
+
+    A panel holds one series of cases that differ only in length (and batch, which keeps
+    batch * length fixed). Returns the files written, or None when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    files = []
+    for mask in dict.fromkeys(r["mask"] for r in rows):
+        series = {}
+        for r in rows:
+            if r["mask"] == mask:
+                lq = "Lq=Lk" if r["len_q"] == r["len_k"] else f"Lq={r['len_q']}"
+                heads = f"Hq={r['heads_q']} Hkv={r['heads_kv']}"
+                series.setdefault(f"{r['mode']} {r['dtype']} {heads} D={r['head_dim']} {lq}", []).append(r)
+        size = (11, 3.2 * len(series) + 0.6)
+        fig, axes = plt.subplots(len(series), 2, figsize=size, squeeze=False)
+        fig.suptitle(f"mask '{mask}': TFLOP/s and peak memory against length")
+        for (title, group), (ax_t, ax_m) in zip(series.items(), axes):
+            for provider in dict.fromkeys(r["provider"] for r in group):
+                ok = [r for r in group if r["provider"] == provider and r["ms"] is not None]
+                xs = [r["len_k"] for r in ok]
+                mem = [float("nan") if r["peak_mem_mb"] is None else r["peak_mem_mb"] for r in ok]
+                ax_t.plot(xs, [r["tflops"] for r in ok], marker="o", label=provider)
+                ax_m.plot(xs, mem, marker="o", label=provider)
+            lengths = sorted({r["len_k"] for r in group})
+            for ax, ylabel in ((ax_t, "TFLOP/s"), (ax_m, "peak memory (MB)")):
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
+                ax.minorticks_off()
+                ax.set_xlabel("Lk")
+                ax.set_ylabel(ylabel)
+                ax.set_title(title, fontsize=9)
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(f"{stem}-{mask}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    return files
+

@@ -2,5 +2,9 @@
 
 from . import reference
 from .api import attention, use_backend
+from .hf import register_transformers
+from .mha import MultiheadAttention
+from .sdpa import scaled_dot_product_attention
 
-__all__ = ["attention", "reference", "use_backend"]
+__all__ = ["MultiheadAttention", "attention", "reference", "register_transformers", "scaled_dot_product_attention",
+           "use_backend"]

@@ -1,5 +1,7 @@
 """attn_implementation="attn_ops" against "sdpa" on tiny, randomly initialised transformers models."""
 
+import sys
+
 import pytest
 import torch
 
@@ -83,7 +85,8 @@ def test_llama_without_padding_matches_sdpa(calls):
     assert calls and all(m is None for m in calls)
 
 
-def test_llama_greedy_generation_with_kv_cache_matches_sdpa():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])  # static: the dense-mask path, tensor offsets
+def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache):
     model = _llama()
     ids, mask = _batch("left")
     outputs = {}
@@ -91,7 +94,7 @@ def test_llama_greedy_generation_with_kv_cache_matches_sdpa():
         model.set_attn_implementation(implementation)
         outputs[implementation] = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-            return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+            return_dict_in_generate=True, output_logits=True, pad_token_id=0, cache_implementation=cache,
         )
     assert torch.equal(outputs["attn_ops"].sequences, outputs["sdpa"].sequences)
     for actual, expected in zip(outputs["attn_ops"].logits, outputs["sdpa"].logits):
@@ -136,3 +139,9 @@ def test_llama_on_the_kernel_path_matches_sdpa():
     with attn_ops.use_backend("triton"):
         actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(actual, expected, **TOL)
+
+
+def test_missing_transformers_raises_a_clear_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when absent
+    with pytest.raises(ImportError, match=r"attn-ops\[hf\]"):
+        attn_ops.register_transformers()

@@ -46,7 +46,9 @@ def _masks(kind):
         "attn_3d_bool": dict(attn_mask=blocked),
         "attn_3d_float": dict(attn_mask=torch.randn(BATCH * HEADS, LEN_Q, LEN_K)),
         "both_bool": dict(attn_mask=blocked[0], key_padding_mask=padding),
-        "both_float": dict(attn_mask=torch.randn(BATCH * HEADS, LEN_Q, LEN_K), key_padding_mask=torch.randn(BATCH, LEN_K)),
+        "both_float": dict(
+            attn_mask=torch.randn(BATCH * HEADS, LEN_Q, LEN_K), key_padding_mask=torch.randn(BATCH, LEN_K)
+        ),
     }[kind]
 
 
@@ -57,10 +59,12 @@ MASK_KINDS = ["none", "key_padding_bool", "key_padding_float", "attn_2d_bool", "
 def _assert_same_forward_and_backward(theirs, ours, inputs, **kwargs):
     expected = theirs(*inputs, **kwargs)
     # Random cotangents for the output and (when returned) the weights: both backward paths count.
-    cotangents = [torch.randn_like(t) for t in expected if t is not None]
-    expected_grads = torch.autograd.grad([t for t in expected if t is not None], (*inputs, *theirs.parameters()), cotangents)
+    returned = [t for t in expected if t is not None]
+    cotangents = [torch.randn_like(t) for t in returned]
+    expected_grads = torch.autograd.grad(returned, (*inputs, *theirs.parameters()), cotangents)
     actual = ours(*inputs, **kwargs)
-    actual_grads = torch.autograd.grad([t for t in actual if t is not None], (*inputs, *ours.parameters()), cotangents)
+    actual_returned = [t for t in actual if t is not None]
+    actual_grads = torch.autograd.grad(actual_returned, (*inputs, *ours.parameters()), cotangents)
     torch.testing.assert_close(actual[0], expected[0], **TOL)
     if expected[1] is None:
         assert actual[1] is None
@@ -100,7 +104,9 @@ def test_module_options_match_torch(options, mask_kind):
 def test_self_attention_matches_torch():
     theirs, ours = _pair(batch_first=True)
     x = torch.randn(BATCH, LEN_Q, EMBED, requires_grad=True)
-    _assert_same_forward_and_backward(theirs, ours, (x, x, x), key_padding_mask=torch.zeros(BATCH, LEN_Q, dtype=torch.bool))
+    padding = torch.zeros(BATCH, LEN_Q, dtype=torch.bool)
+    padding[1, -2:] = True
+    _assert_same_forward_and_backward(theirs, ours, (x, x, x), key_padding_mask=padding)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "attn_2d_bool"])

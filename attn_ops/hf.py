@@ -1,0 +1,96 @@
+"""Hugging Face transformers integration: ``attn_implementation="attn_ops"``.
+
+Two functions are registered under one name, as transformers needs both:
+
+- a mask function (`AttentionMaskInterface`), called once per forward. Where the caller lets
+  `sdpa_mask` skip materialising the mask (its ``allow_is_*_skip`` flags), ours returns the key
+  padding alone: ``[B, Lk]``
+  (True = real token) for the plain causal mask, the module adding its causal rule as in
+  transformers' flash-attention integration; a ``[B, 1, 1, Lk]`` view for the plain bidirectional
+  mask. Other patterns (sliding window, chunked, packed sequences, static-cache offsets, custom
+  overlays) get transformers' own dense `sdpa_mask`.
+- an attention function (`AttentionInterface`) with `sdpa_attention_forward`'s signature. It reads
+  a 2-D mask as key padding on top of the module's causal rule (``module.is_causal``, bottom-right
+  aligned as a KV cache needs), a 4-D mask exactly as SDPA reads it, and no mask as SDPA does
+  (top-left causal for a causal module given more than one query). GQA runs without repeating k/v.
+"""
+
+import inspect
+
+import torch
+
+from .api import attention
+
+_REQUIREMENT = "Hugging Face transformers >= 5.4"
+
+
+def register_transformers(name="attn_ops"):
+    """Register the op so that ``from_pretrained(..., attn_implementation=name)`` uses it."""
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+    except ImportError as err:
+        raise ImportError(f"attn_ops.register_transformers needs {_REQUIREMENT}: pip install 'attn-ops[hf]'") from err
+    # Before 5.4 mask functions took cache_position instead of q_length / q_offset.
+    if "q_length" not in inspect.signature(sdpa_mask).parameters:
+        raise ImportError(f"attn_ops.register_transformers needs {_REQUIREMENT}: pip install -U 'attn-ops[hf]'")
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, padding_or_dense_mask)
+
+
+def padding_or_dense_mask(
+    batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs
+):
+    """Key padding alone where it says everything, transformers' dense `sdpa_mask` otherwise.
+
+    ``attention_mask`` is the 2-D padding mask ``[B, >= kv_length]`` (True = real token) or None.
+    Returns None (no padding), ``[B, 1, 1, kv_length]`` (bidirectional: SDPA broadcasts it over
+    the queries), ``[B, kv_length]`` (causal: `attention_forward` adds the module's causal rule)
+    or the dense ``[B, 1, q_length, kv_length]`` mask.
+    """
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    mask_function = causal_mask_function if mask_function is None else mask_function
+    # Only where transformers lets `sdpa_mask` skip materialising the mask may ours be small.
+    causal = mask_function is causal_mask_function and kwargs.get("allow_is_causal_skip", True)
+    bidirectional = mask_function is bidirectional_mask_function and kwargs.get("allow_is_bidirectional_skip", False)
+    # Bottom-right causal alignment is exact when the queries are the last q_length of kv_length keys.
+    aligned = isinstance(q_offset, int) and q_offset + q_length == kv_length
+    covers_keys = attention_mask is None or attention_mask.shape[-1] >= kv_length
+    if kv_offset == 0 and covers_keys and bidirectional:
+        return None if attention_mask is None else attention_mask[:, None, None, :kv_length]
+    if kv_offset == 0 and covers_keys and causal and aligned:
+        if attention_mask is not None:
+            return attention_mask[:, :kv_length]
+        if q_offset == 0:
+            return None  # read as SDPA reads it: top-left causal, exact when q_length == kv_length
+        return torch.ones(batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+    return sdpa_mask(
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+
+
+def attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """`sdpa_attention_forward`'s contract: q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` in,
+    ``(out [B, Lq, Hq, D], None)`` out."""
+    for unsupported in ("softcap", "position_bias", "cache", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"attn_ops attention does not support `{unsupported}`; use attn_implementation='eager'")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None:
+        mask, causal = None, bool(is_causal) and query.shape[2] > 1
+    elif attention_mask.dim() == 2:  # key padding from padding_or_dense_mask's causal case
+        mask, causal = attention_mask[:, None, None, :], "bottom_right" if is_causal else False
+    else:
+        mask, causal = attention_mask, False
+    out = attention(query, key, value, mask=mask, causal=causal, scale=scaling, dropout_p=dropout)
+    return out.transpose(1, 2).contiguous(), None

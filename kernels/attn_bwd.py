@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attn_common import _dot, _dropout_keep, _load_tile, _masked_scores, _visible_blocks
+from kernels.attn_common import _dot, _dropout_keep, _load_tile, _masked_scores, _segment, _visible_blocks
 from kernels.attn_launch import launch_args, tile_config
 
 
@@ -103,18 +103,13 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
         Lse_h = Lse + head_index * len_q
         Delta_h = Delta + head_index * len_q
         mask_col_ptrs = Mask + b * stride_mb + h * stride_mh + offs_n[None, :] * stride_mn
-        dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n, offs_d,
-                                      head_index, lo, full_lo, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
-                                      len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_M,
-                                      MASK_KIND, True, DROPOUT, FP32_DOT, INPUT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n, offs_d,
-                                      head_index, full_lo, full_hi, stride_qm, stride_qd, stride_dom, stride_dod,
-                                      stride_mm, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, HEAD_DIM,
-                                      BLOCK_M, MASK_KIND, False, DROPOUT, FP32_DOT, INPUT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n, offs_d,
-                                      head_index, full_hi, hi, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
-                                      len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_M,
-                                      MASK_KIND, True, DROPOUT, FP32_DOT, INPUT_PRECISION)
+        for segment in tl.static_range(3):
+            start, stop = _segment(segment, lo, full_lo, full_hi, hi)
+            dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n,
+                                          offs_d, head_index, start, stop, stride_qm, stride_qd, stride_dom,
+                                          stride_dod, stride_mm, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
+                                          HEAD_DIM, BLOCK_M, MASK_KIND, segment != 1, DROPOUT, FP32_DOT,
+                                          INPUT_PRECISION)
     dk *= scale  # ds is the gradient of the natural-log scores s = scale * q.k
     out_mask = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = dK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -177,16 +172,12 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
     seed = tl.load(Seed) if DROPOUT else 0
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
-    dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, lo, full_lo,
-                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
-                            qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, True, DROPOUT, FP32_DOT, INPUT_PRECISION)
-    dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, full_lo,
-                            full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo,
-                            band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, False, DROPOUT, FP32_DOT,
-                            INPUT_PRECISION)
-    dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, full_hi, hi,
-                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
-                            qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, True, DROPOUT, FP32_DOT, INPUT_PRECISION)
+    for segment in tl.static_range(3):
+        start, stop = _segment(segment, lo, full_lo, full_hi, hi)
+        dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, start,
+                                stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo,
+                                band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, segment != 1, DROPOUT,
+                                FP32_DOT, INPUT_PRECISION)
     dq *= scale
     dq_ptrs = dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM))

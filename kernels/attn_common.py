@@ -7,11 +7,12 @@ replaces ``exp`` (exp2 is the hardware instruction; exp costs an extra multiply)
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634  # 1/ln(2)
-FLOAT_MIN: tl.constexpr = -3.4028234663852886e38
-NO_MASK: tl.constexpr = 0
-BOOL_MASK: tl.constexpr = 1
-ADD_MASK: tl.constexpr = 2
+# Globals a kernel reads must be tl.constexpr instances (compiled Triton rejects plain globals).
+LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2)
+FLOAT_MIN = tl.constexpr(-3.4028234663852886e38)
+NO_MASK = tl.constexpr(0)
+BOOL_MASK = tl.constexpr(1)
+ADD_MASK = tl.constexpr(2)
 
 
 @triton.jit
@@ -31,6 +32,17 @@ def _visible_blocks(start, len_self, len_other, off_lo, off_hi, BLOCK_SELF: tl.c
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _segment(SEGMENT: tl.constexpr, lo, full_lo, full_hi, hi):
+    """Tile range of segment 0 (leading boundary tiles), 1 (interior tiles) or 2 (trailing boundary)."""
+    start, stop = lo, full_lo
+    if SEGMENT == 1:
+        start, stop = full_lo, full_hi
+    if SEGMENT == 2:
+        start, stop = full_hi, hi
+    return start, stop
 
 
 @triton.jit

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attn_common import _dot, _dropout_keep, _load_tile, _masked_scores, _visible_blocks
+from kernels.attn_common import _dot, _dropout_keep, _load_tile, _masked_scores, _segment, _visible_blocks
 from kernels.attn_launch import launch_args, tile_config
 
 
@@ -68,18 +68,12 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
     # Boundary tiles get the element-wise band mask, interior tiles skip it, dead tiles are not visited.
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, lo, full_lo,
-                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
-                                    qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, True, DROPOUT, FP32_DOT,
-                                    INPUT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, full_lo,
-                                    full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo,
-                                    band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, False, DROPOUT, FP32_DOT,
-                                    INPUT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, full_hi, hi,
-                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
-                                    qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, True, DROPOUT, FP32_DOT,
-                                    INPUT_PRECISION)
+    for segment in tl.static_range(3):
+        start, stop = _segment(segment, lo, full_lo, full_hi, hi)
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index,
+                                        start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q,
+                                        len_k, band_lo, band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND,
+                                        segment != 1, DROPOUT, FP32_DOT, INPUT_PRECISION)
 
     # A row with no visible key has l_i = 0: its output is 0 and its lse -inf, never NaN.
     empty = l_i == 0.0

@@ -30,12 +30,12 @@ def launch_args(q, k, mask, band_lo, band_hi, scale):
     batch, num_heads_q, len_q, head_dim = q.shape
     len_k = k.shape[2]
     if mask is None:
-        mask, mask_strides, mask_kind = q, (0, 0, 0, 0), NO_MASK
+        mask, mask_strides, mask_kind = q, (0, 0, 0, 0), NO_MASK.value
     else:
         # A broadcast view: size-1 dimensions get stride 0, nothing is copied.
         mask = mask.expand(batch, num_heads_q, len_q, len_k)
-        mask_kind = BOOL_MASK if mask.dtype == torch.bool else ADD_MASK
-        if mask_kind == BOOL_MASK:
+        mask_kind = BOOL_MASK.value if mask.dtype == torch.bool else ADD_MASK.value
+        if mask_kind == BOOL_MASK.value:
             mask = mask.view(torch.uint8)
         mask_strides = mask.stride()
     # An unbounded side of the band becomes an offset no index pair can reach.
@@ -48,7 +48,7 @@ def launch_args(q, k, mask, band_lo, band_hi, scale):
         mask_kind=mask_kind,
         band_lo=-reach if band_lo is None else band_lo,
         band_hi=reach if band_hi is None else band_hi,
-        qk_scale=scale * LOG2E,
+        qk_scale=scale * LOG2E.value,
         head_dim_pad=max(16, triton.next_power_of_2(head_dim)),
         # The interpreter's bf16 dot multiplies raw bits; upcasting is exact, so results stay faithful.
         fp32_dot=INTERPRETED and q.dtype == torch.bfloat16,

@@ -1,0 +1,127 @@
+"""`python -m bench.compile_check`: compile every kernel for a GPU architecture, no GPU needed, and
+report what the interpreter cannot show: tiles that do not compile, registers, spills, shared memory.
+
+Each kernel variant the launchers would pick (by head dim, dtype, mask kind, dropout) is compiled
+for the target with `triton.compile`; `ptxas -v` (Triton's bundled one) reports its resources.
+Must run without TRITON_INTERPRET=1. Exits 1 if any variant fails to compile.
+"""
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from kernels.attn_fwd import _attn_fwd
+from kernels.attn_launch import INTERPRETED, tile_config
+
+TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+MASK_POINTER = {0: "*u8", 1: "*u8", 2: "*fp32"}  # NO_MASK gets a dummy pointer, BOOL_MASK a uint8 view
+FLOAT_ARGS = {"qk_scale", "scale", "dropout_p"}
+INT_ARGS = {"num_heads_q", "group_size", "len_q", "len_k", "band_lo", "band_hi"}
+UNIT_STRIDE = re.compile(r"stride_d?[qkvo]d|stride_mn")
+FP32_POINTERS = {"Lse", "Delta"}
+
+
+def signature(kernel, dtype, mask_kind, constexprs):
+    """The kernel's signature as a launch on contiguous tensors specializes it: unit head-dim strides
+    become constants, pointers and the other strides are known to be multiples of 16."""
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if UNIT_STRIDE.fullmatch(name):
+            constexprs[name] = 1
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "Mask":
+            sig[name] = MASK_POINTER[mask_kind]
+        elif name == "Seed":
+            sig[name] = "*i64"
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in INT_ARGS or name.startswith("stride_"):
+            sig[name] = "i32"
+        else:  # Q, K, V, Out, dO, dK, ...: tensors of the inputs' dtype
+            sig[name] = "*" + TRITON_DTYPE[dtype]
+    return sig
+
+
+def divisibility(sig):
+    """Pointers (torch allocations) and strides other than the unit ones are multiples of 16."""
+    return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(sig.items())
+            if kind.startswith("*") or (kind == "i32" and name.startswith("stride_"))}
+
+
+def ptxas_report(ptx, arch):
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    if not os.path.exists(ptxas):
+        ptxas = os.path.join(os.path.dirname(ptxas), "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        text = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                               f.name, "-o", os.devnull], capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores", text)
+    return int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None
+
+
+def variants():
+    """(name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options) the launchers can pick."""
+    for dtype in TRITON_DTYPE:
+        for head_dim in (64, 128, 256):
+            for mask_kind, dropout in ((0, False), (1, False), (2, False), (1, True)):
+                q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
+                common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, MASK_KIND=mask_kind, DROPOUT=dropout,
+                              FP32_DOT=False, INPUT_PRECISION="ieee")
+                for name, kernel, backward in (("fwd", _attn_fwd, False), ("bwd_dkdv", _attn_bwd_dkdv, True),
+                                               ("bwd_dq", _attn_bwd_dq, True)):
+                    block_m, block_n, num_warps, num_stages = tile_config(q, backward=backward)
+                    yield (name, kernel, dtype, head_dim, mask_kind, dropout,
+                           dict(common, BLOCK_M=block_m, BLOCK_N=block_n),
+                           dict(num_warps=num_warps, num_stages=num_stages))
+        q = torch.empty(1, 1, 1, 128, dtype=dtype, device="meta")
+        yield ("bwd_preprocess", _attn_bwd_preprocess, dtype, 128, 0, False,
+               dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=tile_config(q, backward=True).block_m), dict(num_warps=4))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
+    args = parser.parse_args(argv)
+    if INTERPRETED:
+        sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    print(f"| kernel | dtype | D | mask | dropout | BLOCK_M x BLOCK_N | warps | stages | regs | spill bytes | smem |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options in variants():
+        sig = signature(kernel, dtype, mask_kind, constexprs)
+        index = list(sig)
+        src = ASTSource(fn=kernel, signature=sig, constexprs={(index.index(k),): v for k, v in constexprs.items()},
+                        attrs=divisibility(sig))
+        row = (f"| {name} | {TRITON_DTYPE[dtype]} | {head_dim} | {['none', 'bool', 'add'][mask_kind]} | {dropout} "
+               f"| {constexprs['BLOCK_M']} x {constexprs.get('BLOCK_N', '-')} | {options['num_warps']} "
+               f"| {options.get('num_stages', '-')} |")
+        try:
+            compiled = triton.compile(src, target=target, options=options)
+        except Exception as e:  # a tile shape that does not compile is what this tool is for
+            failures += 1
+            print(f"{row} FAILED: {str(e).splitlines()[0][:120]} |||")
+            continue
+        regs, spills = ptxas_report(compiled.asm["ptx"], args.arch)
+        print(f"{row} {regs} | {spills} | {compiled.metadata.shared} |", flush=True)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

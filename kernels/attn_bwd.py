@@ -192,29 +192,31 @@ def attn_bwd(do, dlse, q, k, v, out, lse, mask, band_lo, band_hi, scale, dropout
     batch, num_heads_q, len_q, head_dim = q.shape
     num_heads_kv, len_k = k.shape[1], k.shape[2]
     args = launch_args(q, k, mask, band_lo, band_hi, scale)
-    block_m, block_n, num_warps, num_stages = tile_config(q, config, backward=True)
+    dkdv = tile_config(q, "dkdv", config)
+    dq_tile = tile_config(q, "dq", config)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     seed = seed if dropout_p > 0 else q
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=args.head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
-                  MASK_KIND=args.mask_kind, DROPOUT=dropout_p > 0, FP32_DOT=args.fp32_dot,
-                  INPUT_PRECISION=args.input_precision, num_warps=num_warps, num_stages=num_stages)
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=args.head_dim_pad, MASK_KIND=args.mask_kind,
+                  DROPOUT=dropout_p > 0, FP32_DOT=args.fp32_dot, INPUT_PRECISION=args.input_precision)
     scalars = (num_heads_q, num_heads_q // num_heads_kv, len_q, len_k, args.band_lo, args.band_hi, args.qk_scale,
                scale, dropout_p)
-    _attn_bwd_preprocess[(triton.cdiv(len_q, block_m) * batch * num_heads_q,)](
+    _attn_bwd_preprocess[(triton.cdiv(len_q, dq_tile.block_m) * batch * num_heads_q,)](
         out, do, delta, *out.stride(), *do.stride(), num_heads_q, len_q,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=args.head_dim_pad, BLOCK_M=block_m,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=args.head_dim_pad, BLOCK_M=dq_tile.block_m,
     )
     if dlse is not None:
         delta -= dlse
-    _attn_bwd_dkdv[(triton.cdiv(len_k, block_n) * batch * num_heads_kv,)](
+    _attn_bwd_dkdv[(triton.cdiv(len_k, dkdv.block_n) * batch * num_heads_kv,)](
         q, k, v, args.mask, seed, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *args.mask_strides, *do.stride(), *dk.stride(), *dv.stride(),
-        *scalars, **common,
+        *scalars, **common, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
+        num_stages=dkdv.num_stages,
     )
-    _attn_bwd_dq[(triton.cdiv(len_q, block_m) * batch * num_heads_q,)](
+    _attn_bwd_dq[(triton.cdiv(len_q, dq_tile.block_m) * batch * num_heads_q,)](
         q, k, v, args.mask, seed, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *args.mask_strides, *do.stride(), *dq.stride(),
-        *scalars, **common,
+        *scalars, **common, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, num_warps=dq_tile.num_warps,
+        num_stages=dq_tile.num_stages,
     )
     return dq, dk, dv

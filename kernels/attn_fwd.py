@@ -92,7 +92,7 @@ def attn_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed, config=Non
     out = torch.empty_like(q)
     lse = torch.empty((batch, num_heads_q, len_q), device=q.device, dtype=torch.float32)
     args = launch_args(q, k, mask, band_lo, band_hi, scale)
-    block_m, block_n, num_warps, num_stages = tile_config(q, config)
+    block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", config)
     grid = (triton.cdiv(len_q, block_m) * batch * num_heads_q,)
     _attn_fwd[grid](
         q, k, v, args.mask, seed if dropout_p > 0 else q, out, lse,

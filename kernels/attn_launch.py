@@ -57,24 +57,32 @@ def launch_args(q, k, mask, band_lo, band_hi, scale):
 
 
 class TileConfig(NamedTuple):
-    block_m: int
-    block_n: int
+    block_m: int  # queries per tile
+    block_n: int  # keys per tile
     num_warps: int
     num_stages: int
 
 
-def tile_config(q, config=None, backward=False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by pass, head dim and dtype, unless `config` is given."""
+# Per pass and padded head dim, for 2-byte dtypes on Hopper: the largest tiles that compile for
+# sm_90 without register spills in the mask-free kernels (`python -m bench.compile_check`, which
+# also lists the small spills dropout adds). Untimed: tuning them on a GPU is still to do.
+HALF_TILES = {
+    "fwd": {64: TileConfig(128, 64, 8, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 32, 8, 2)},
+    "dkdv": {64: TileConfig(32, 64, 4, 2), 128: TileConfig(32, 64, 8, 2), 256: TileConfig(32, 32, 8, 1)},
+    "dq": {64: TileConfig(128, 32, 8, 2), 128: TileConfig(128, 32, 8, 2), 256: TileConfig(32, 32, 4, 2)},
+}
+# float32 with IEEE products runs on FMA units, not tensor cores, and spills at any tile size:
+# the smallest tiles keep it correct; it is a slow path.
+FLOAT32_TILE = TileConfig(32, 32, 4, 2)
+
+
+def tile_config(q, kernel="fwd", config=None):
+    """The tile config of one pass ("fwd", "dkdv" or "dq") by head dim and dtype, unless `config` is given."""
     if config is not None:
         return TileConfig(*config)
     if INTERPRETED:
         return TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps
-    head_dim = triton.next_power_of_2(q.shape[-1])
-    wide = q.element_size() == 4  # fp32 tiles take twice the shared memory
-    if backward:  # each program keeps two [BLOCK, D] fp32 accumulators besides its tiles
-        return TileConfig(64, 64, 4 if head_dim <= 64 else 8, 2) if head_dim <= 128 else TileConfig(32, 32, 4, 2)
-    if head_dim <= 64:
-        return TileConfig(128, 64, 4, 3)
-    if head_dim <= 128:
-        return TileConfig(128, 32 if wide else 64, 8, 2 if wide else 3)
-    return TileConfig(64, 32 if wide else 64, 8, 2)
+    tile = FLOAT32_TILE if q.element_size() == 4 else HALF_TILES[kernel][max(64, triton.next_power_of_2(q.shape[-1]))]
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        tile = tile._replace(num_stages=min(tile.num_stages, 2))  # pre-Hopper: less shared memory per block
+    return tile

@@ -50,3 +50,24 @@ def test_compiled_forward_and_backward_equal_eager_without_graph_breaks(device, 
         results.append((out, lse, *grads))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropins_compile_without_graph_breaks(device):
+    mha = attn_ops.MultiheadAttention(32, 4, batch_first=True).to(device)
+    x = torch.randn(2, 20, 32, device=device, requires_grad=True)
+    ignored = torch.rand(2, 20, device=device) < 0.2  # nn.MultiheadAttention's convention: True = ignore
+    q, k, v = (torch.randn(2, 4, 20, 8, device=device, requires_grad=True) for _ in range(3))
+
+    def step(x, q, k, v):
+        out = mha(x, x, x, key_padding_mask=ignored, need_weights=False)[0]
+        return out, attn_ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    with attn_ops.use_backend("triton"):
+        torch._dynamo.reset()
+        results = []
+        for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+            outs = fn(x, q, k, v)
+            results.append((*outs, *torch.autograd.grad(sum(o.square().sum() for o in outs), (x, q, k, v))))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)

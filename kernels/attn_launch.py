@@ -63,17 +63,22 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-# Per pass and padded head dim, for 2-byte dtypes on Hopper: the largest tiles that compile for
-# sm_90 without register spills in the mask-free kernels (`python -m bench.compile_check`, which
-# also lists the small spills dropout adds). Untimed: tuning them on a GPU is still to do.
-HALF_TILES = {
-    "fwd": {64: TileConfig(128, 64, 8, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 32, 8, 2)},
-    "dkdv": {64: TileConfig(32, 64, 4, 2), 128: TileConfig(32, 64, 8, 2), 256: TileConfig(32, 32, 8, 1)},
-    "dq": {64: TileConfig(128, 32, 8, 2), 128: TileConfig(128, 32, 8, 2), 256: TileConfig(32, 32, 4, 2)},
+# By element size, pass and padded head dim: the largest tiles that compile for sm_90 without
+# register spills in the mask-free kernels (`python -m bench.compile_check`, which also lists the
+# small spills masks and dropout add). Untimed: tuning them on a GPU is still to do. float32 with
+# IEEE products runs on FMA units, not tensor cores, and needs the smallest tiles: a slow path.
+TILES = {
+    2: {
+        "fwd": {64: TileConfig(128, 64, 8, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 32, 8, 2)},
+        "dkdv": {64: TileConfig(32, 64, 4, 2), 128: TileConfig(32, 64, 8, 2), 256: TileConfig(32, 32, 8, 1)},
+        "dq": {64: TileConfig(128, 32, 8, 2), 128: TileConfig(128, 32, 8, 2), 256: TileConfig(32, 32, 4, 2)},
+    },
+    4: {
+        "fwd": {64: TileConfig(32, 32, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2)},
+        "dkdv": {64: TileConfig(16, 16, 8, 2), 128: TileConfig(16, 16, 8, 2), 256: TileConfig(16, 16, 8, 2)},
+        "dq": {64: TileConfig(16, 16, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2)},
+    },
 }
-# float32 with IEEE products runs on FMA units, not tensor cores, and spills at any tile size:
-# the smallest tiles keep it correct; it is a slow path.
-FLOAT32_TILE = TileConfig(32, 32, 4, 2)
 
 
 def tile_config(q, kernel="fwd", config=None):
@@ -82,7 +87,7 @@ def tile_config(q, kernel="fwd", config=None):
         return TileConfig(*config)
     if INTERPRETED:
         return TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps
-    tile = FLOAT32_TILE if q.element_size() == 4 else HALF_TILES[kernel][max(64, triton.next_power_of_2(q.shape[-1]))]
+    tile = TILES[q.element_size()][kernel][max(64, triton.next_power_of_2(q.shape[-1]))]
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
         tile = tile._replace(num_stages=min(tile.num_stages, 2))  # pre-Hopper: less shared memory per block
     return tile

@@ -128,14 +128,8 @@ def test_is_causal_hint_picks_the_same_mask_as_torch(need_weights, mask_kind):
     )
 
 
-def test_is_causal_hint_uses_the_ops_causal_rule_as_torch_does(monkeypatch):
-    seen = {}
-
-    def spy(q, k, v, **kwargs):
-        seen.update(kwargs)
-        return attn_ops.attention(q, k, v, **kwargs)
-
-    monkeypatch.setattr(attn_ops.mha, "attention", spy)
+def test_is_causal_hint_uses_the_ops_causal_rule_as_torch_does(op_calls):
+    seen = op_calls(attn_ops.mha)
     _, ours = _pair(batch_first=True)
     causal = torch.ones(LEN_Q, LEN_K, dtype=torch.bool).triu(1)
     ours(*_inputs(), attn_mask=causal, is_causal=True, need_weights=False)
@@ -148,14 +142,8 @@ def test_is_causal_without_attn_mask_raises():
         ours(*_inputs(False), is_causal=True)
 
 
-def test_3d_attn_mask_reaches_the_op_as_a_view(monkeypatch):
-    seen = {}
-
-    def spy(q, k, v, **kwargs):
-        seen["mask"] = kwargs["mask"]
-        return attn_ops.attention(q, k, v, **kwargs)
-
-    monkeypatch.setattr(attn_ops.mha, "attention", spy)
+def test_3d_attn_mask_reaches_the_op_as_a_view(op_calls):
+    seen = op_calls(attn_ops.mha)
     _, ours = _pair(batch_first=True)
     attn_mask = torch.randn(BATCH * HEADS, LEN_Q, LEN_K)
     ours(*_inputs(), attn_mask=attn_mask)

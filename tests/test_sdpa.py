@@ -84,14 +84,8 @@ def test_lower_rank_inputs_match_sdpa(rank):
     torch.testing.assert_close(ours, theirs, **TOL)
 
 
-def test_mask_reaches_the_op_unexpanded(monkeypatch):
-    seen = {}
-
-    def spy(q, k, v, **kwargs):
-        seen["mask"] = kwargs["mask"]
-        return attn_ops.attention(q, k, v, **kwargs)
-
-    monkeypatch.setattr(attn_ops.sdpa, "attention", spy)
+def test_mask_reaches_the_op_unexpanded(op_calls):
+    seen = op_calls(attn_ops.sdpa)
     q, k, v = _qkv()
     padding = _masks(2, 4, 7, 9)["bool_key_padding"]
     attn_ops.scaled_dot_product_attention(q, k, v, attn_mask=padding)

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attn_common import _dot, _dropout_keep, _load_tile, _masked_scores, _segment, _visible_blocks
+from kernels.attn_common import (_dot, _dropout_keep, _load_tile, _masked_scores, _segment, _store_tile,
+                                 _visible_blocks, _wide)
 from kernels.attn_launch import launch_args, tile_config
 
 
@@ -49,7 +50,7 @@ def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, see
         q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
         do = _load_tile(dO, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
         lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
-        s = _masked_scores(q, k_t, offs_m, offs_n, mask_col_ptrs + offs_m[:, None] * stride_mm, len_q, len_k,
+        s = _masked_scores(q, k_t, offs_m, offs_n, mask_col_ptrs + _wide(offs_m)[:, None] * stride_mm, len_q, len_k,
                            band_lo, band_hi, qk_scale, MASK_KIND, EDGE, FP32_DOT, INPUT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, v_t, FP32_DOT, INPUT_PRECISION)
@@ -102,7 +103,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
         dO_h = dO + b * stride_dob + h * stride_doh
         Lse_h = Lse + head_index * len_q
         Delta_h = Delta + head_index * len_q
-        mask_col_ptrs = Mask + b * stride_mb + h * stride_mh + offs_n[None, :] * stride_mn
+        mask_col_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_n)[None, :] * stride_mn
         for segment in tl.static_range(3):
             start, stop = _segment(segment, lo, full_lo, full_hi, hi)
             dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n,
@@ -111,11 +112,8 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
                                           HEAD_DIM, BLOCK_M, MASK_KIND, segment != 1, DROPOUT, FP32_DOT,
                                           INPUT_PRECISION)
     dk *= scale  # ds is the gradient of the natural-log scores s = scale * q.k
-    out_mask = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = dK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = dV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
-    tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=out_mask)
-    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=out_mask)
+    _store_tile(dK + b * stride_dkb + h_kv * stride_dkh, dk, offs_n, offs_d, stride_dkn, stride_dkd, len_k, HEAD_DIM)
+    _store_tile(dV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, len_k, HEAD_DIM)
 
 
 @triton.jit
@@ -128,7 +126,7 @@ def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
         v_t = _load_tile(V, offs_d, offs_n, stride_vd, stride_vn, HEAD_DIM, len_k)
-        s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + offs_n[None, :] * stride_mn, len_q, len_k,
+        s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, len_q, len_k,
                            band_lo, band_hi, qk_scale, MASK_KIND, EDGE, FP32_DOT, INPUT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, v_t, FP32_DOT, INPUT_PRECISION)
@@ -168,7 +166,7 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
                                   offs_m, len_q)
     K += b * stride_kb + h_kv * stride_kh
     V += b * stride_vb + h_kv * stride_vh
-    mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
     seed = tl.load(Seed) if DROPOUT else 0
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
@@ -179,8 +177,7 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
                                 band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, segment != 1, DROPOUT,
                                 FP32_DOT, INPUT_PRECISION)
     dq *= scale
-    dq_ptrs = dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM))
+    _store_tile(dQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, len_q, HEAD_DIM)
 
 
 def attn_bwd(do, dlse, q, k, v, out, lse, mask, band_lo, band_hi, scale, dropout_p, seed, config=None):

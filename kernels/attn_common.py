@@ -91,7 +91,21 @@ def _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p):
 
 
 @triton.jit
+def _wide(offs):
+    """int64 offsets: a row index times a stride passes 2**31 for long rows (e.g. a dense 48k x 48k mask)."""
+    return offs.to(tl.int64)
+
+
+@triton.jit
 def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, len_r, len_c):
     """A [rows, cols] tile, zero outside ``len_r`` x ``len_c``."""
     mask = (offs_r[:, None] < len_r) & (offs_c[None, :] < len_c)
-    return tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+    return tl.load(ptr + _wide(offs_r)[:, None] * stride_r + _wide(offs_c)[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, value, offs_r, offs_c, stride_r, stride_c, len_r, len_c):
+    """Stores the part of a [rows, cols] tile inside ``len_r`` x ``len_c``, in ptr's dtype."""
+    mask = (offs_r[:, None] < len_r) & (offs_c[None, :] < len_c)
+    tl.store(ptr + _wide(offs_r)[:, None] * stride_r + _wide(offs_c)[None, :] * stride_c,
+             value.to(ptr.dtype.element_ty), mask=mask)

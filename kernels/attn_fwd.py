@@ -5,7 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attn_common import _dot, _dropout_keep, _load_tile, _masked_scores, _segment, _visible_blocks
+from kernels.attn_common import (_dot, _dropout_keep, _load_tile, _masked_scores, _segment, _store_tile,
+                                 _visible_blocks, _wide)
 from kernels.attn_launch import launch_args, tile_config
 
 
@@ -18,7 +19,7 @@ def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d,
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
-        s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + offs_n[None, :] * stride_mn, len_q, len_k,
+        s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, len_q, len_k,
                            band_lo, band_hi, qk_scale, MASK_KIND, EDGE, FP32_DOT, INPUT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Until a row has seen a visible key its max is -inf; shift by 0 then, so exp2 gives 0, not NaN.
@@ -60,7 +61,7 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
     q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
     K += b * stride_kb + h_kv * stride_kh
     V += b * stride_vb + h_kv * stride_vh
-    mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
     seed = tl.load(Seed) if DROPOUT else 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -81,8 +82,7 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
     # log2-domain LSE: the backward's exp2(s - lse2) then reproduces p = 1 exactly for the max score,
     # which a natural-log round trip would not at large |s|.
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM))
+    _store_tile(Out + b * stride_ob + h * stride_oh, out, offs_m, offs_d, stride_om, stride_od, len_q, HEAD_DIM)
     tl.store(Lse + head_index.to(tl.int64) * len_q + offs_m, lse, mask=offs_m < len_q)
 
 

@@ -216,3 +216,16 @@ def test_batch_times_heads_beyond_grid_axis_limit():
     q, k, v = make_qkv(1100, 64, 64, 16, 16, 16, torch.float16, "cuda")  # B * H = 70400 > 65535
     out = attn_ops.attention(q, k, v)
     torch.testing.assert_close(out, attn_ops.attention(q, k, v, backend="reference"), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_rows_beyond_int32_offsets(device):
+    """A mask row starting 2**31 elements in (a dense 48k x 48k mask has such rows) is addressed in int64."""
+    q, k, v = make_qkv(1, 1, 1, 3, 16, 16, torch.float32, device)
+    row_stride = 2**30  # rows 0, 1, 2 at 0, 2**30, 2**31: only the last needs 64-bit offsets
+    storage = torch.zeros(2 * row_stride + 16, dtype=torch.bool, device=device)  # virtual: pages stay untouched
+    mask = storage.as_strided((3, 16), (row_stride, 1))
+    for row, first_visible in enumerate((0, 4, 8)):
+        mask[row, first_visible:] = True
+    out, grads, dout = run_kernel(q, k, v, mask=mask)
+    check_against_float64(q, k, v, out, grads, dout, mask=mask.clone())

@@ -6,7 +6,8 @@ import torch
 
 from . import reference
 from .band import diagonal_band
-from .checks import check_backend, check_causal, check_dropout, check_mask, check_qkv, check_scale, check_window
+from .checks import (check_backend, check_causal, check_dropout, check_mask, check_qkv, check_return_lse,
+                     check_scale, check_window)
 from .fused import fused_attention
 from kernels.attn_launch import INTERPRETED
 
@@ -77,6 +78,7 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, drop
     window = check_window(window)
     scale = check_scale(scale, q.shape[-1])
     check_dropout(dropout_p, seed)
+    check_return_lse(return_lse)
     if _resolve_backend(backend, q) == "reference":
         if dropout_p > 0 and seed is None:
             seed = reference.draw_seed(q.device)

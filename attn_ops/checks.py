@@ -36,7 +36,7 @@ def check_qkv(q, k, v, dtypes=FLOAT_DTYPES):
         raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
     if hkv != hv:
         raise ValueError(f"k and v must have the same number of heads, got k {_shape(k)}, v {_shape(v)}")
-    if hkv == 0 or hq % hkv:
+    if hq == 0 or hkv == 0 or hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}); q {_shape(q)}, k {_shape(k)}")
     if lk != lv:
         raise ValueError(f"k and v must have the same length, got k {_shape(k)}, v {_shape(v)}")
@@ -47,8 +47,8 @@ def check_qkv(q, k, v, dtypes=FLOAT_DTYPES):
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got q {_shape(q)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.is_complex() or t.is_sparse:
-            raise TypeError(f"{name} must be a dense real tensor")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
 
 def check_mask(mask, q, k):
@@ -112,6 +112,11 @@ def check_dropout(dropout_p, seed):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**63):
         raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+
+
+def check_return_lse(return_lse):
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
 
 
 def check_backend(backend):

@@ -44,11 +44,14 @@ class FusedAttention(torch.autograd.Function):
         out, lse2 = torch.ops.attn_ops.attention_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse2, mask, seed)
         ctx.band, ctx.scale, ctx.dropout_p = (band_lo, band_hi), scale, dropout_p
+        ctx.set_materialize_grads(False)  # an unused lse passes None, not a tensor of zeros
         return out, lse2 * LN2  # the kernels keep log2 units; users get the natural log
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse2, mask, seed = ctx.saved_tensors
+        if dout is None:  # only the lse was used
+            dout = torch.zeros_like(out)
         dq, dk, dv = torch.ops.attn_ops.attention_bwd(dout, dlse, q, k, v, out, lse2, mask, *ctx.band, ctx.scale,
                                                       ctx.dropout_p, seed)
         return dq, dk, dv, None, None, None, None, None, None

@@ -9,7 +9,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .band import diagonal_band
-from .checks import FLOAT_DTYPES, check_causal, check_dropout, check_mask, check_qkv, check_scale, check_window
+from .checks import (FLOAT_DTYPES, check_causal, check_dropout, check_mask, check_qkv, check_return_lse, check_scale,
+                     check_window)
 
 # Scores held per chunk: B * Hq * rows * Lk elements at most (128 MiB in float32).
 CHUNK_ELEMENTS = 2**25
@@ -27,6 +28,7 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, drop
     window = check_window(window)
     scale = check_scale(scale, q.shape[-1])
     check_dropout(dropout_p, seed)
+    check_return_lse(return_lse)
     if dropout_p > 0 and seed is None:
         seed = draw_seed(q.device)
     return _attention(q, k, v, mask, causal, window, scale, dropout_p, seed, return_lse)

@@ -7,6 +7,7 @@ Must run without TRITON_INTERPRET=1. Exits 1 if any variant fails to compile.
 """
 
 import argparse
+import datetime
 import inspect
 import os
 import re
@@ -79,10 +80,11 @@ def ptxas_report(ptx, arch):
 def variants():
     """(name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options) the launchers can pick."""
     for dtype in TRITON_DTYPE:
-        for head_dim in (64, 128, 256):
+        for head_dim in (64, 80, 128, 256):  # 80: a head dim padded to its tile (masked loads)
             for mask_kind, dropout in ((0, False), (1, False), (2, False), (1, True)):
                 q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
-                common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, MASK_KIND=mask_kind, DROPOUT=dropout,
+                common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), MASK_KIND=mask_kind,
+                              DROPOUT=dropout,
                               FP32_DOT=False, INPUT_PRECISION="ieee")
                 for name, kernel in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
                     block_m, block_n, num_warps, num_stages = tile_config(q, name)
@@ -97,13 +99,23 @@ def variants():
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
+    parser.add_argument("--out", help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     if INTERPRETED:
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    print(f"| kernel | dtype | D | mask | dropout | BLOCK_M x BLOCK_N | warps | stages | regs | spill bytes | smem |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = []
+
+    def emit(line):
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(f"# Kernel resources for sm_{args.arch}: compiled with Triton {triton.__version__} on a CPU machine, "
+         f"{datetime.date.today()}, commit {git_commit()}\n")
+    emit("Compiled, not run: registers and spills from ptxas -v, shared memory from Triton's metadata (bytes).\n")
+    emit("| kernel | dtype | D | mask | dropout | BLOCK_M x BLOCK_N | warps | stages | regs | spill bytes | smem |")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options in variants():
         sig = signature(kernel, dtype, mask_kind, constexprs)
         index = list(sig)
@@ -116,11 +128,19 @@ def main(argv=None):
             compiled = triton.compile(src, target=target, options=options)
         except Exception as e:  # a tile shape that does not compile is what this tool is for
             failures += 1
-            print(f"{row} FAILED: {str(e).splitlines()[0][:120]} |||")
+            emit(f"{row} FAILED: {str(e).splitlines()[0][:120]} |||")
             continue
         regs, spills = ptxas_report(compiled.asm["ptx"], args.arch)
-        print(f"{row} {regs} | {spills} | {compiled.metadata.shared} |", flush=True)
+        emit(f"{row} {regs} | {spills} | {compiled.metadata.shared} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
     sys.exit(1 if failures else 0)
+
+
+def git_commit():
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

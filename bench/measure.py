@@ -6,12 +6,14 @@ import warnings
 
 import torch
 
-from bench.masks import make_masking
+from attn_ops.band import diagonal_band
+from bench.masks import WINDOW, make_masking
 from bench.providers import Unsupported
 
 FLOP_RULE = (
-    "4*B*Hq*Lq*Lk*D fwd, /2 for mask 'causal' only (the other masks, window and block_sparse "
-    "included, count dense FLOPs, as the FlashAttention papers do), x2.5 bwd, x3.5 fwd_bwd"
+    "4*B*Hq*Lq*Lk*D fwd over the live part of the causal/window rule: /2 for 'causal', the visible "
+    "band's fraction of Lq*Lk for 'window'; padding, random_bool and block_sparse count dense FLOPs; "
+    "x2.5 bwd, x3.5 fwd_bwd"
 )
 MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
@@ -32,7 +34,19 @@ MAX_ERROR_CHARS = 200
 
 def flops(case):
     dense = 4 * case.batch * case.heads_q * case.len_q * case.len_k * case.head_dim
-    return dense * (0.5 if case.mask == "causal" else 1.0) * MODE_FACTOR[case.mode]
+    return dense * live_fraction(case) * MODE_FACTOR[case.mode]
+
+
+def live_fraction(case):
+    """The anchors' rule: causal counts half; a sliding window counts the (query, key) pairs it shows."""
+    if case.mask == "causal":
+        return 0.5
+    if case.mask != "window":
+        return 1.0
+    lo, hi = diagonal_band(case.len_q, case.len_k, "top_left", (WINDOW, 0))
+    i = torch.arange(case.len_q)
+    visible = (torch.clamp(i + hi, max=case.len_k - 1) - torch.clamp(i + lo, min=0) + 1).clamp(min=0)
+    return visible.sum().item() / (case.len_q * case.len_k)
 
 
 def make_inputs(case, device):

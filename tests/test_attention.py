@@ -4,6 +4,10 @@ import pytest
 import torch
 
 import attn_ops
+from attn_ops.band import diagonal_band
+from attn_ops.checks import check_causal
+from kernels.attn_bwd import attn_bwd
+from kernels.attn_fwd import attn_fwd
 from truth import DEVICES, DTYPES, check_against_float64, make_qkv
 
 
@@ -156,6 +160,34 @@ def test_extreme_logits_do_not_overflow(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scores_near_1e4_with_order_one_differences(device, dtype):
+    # A shared direction lifts every score to about 1.1e4 while their differences stay O(1), so the
+    # softmax is far from one-hot and every gradient is non-trivial: only the running max saves it.
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 2, 64, 64, 32, torch.float32, device))
+    q[..., 0], k[..., 0] = 250.0, 250.0
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out, _ = check(q, k, v)
+    assert out.abs().amax() > 0.1  # not a collapsed output
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)], ids=str)
+def test_small_tiles_reach_interior_and_boundary_tiles(device, rule, tiles):
+    # The interpreter's default 64x64 tiles leave few interior tiles at test sizes; small tiles give
+    # every pass leading-boundary, interior and trailing-boundary tiles for each band rule.
+    q, k, v = make_qkv(1, 2, 1, 90, 110, 16, torch.float32, device)
+    causal = check_causal(RULES[rule].get("causal", False))
+    band = diagonal_band(90, 110, causal, RULES[rule].get("window"))
+    config = (*tiles, 4, 1)
+    out, lse2 = attn_fwd(q, k, v, None, *band, 0.25, 0.0, None, config=config)
+    dout = torch.randn_like(out)
+    grads = attn_bwd(dout, None, q, k, v, out, lse2, None, *band, 0.25, 0.0, None, config=config)
+    check_against_float64(q, k, v, out, grads, dout, scale=0.25, **RULES[rule])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_large_finite_negative_mask_equals_minus_inf_mask(device):
     q, k, v = make_qkv(1, 2, 2, 50, 60, 16, torch.float32, device)
     allowed = torch.rand(50, 60, device=device) > 0.4
@@ -190,6 +222,17 @@ def test_lse_matches_float64_and_its_gradient_flows(device):
     grads64 = torch.autograd.grad((out64.sum(), (lse64 * dlse.double()).sum()), wide)
     for g, g64 in zip(grads, grads64):
         torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_through_the_lse_alone(device):
+    q, k, v = make_qkv(1, 2, 1, 30, 40, 16, torch.float32, device)
+    _, lse = attn_ops.attention(q, k, v, backend="triton", window=(8, 8), return_lse=True)
+    grads = torch.autograd.grad(lse.sum(), (q, k, v))
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    _, lse64 = attn_ops.reference.attention(*wide, window=(8, 8), return_lse=True)
+    for g, g64 in zip(grads, torch.autograd.grad(lse64.sum(), wide, allow_unused=True, materialize_grads=True)):
+        torch.testing.assert_close(g.double(), g64, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import attn_ops
+from truth import DEVICES
 
 
 def qkv(b=2, hq=4, hkv=2, lq=8, lk=10, d=16, dtype=torch.float32):
@@ -31,6 +32,8 @@ BAD_QKV = {
     "qk_head_dim_differ": (ValueError, "k's head dim must equal q's", replace(1, torch.randn(2, 2, 10, 8))),
     "v_head_dim_differs": (ValueError, "v's head dim", replace(2, torch.randn(2, 2, 10, 8))),
     "head_dim_too_big": (ValueError, "head dim must be in [1, 256]", [torch.randn(1, 1, 4, 257)] * 3),
+    "no_query_heads": (ValueError, r"q heads \(0\) must be a multiple", replace(0, torch.randn(2, 0, 8, 16))),
+    "sparse_q": (TypeError, "q must be a dense", replace(0, torch.randn(2, 4, 8, 16).to_sparse())),
 }
 
 
@@ -66,6 +69,7 @@ BAD_KWARGS = {
     "dropout_negative": (ValueError, r"dropout_p must be in \[0, 1\)", {"dropout_p": -0.1}),
     "seed_negative": (ValueError, "seed must be None or an int", {"seed": -3, "dropout_p": 0.1}),
     "backend_word": (ValueError, "backend must be one of", {"backend": "cuda"}),
+    "return_lse_word": (TypeError, "return_lse must be a bool", {"return_lse": "no"}),
 }
 
 
@@ -76,12 +80,13 @@ def test_bad_keyword_arguments_raise_naming_the_argument(case):
         attn_ops.attention(*qkv(), **kwargs)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=DEVICES[0].marks), "reference"])
 @pytest.mark.parametrize("mask_shape", [(10,), (8, 10), (4, 8, 10), (2, 1, 1, 10), (1, 4, 1, 10), (2, 4, 8, 10)])
-def test_every_broadcastable_mask_shape_is_accepted(mask_shape):
+def test_every_broadcastable_mask_shape_is_accepted(mask_shape, backend):
     q, k, v = qkv()
     mask = torch.rand(mask_shape) > 0.2
     expected = attn_ops.reference.attention(q, k, v, mask=mask.expand(2, 4, 8, 10).clone())
-    torch.testing.assert_close(attn_ops.attention(q, k, v, mask=mask), expected)
+    torch.testing.assert_close(attn_ops.attention(q, k, v, mask=mask, backend=backend), expected)
 
 
 def test_use_backend_rejects_unknown_names():

@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attn_common import (_dot, _dropout_keep, _load_tile, _masked_scores, _segment, _store_tile,
-                                 _visible_blocks, _wide)
+from kernels.attn_common import (_dot, _dropout_keep, _load_tile, _masked_scores, _program_block, _segment,
+                                 _store_tile, _visible_blocks, _wide)
 from kernels.attn_launch import launch_args, tile_config
 
 
@@ -17,13 +17,9 @@ def _attn_bwd_preprocess(Out, dOut, Delta,
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          num_heads_q, len_q,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    num_m_blocks = tl.cdiv(len_q, BLOCK_M)
-    pid = tl.program_id(0)
-    head_index = pid // num_m_blocks
-    offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    b = (head_index // num_heads_q).to(tl.int64)
-    h = (head_index % num_heads_q).to(tl.int64)
     o = _load_tile(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, len_q, HEAD_DIM)
     do = _load_tile(dOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -78,13 +74,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr):
-    num_n_blocks = tl.cdiv(len_k, BLOCK_N)
-    pid = tl.program_id(0)
-    kv_index = pid // num_n_blocks  # batch * Hkv + kv head
-    start_n = (pid % num_n_blocks) * BLOCK_N
-    num_heads_kv = num_heads_q // group_size
-    b = (kv_index // num_heads_kv).to(tl.int64)
-    h_kv = (kv_index % num_heads_kv).to(tl.int64)
+    _, b, h_kv, start_n = _program_block(len_k, num_heads_q // group_size, BLOCK_N)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -150,12 +140,7 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr):
-    num_m_blocks = tl.cdiv(len_q, BLOCK_M)
-    pid = tl.program_id(0)
-    head_index = pid // num_m_blocks
-    start_m = (pid % num_m_blocks) * BLOCK_M
-    b = (head_index // num_heads_q).to(tl.int64)
-    h = (head_index % num_heads_q).to(tl.int64)
+    head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
     h_kv = h // group_size
 
     offs_m = start_m + tl.arange(0, BLOCK_M)

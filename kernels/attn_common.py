@@ -16,6 +16,20 @@ ADD_MASK = tl.constexpr(2)
 
 
 @triton.jit
+def _program_block(length, num_heads, BLOCK: tl.constexpr):
+    """This program's (batch * heads + head, batch, head, first row) on a flat grid, blocks fastest.
+
+    One flat axis keeps batch * heads clear of the 65535 limit of grid axes 1 and 2.
+    """
+    num_blocks = tl.cdiv(length, BLOCK)
+    pid = tl.program_id(0)
+    head_index = pid // num_blocks
+    b = (head_index // num_heads).to(tl.int64)
+    h = (head_index % num_heads).to(tl.int64)
+    return head_index, b, h, (pid % num_blocks) * BLOCK
+
+
+@triton.jit
 def _visible_blocks(start, len_self, len_other, off_lo, off_hi, BLOCK_SELF: tl.constexpr, BLOCK_OTHER: tl.constexpr):
     """Blocks of the other axis that rows ``[start, start + BLOCK_SELF)`` of this axis can see.
 

@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attn_common import (_dot, _dropout_keep, _load_tile, _masked_scores, _segment, _store_tile,
-                                 _visible_blocks, _wide)
+from kernels.attn_common import (_dot, _dropout_keep, _load_tile, _masked_scores, _program_block, _segment,
+                                 _store_tile, _visible_blocks, _wide)
 from kernels.attn_launch import launch_args, tile_config
 
 
@@ -47,13 +47,7 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
               num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    # One flat grid axis (query blocks fastest) keeps B * Hq clear of the 65535 limit of axes 1 and 2.
-    num_m_blocks = tl.cdiv(len_q, BLOCK_M)
-    pid = tl.program_id(0)
-    head_index = pid // num_m_blocks  # batch * Hq + head
-    start_m = (pid % num_m_blocks) * BLOCK_M
-    b = (head_index // num_heads_q).to(tl.int64)
-    h = (head_index % num_heads_q).to(tl.int64)
+    head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
     h_kv = h // group_size
 
     offs_m = start_m + tl.arange(0, BLOCK_M)

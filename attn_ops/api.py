@@ -6,8 +6,7 @@ import torch
 
 from . import reference
 from .band import diagonal_band
-from .checks import (check_backend, check_causal, check_dropout, check_mask, check_qkv, check_return_lse,
-                     check_scale, check_window)
+from .checks import check_backend, check_inputs
 from .fused import fused_attention
 from kernels.attn_launch import INTERPRETED
 
@@ -72,13 +71,7 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, drop
         ``out`` ``[B, Hq, Lq, D]`` in q's dtype and layout, or ``(out, lse)``. A row that sees no key
         gives zeros, ``lse = -inf`` and zero gradients, never NaN.
     """
-    check_qkv(q, k, v)
-    check_mask(mask, q, k)
-    causal = check_causal(causal)
-    window = check_window(window)
-    scale = check_scale(scale, q.shape[-1])
-    check_dropout(dropout_p, seed)
-    check_return_lse(return_lse)
+    causal, window, scale = check_inputs(q, k, v, mask, causal, window, scale, dropout_p, seed, return_lse)
     if _resolve_backend(backend, q) == "reference":
         if dropout_p > 0 and seed is None:
             seed = reference.draw_seed(q.device)

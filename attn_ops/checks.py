@@ -122,3 +122,12 @@ def check_return_lse(return_lse):
 def check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_inputs(q, k, v, mask, causal, window, scale, dropout_p, seed, return_lse, dtypes=FLOAT_DTYPES):
+    """Every check of `attention`'s arguments; returns the normalized (causal, window, scale)."""
+    check_qkv(q, k, v, dtypes)
+    check_mask(mask, q, k)
+    check_dropout(dropout_p, seed)
+    check_return_lse(return_lse)
+    return check_causal(causal), check_window(window), check_scale(scale, q.shape[-1])

@@ -9,8 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .band import diagonal_band
-from .checks import (FLOAT_DTYPES, check_causal, check_dropout, check_mask, check_qkv, check_return_lse, check_scale,
-                     check_window)
+from .checks import FLOAT_DTYPES, check_causal, check_inputs, check_scale, check_window
 
 # Scores held per chunk: B * Hq * rows * Lk elements at most (128 MiB in float32).
 CHUNK_ELEMENTS = 2**25
@@ -22,13 +21,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, drop
     Dropout uses torch's generator: the pattern is reproducible by ``seed`` but differs, bit for bit,
     from the Triton kernels' Philox pattern (as flash-attn's and SDPA's backends differ from each other).
     """
-    check_qkv(q, k, v, dtypes=FLOAT_DTYPES + (torch.float64,))
-    check_mask(mask, q, k)
-    causal = check_causal(causal)
-    window = check_window(window)
-    scale = check_scale(scale, q.shape[-1])
-    check_dropout(dropout_p, seed)
-    check_return_lse(return_lse)
+    causal, window, scale = check_inputs(q, k, v, mask, causal, window, scale, dropout_p, seed, return_lse,
+                                         dtypes=FLOAT_DTYPES + (torch.float64,))
     if dropout_p > 0 and seed is None:
         seed = draw_seed(q.device)
     return _attention(q, k, v, mask, causal, window, scale, dropout_p, seed, return_lse)

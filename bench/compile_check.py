@@ -22,8 +22,10 @@ from triton.compiler import ASTSource
 
 from kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from kernels.attn_fwd import _attn_fwd
-from kernels.attn_launch import INTERPRETED, tile_config
+from kernels.attn_launch import INTERPRETED, tile_for
 
+# The most shared memory one block may use (bytes), by compute capability: above it a launch fails.
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 MASK_POINTER = {0: "*u8", 1: "*u8", 2: "*fp32"}  # NO_MASK gets a dummy pointer, BOOL_MASK a uint8 view
 FLOAT_ARGS = {"qk_scale", "scale", "dropout_p"}
@@ -77,23 +79,23 @@ def ptxas_report(ptx, arch):
     return max(regs, default=None), max(spills, default=None)
 
 
-def variants():
+def variants(major):
     """(name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options) the launchers can pick."""
     for dtype in TRITON_DTYPE:
+        size = dtype.itemsize
         for head_dim in (64, 80, 128, 256):  # 80: a head dim padded to its tile (masked loads)
             for mask_kind, dropout in ((0, False), (1, False), (2, False), (1, True)):
-                q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
                 common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), MASK_KIND=mask_kind,
                               DROPOUT=dropout,
                               FP32_DOT=False, INPUT_PRECISION="ieee")
                 for name, kernel in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
-                    block_m, block_n, num_warps, num_stages = tile_config(q, name)
+                    block_m, block_n, num_warps, num_stages = tile_for(size, name, head_dim, major)
                     yield (name, kernel, dtype, head_dim, mask_kind, dropout,
                            dict(common, BLOCK_M=block_m, BLOCK_N=block_n),
                            dict(num_warps=num_warps, num_stages=num_stages))
-        q = torch.empty(1, 1, 1, 128, dtype=dtype, device="meta")
         yield ("preprocess", _attn_bwd_preprocess, dtype, 128, 0, False,
-               dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=tile_config(q, "dq").block_m), dict(num_warps=4))
+               dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=tile_for(size, "dq", 128, major).block_m),
+               dict(num_warps=4))
 
 
 def main(argv=None):
@@ -116,7 +118,7 @@ def main(argv=None):
     emit("Compiled, not run: registers and spills from ptxas -v, shared memory from Triton's metadata (bytes).\n")
     emit("| kernel | dtype | D | mask | dropout | BLOCK_M x BLOCK_N | warps | stages | regs | spill bytes | smem |")
     emit("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options in variants():
+    for name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options in variants(args.arch // 10):
         sig = signature(kernel, dtype, mask_kind, constexprs)
         index = list(sig)
         src = ASTSource(fn=kernel, signature=sig, constexprs={(index.index(k),): v for k, v in constexprs.items()},
@@ -131,7 +133,12 @@ def main(argv=None):
             emit(f"{row} FAILED: {str(e).splitlines()[0][:120]} |||")
             continue
         regs, spills = ptxas_report(compiled.asm["ptx"], args.arch)
-        emit(f"{row} {regs} | {spills} | {compiled.metadata.shared} |")
+        shared = compiled.metadata.shared
+        if shared > MAX_SHARED.get(args.arch, shared):  # compiles, but the launch would be refused
+            failures += 1
+            emit(f"{row} {regs} | {spills} | {shared} > {MAX_SHARED[args.arch]}: FAILED |")
+            continue
+        emit(f"{row} {regs} | {spills} | {shared} |")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

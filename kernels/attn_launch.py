@@ -87,7 +87,15 @@ def tile_config(q, kernel="fwd", config=None):
         return TileConfig(*config)
     if INTERPRETED:
         return TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps
-    tile = TILES[q.element_size()][kernel][max(64, triton.next_power_of_2(q.shape[-1]))]
-    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
-        tile = tile._replace(num_stages=min(tile.num_stages, 2))  # pre-Hopper: less shared memory per block
+    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
+    return tile_for(q.element_size(), kernel, q.shape[-1], major)
+
+
+def tile_for(element_size, kernel, head_dim, major):
+    """The table's tile for a GPU of compute capability `major`.x."""
+    tile = TILES[element_size][kernel][max(64, triton.next_power_of_2(head_dim))]
+    if major < 9:  # pre-Hopper: 99 to 163 KB of shared memory per block instead of 227
+        tile = tile._replace(num_stages=min(tile.num_stages, 2))
+        if kernel == "dq" and head_dim > 64:
+            tile = tile._replace(block_m=min(tile.block_m, 64))
     return tile

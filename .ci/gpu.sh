@@ -22,8 +22,8 @@ done
 # `python -m bench.compile_check` used another Triton version).
 python - >"$OUT/kernel-resources.txt" 2>&1 <<'PY'
 import torch, attn_ops
-from kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dq
-from kernels.attn_fwd import _attn_fwd
+from attn_ops.kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dq
+from attn_ops.kernels.attn_fwd import _attn_fwd
 for dtype in (torch.float16, torch.bfloat16, torch.float32):
     for d in (64, 128, 256):
         q, k, v = (torch.randn(2, 4, 300, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))

@@ -1,6 +1,9 @@
-"""Input validation for `attn_ops.attention`: every bad argument raises, naming itself and what was expected.
+"""Input validation: every bad argument raises, naming itself (as the caller spelled it), what it got
+and what was expected.
 
-Nothing is broadcast, truncated or cast on the user's behalf: a mismatch is an error.
+Nothing is broadcast, truncated or cast on the user's behalf: a mismatch is an error. What one
+implementation cannot run (float64 or D > 256 in the kernels, say) is not checked here: each
+implementation lists it in its `not_supported_reasons`, and dispatch reports it.
 """
 
 import math
@@ -8,70 +11,71 @@ import numbers
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAUSAL_MODES = ("top_left", "bottom_right")
 BACKENDS = ("auto", "triton", "reference")
+# How `attn_ops.attention` names its arguments; the drop-ins pass their own spellings.
+OP_NAMES = {name: name for name in ("q", "k", "v", "mask", "causal", "window", "scale", "dropout_p", "seed",
+                                    "return_lse", "backend")}
 
 
 def _shape(t):
     return tuple(t.shape)
 
 
-def check_qkv(q, k, v, dtypes=FLOAT_DTYPES):
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_qkv(q, k, v, names=OP_NAMES):
+    nq, nk, nv = names["q"], names["k"], names["v"]
+    for name, t in ((nq, q), (nk, k), (nv, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {_shape(t)}")
-        if t.dtype not in dtypes:
-            names = ", ".join(str(d) for d in dtypes)
-            raise TypeError(f"{name} has dtype {t.dtype}; expected one of {names}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    (b, hq, _, d), (bk, hkv, lk, dk), (bv, hv, lv, dv) = q.shape, k.shape, v.shape
-    if not (b == bk == bv):
-        raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
-    if hkv != hv:
-        raise ValueError(f"k and v must have the same number of heads, got k {_shape(k)}, v {_shape(v)}")
-    if hq == 0 or hkv == 0 or hq % hkv:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}); q {_shape(q)}, k {_shape(k)}")
-    if lk != lv:
-        raise ValueError(f"k and v must have the same length, got k {_shape(k)}, v {_shape(v)}")
-    if dk != d:
-        raise ValueError(f"k's head dim must equal q's: q {_shape(q)}, k {_shape(k)}")
-    if dv != d:
-        raise ValueError(f"v's head dim ({dv}) differing from q's ({d}) is not supported yet; v {_shape(v)}")
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got q {_shape(q)}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
         if t.layout != torch.strided:
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {_shape(t)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected one of {', '.join(str(d) for d in DTYPES)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{nq}, {nk}, {nv} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
+    (b, hq, _, d), (bk, hkv, lk, dk), (bv, hv, lv, dv) = q.shape, k.shape, v.shape
+    if not (b == bk == bv):
+        raise ValueError(f"batch sizes differ: {nq} {_shape(q)}, {nk} {_shape(k)}, {nv} {_shape(v)}")
+    if hkv != hv:
+        raise ValueError(f"{nk} and {nv} must have the same number of heads, got {nk} {_shape(k)}, {nv} {_shape(v)}")
+    if hq == 0 or hkv == 0 or hq % hkv:
+        raise ValueError(f"{nq} heads ({hq}) must be a multiple of {nk}/{nv} heads ({hkv}); {nq} {_shape(q)}, "
+                         f"{nk} {_shape(k)}")
+    if lk != lv:
+        raise ValueError(f"{nk} and {nv} must have the same length, got {nk} {_shape(k)}, {nv} {_shape(v)}")
+    if dk != d:
+        raise ValueError(f"{nk}'s head dim must equal {nq}'s: {nq} {_shape(q)}, {nk} {_shape(k)}")
+    if d < 1 or dv < 1:
+        raise ValueError(f"head dims must be at least 1, got {nq} {_shape(q)}, {nv} {_shape(v)}")
 
 
-def check_mask(mask, q, k):
+def check_mask(mask, q, k, names=OP_NAMES):
     """The mask must broadcast to [B, Hq, Lq, Lk] with no dimension other than 1 or the full size."""
+    name = names["mask"]
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and mask.dtype not in (q.dtype, torch.float32):
-        raise TypeError(f"mask has dtype {mask.dtype}; expected torch.bool, {q.dtype} (q's) or torch.float32")
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    allowed = list(dict.fromkeys((torch.bool, q.dtype, torch.float32)))
+    if mask.dtype not in allowed:
+        raise TypeError(f"{name} has dtype {mask.dtype}; expected {', '.join(str(d) for d in allowed)} "
+                        f"(bool, {names['q']}'s dtype or float32)")
     if mask.device != q.device:
-        raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
-    if mask.requires_grad:
-        raise ValueError("mask requires grad, but no gradient flows to the mask; pass mask.detach()")
+        raise ValueError(f"{name} is on {mask.device} but {names['q']} is on {q.device}")
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if mask.dim() > 4 or any(m not in (1, f) for m, f in zip(reversed(mask.shape), reversed(full))):
         raise ValueError(
-            f"mask shape {_shape(mask)} does not broadcast to [B, Hq, Lq, Lk] = {list(full)}: "
+            f"{name} shape {_shape(mask)} does not broadcast to [B, Hq, Lq, Lk] = {list(full)}: "
             "each dimension must be 1 or the full size (e.g. [B, 1, 1, Lk] for key padding)"
         )
 
 
-def check_causal(causal):
+def check_causal(causal, names=OP_NAMES):
     """Returns None (no causal rule) or one of CAUSAL_MODES."""
     if causal is False:
         return None
@@ -79,10 +83,10 @@ def check_causal(causal):
         return "top_left"
     if isinstance(causal, str) and causal in CAUSAL_MODES:
         return causal
-    raise ValueError(f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
+    raise ValueError(f"{names['causal']} must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
 
 
-def check_window(window):
+def check_window(window, names=OP_NAMES):
     if window is None:
         return None
     ok = (
@@ -91,43 +95,34 @@ def check_window(window):
         and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0 for w in window)
     )
     if not ok:
-        raise ValueError(f"window must be None or (left, right) with ints >= 0, got {window!r}")
+        raise ValueError(f"{names['window']} must be None or (left, right) with ints >= 0, got {window!r}")
     return int(window[0]), int(window[1])
 
 
-def check_scale(scale, head_dim):
+def check_scale(scale, head_dim, names=OP_NAMES):
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        raise TypeError(f"{names['scale']} must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+        raise ValueError(f"{names['scale']} must be finite, got {scale}")
     return float(scale)
 
 
-def check_dropout(dropout_p, seed):
+def check_dropout(dropout_p, seed, names=OP_NAMES):
     if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise TypeError(f"{names['dropout_p']} must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{names['dropout_p']} must be in [0, 1], got {dropout_p}")
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+        raise ValueError(f"{names['seed']} must be None or an int in [0, 2**63), got {seed!r}")
 
 
-def check_return_lse(return_lse):
+def check_return_lse(return_lse, names=OP_NAMES):
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+        raise TypeError(f"{names['return_lse']} must be a bool, got {return_lse!r}")
 
 
-def check_backend(backend):
+def check_backend(backend, names=OP_NAMES):
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def check_inputs(q, k, v, mask, causal, window, scale, dropout_p, seed, return_lse, dtypes=FLOAT_DTYPES):
-    """Every check of `attention`'s arguments; returns the normalized (causal, window, scale)."""
-    check_qkv(q, k, v, dtypes)
-    check_mask(mask, q, k)
-    check_dropout(dropout_p, seed)
-    check_return_lse(return_lse)
-    return check_causal(causal), check_window(window), check_scale(scale, q.shape[-1])
+        raise ValueError(f"{names['backend']} must be one of {BACKENDS}, got {backend!r}")

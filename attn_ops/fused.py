@@ -1,62 +1,114 @@
-"""The fused path: the Triton kernels as torch.library custom ops (with fake implementations, so
-torch.compile traces through them) behind a torch.autograd.Function."""
+"""The generic fused implementation: the Triton kernels as torch.library custom ops (with fake
+implementations, so torch.compile traces through them) behind a torch.autograd.Function.
+
+The ops' schemas are derived from `KernelArgs`: a field added there reaches the ops, the fakes and
+the autograd.Function without another signature to edit. Every LSE at the op boundary is in log2
+units and named so: the forward op returns ``lse_log2``, the backward op takes it and
+``dlse_log2``, the gradient of that same output; only the autograd.Function converts to the
+natural-log LSE users see (log2 units keep the backward's probabilities exact: see attn_fwd).
+"""
 
 import math
-from typing import Optional
+
+from dataclasses import fields
+from typing import Optional, get_type_hints
 
 import torch
 from torch import Tensor
 
-from kernels.attn_bwd import attn_bwd
-from kernels.attn_fwd import attn_fwd
+from .kernels.attn_bwd import attn_bwd
+from .kernels.attn_fwd import attn_fwd
+from .kernels.attn_launch import KERNEL_ARG_NAMES, KernelArgs
+from .kernels.config import INTERPRETED, MAX_HEAD_DIM
+
+NAME = "triton"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", Optional[int]: "SymInt?",
+                 float: "float", bool: "bool"}
+
+
+def _schema(leading, returns):
+    hints = get_type_hints(KernelArgs)
+    rest = ", ".join(f"{_SCHEMA_TYPES[hints[f.name]]} {f.name}" for f in fields(KernelArgs))
+    return f"({leading}, {rest}) -> {returns}"
+
 
 LN2 = math.log(2.0)
 
 
-@torch.library.custom_op("attn_ops::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], band_lo: Optional[int],
-                  band_hi: Optional[int], scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return attn_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed)
+def _fwd(q, k, v, *flat):
+    return attn_fwd(q, k, v, KernelArgs(*flat))
 
 
-@attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed):
+def _fwd_fake(q, k, v, *flat):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("attn_ops::attention_bwd", mutates_args=())
-def attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  mask: Optional[Tensor], band_lo: Optional[int], band_hi: Optional[int], scale: float,
-                  dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    return attn_bwd(dout, dlse, q, k, v, out, lse, mask, band_lo, band_hi, scale, dropout_p, seed)
+def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, *flat):
+    return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2, KernelArgs(*flat))
 
 
-@attention_bwd.register_fake
-def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, mask, band_lo, band_hi, scale, dropout_p, seed):
+def _bwd_fake(dout, dlse_log2, q, k, v, out, lse_log2, *flat):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+attention_fwd = torch.library.custom_op(
+    "attn_ops::attention_fwd", _fwd, mutates_args=(),
+    schema=_schema("Tensor q, Tensor k, Tensor v", "(Tensor, Tensor)"),
+)
+attention_fwd.register_fake(_fwd_fake)
+attention_bwd = torch.library.custom_op(
+    "attn_ops::attention_bwd", _bwd, mutates_args=(),
+    schema=_schema("Tensor dout, Tensor? dlse_log2, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse_log2",
+                   "(Tensor, Tensor, Tensor)"),
+)
+attention_bwd.register_fake(_bwd_fake)
+
+
 class FusedAttention(torch.autograd.Function):
-    """Saves q, k, v, out and lse (plus the caller's mask and seed): no [Lq, Lk] tensor."""
+    """Saves q, k, v, out and lse_log2 (plus the tensors among the `KernelArgs`: the caller's mask and
+    the seed): no [Lq, Lk] tensor. Returns the natural-log LSE."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed):
-        out, lse2 = torch.ops.attn_ops.attention_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse2, mask, seed)
-        ctx.band, ctx.scale, ctx.dropout_p = (band_lo, band_hi), scale, dropout_p
+    def forward(ctx, q, k, v, *flat):
+        out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *flat)
+        ctx.save_for_backward(q, k, v, out, lse_log2, *(x for x in flat if isinstance(x, Tensor)))
+        ctx.is_tensor = tuple(isinstance(x, Tensor) for x in flat)
+        ctx.flat = tuple(None if t else x for x, t in zip(flat, ctx.is_tensor))
         ctx.set_materialize_grads(False)  # an unused lse passes None, not a tensor of zeros
-        return out, lse2 * LN2  # the kernels keep log2 units; users get the natural log
+        return out, lse_log2 * LN2
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse2, mask, seed = ctx.saved_tensors
+        q, k, v, out, lse_log2, *tensors = ctx.saved_tensors
+        tensors = iter(tensors)
+        flat = tuple(next(tensors) if t else x for x, t in zip(ctx.flat, ctx.is_tensor))
         if dout is None:  # only the lse was used
             dout = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.attn_ops.attention_bwd(dout, dlse, q, k, v, out, lse2, mask, *ctx.band, ctx.scale,
-                                                      ctx.dropout_p, seed)
-        return dq, dk, dv, None, None, None, None, None, None
+        dlse_log2 = None if dlse is None else dlse * LN2
+        dq, dk, dv = torch.ops.attn_ops.attention_bwd(dout, dlse_log2, q, k, v, out, lse_log2, *flat)
+        return dq, dk, dv, *(None for _ in flat)
 
 
-def fused_attention(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed):
-    """(out, lse) through the kernels; `seed` is an int64 tensor on q's device when dropout_p > 0."""
-    return FusedAttention.apply(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed)
+def not_supported_reasons(problem):
+    """Why the generic kernels cannot run `problem` (empty when they can)."""
+    names, why = problem.names, []
+    if problem.device.type != "cuda" and not INTERPRETED:
+        why.append(f"{names['q']} is on {problem.device}: the kernels need CUDA tensors (or TRITON_INTERPRET=1 "
+                   "set before triton is first imported, to run them on CPU)")
+    if problem.dtype not in DTYPES:
+        why.append(f"dtype {problem.dtype}: the kernels compute float16, bfloat16 and float32")
+    if problem.head_dim > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
+        why.append(f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_HEAD_DIM}")
+    if problem.head_dim_v != problem.head_dim:
+        why.append(f"{names['v']}'s head dim {problem.head_dim_v} differs from {names['q']}'s {problem.head_dim} "
+                   "(not built into the kernels yet)")
+    if problem.mask is not None and problem.mask.requires_grad:
+        why.append(f"{names['mask']} requires grad (its gradient is not built into the kernels yet)")
+    return why
+
+
+def run(q, k, v, problem):
+    """(out, lse) through the kernels; the `KernelArgs` fields are the `Problem`'s of the same names."""
+    return FusedAttention.apply(q, k, v, *(getattr(problem, name) for name in KERNEL_ARG_NAMES))

@@ -9,7 +9,8 @@ zero attention, mask merging, the `is_causal` hint) and differs where documented
 import torch
 import torch.nn.functional as F
 
-from .api import attention
+from .api import attention_as
+from .checks import OP_NAMES
 from .weights import attention_weights
 
 
@@ -73,7 +74,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         q, k, v = (self._split_heads(t) for t in (q, k, v))
 
         dropout_p = self.dropout if self.training else 0.0
-        result = attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, return_lse=need_weights)
+        result = attention_as(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, return_lse=need_weights,
+                              names=_names(attn_mask, key_padding_mask))
         out, lse = result if need_weights else (result, None)
         # [N, H, L, D] -> [L, N, E] or [N, L, E], the caller's layout.
         out = self.out_proj((out.permute(2, 0, 1, 3) if seq_first else out.transpose(1, 2)).flatten(2))
@@ -111,9 +113,9 @@ def _merge_masks(attn_mask, key_padding_mask, batch, num_heads, len_q, len_k):
     masks = []
     if attn_mask is not None:
         if attn_mask.dim() == 2 and attn_mask.shape == (len_q, len_k):
-            masks.append(_to_op_convention(attn_mask.reshape(1, 1, len_q, len_k)))
+            masks.append(_to_op_convention(attn_mask.reshape(1, 1, len_q, len_k), "attn_mask"))
         elif attn_mask.dim() == 3 and attn_mask.shape == (batch * num_heads, len_q, len_k):
-            masks.append(_to_op_convention(attn_mask.reshape(batch, num_heads, len_q, len_k)))
+            masks.append(_to_op_convention(attn_mask.reshape(batch, num_heads, len_q, len_k), "attn_mask"))
         else:
             raise ValueError(
                 f"attn_mask must be (L, S) = {(len_q, len_k)} or (N * num_heads, L, S) = "
@@ -122,7 +124,7 @@ def _merge_masks(attn_mask, key_padding_mask, batch, num_heads, len_q, len_k):
     if key_padding_mask is not None:
         if key_padding_mask.shape != (batch, len_k):
             raise ValueError(f"key_padding_mask must be (N, S) = {(batch, len_k)}, got {tuple(key_padding_mask.shape)}")
-        masks.append(_to_op_convention(key_padding_mask.reshape(batch, 1, 1, len_k)))
+        masks.append(_to_op_convention(key_padding_mask.reshape(batch, 1, 1, len_k), "key_padding_mask"))
     if len(masks) < 2:
         return masks[0] if masks else None
     first, second = masks
@@ -131,13 +133,19 @@ def _merge_masks(attn_mask, key_padding_mask, batch, num_heads, len_q, len_k):
     return _additive(first) + _additive(second)
 
 
-def _to_op_convention(mask):
+def _to_op_convention(mask, name):
     """torch.nn.MultiheadAttention's bool masks mark keys to ignore; the op's mark keys to keep."""
     if mask.dtype == torch.bool:
         return ~mask
     if not mask.is_floating_point():
-        raise TypeError(f"attention masks must be bool or floating point, got {mask.dtype}")
+        raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
     return mask
+
+
+def _names(attn_mask, key_padding_mask):
+    """How the op's errors name things: the module's inputs, and the mask as the caller gave it."""
+    given = [name for name, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)) if m is not None]
+    return {**OP_NAMES, "q": "query", "k": "key", "v": "value", "mask": " merged with ".join(given) or "attn_mask"}
 
 
 def _additive(mask):

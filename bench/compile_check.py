@@ -20,15 +20,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
-from kernels.attn_fwd import _attn_fwd
-from kernels.attn_launch import INTERPRETED, tile_for
+from attn_ops.kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from attn_ops.kernels.attn_fwd import _attn_fwd
+from attn_ops.kernels.config import (ADD_MASK, BOOL_MASK, INTERPRETED, MASK_KIND_NAMES, NO_MASK, head_dim_pad,
+                                     tile_for)
 
 # The most shared memory one block may use (bytes), by compute capability: above it a launch fails.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-MASK_POINTER = {0: "*u8", 1: "*u8", 2: "*fp32"}  # NO_MASK gets a dummy pointer, BOOL_MASK a uint8 view
-FLOAT_ARGS = {"qk_scale", "scale", "dropout_p"}
+# NO_MASK gets a dummy pointer (q), BOOL_MASK a uint8 view, ADD_MASK a float tensor.
+MASK_POINTER = {NO_MASK.value: "*u8", BOOL_MASK.value: "*u8", ADD_MASK.value: "*fp32"}
+FLOAT_ARGS = {"qk_scale", "scale", "dropout_p", "dropout_scale"}
 INT_ARGS = {"num_heads_q", "group_size", "len_q", "len_k", "band_lo", "band_hi"}
 UNIT_STRIDE = re.compile(r"stride_d?[qkvo]d|stride_mn")
 FP32_POINTERS = {"Lse", "Delta"}
@@ -84,17 +86,17 @@ def variants(major):
     for dtype in TRITON_DTYPE:
         size = dtype.itemsize
         for head_dim in (64, 80, 128, 256):  # 80: a head dim padded to its tile (masked loads)
-            for mask_kind, dropout in ((0, False), (1, False), (2, False), (1, True)):
-                common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), MASK_KIND=mask_kind,
-                              DROPOUT=dropout,
-                              FP32_DOT=False, INPUT_PRECISION="ieee")
+            for mask_kind, dropout in ((NO_MASK.value, False), (BOOL_MASK.value, False), (ADD_MASK.value, False),
+                                       (BOOL_MASK.value, True)):
+                common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), MASK_KIND=mask_kind,
+                              DROPOUT=dropout, INTERPRETED_BF16=False, INPUT_PRECISION="ieee")
                 for name, kernel in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
                     block_m, block_n, num_warps, num_stages = tile_for(size, name, head_dim, major)
                     yield (name, kernel, dtype, head_dim, mask_kind, dropout,
                            dict(common, BLOCK_M=block_m, BLOCK_N=block_n),
                            dict(num_warps=num_warps, num_stages=num_stages))
-        yield ("preprocess", _attn_bwd_preprocess, dtype, 128, 0, False,
-               dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=tile_for(size, "dq", 128, major).block_m),
+        yield ("preprocess", _attn_bwd_preprocess, dtype, 128, NO_MASK.value, False,
+               dict(HEAD_DIM=128, HEAD_DIM_PAD=head_dim_pad(128), BLOCK_M=tile_for(size, "dq", 128, major).block_m),
                dict(num_warps=4))
 
 
@@ -123,7 +125,7 @@ def main(argv=None):
         index = list(sig)
         src = ASTSource(fn=kernel, signature=sig, constexprs={(index.index(k),): v for k, v in constexprs.items()},
                         attrs=divisibility(sig))
-        row = (f"| {name} | {TRITON_DTYPE[dtype]} | {head_dim} | {['none', 'bool', 'add'][mask_kind]} | {dropout} "
+        row = (f"| {name} | {TRITON_DTYPE[dtype]} | {head_dim} | {MASK_KIND_NAMES[mask_kind]} | {dropout} "
                f"| {constexprs['BLOCK_M']} x {constexprs.get('BLOCK_N', '-')} | {options['num_warps']} "
                f"| {options.get('num_stages', '-')} |")
         try:

@@ -87,10 +87,10 @@ GPU_PROVIDERS = {
 if importlib.util.find_spec("flash_attn") is not None:
     GPU_PROVIDERS["flash_attn"] = _flash_attn
 
-# On the CPU attn_ops is its reference, so `naive` would repeat it; SDPA's CPU kernels are
-# FLASH_ATTENTION (a tiled C++ kernel) and MATH.
+# On the CPU attn_ops runs its reference (labelled so), and `naive` would repeat it; SDPA's CPU
+# kernels are FLASH_ATTENTION (a tiled C++ kernel) and MATH, the plain math as ours is.
 CPU_PROVIDERS = {
-    "attn_ops": _attn_ops,
+    "attn_ops (reference)": _attn_ops,
     "sdpa_flash": _sdpa("FLASH_ATTENTION"),
     "sdpa_math": _sdpa("MATH"),
 }

@@ -116,8 +116,11 @@ def _cell(row):
 
 
 def markdown(meta_, rows):
-    """One line per case, one TFLOP/s column per provider, then attn_ops over the best SDPA backend."""
+    """One line per case, one TFLOP/s column per provider, then attn_ops over the best SDPA backend
+    (and over SDPA's math backend, the plain-math peer of the CPU reference, where it ran)."""
     providers = list(dict.fromkeys(r["provider"] for r in rows))
+    ours_name = next((p for p in providers if p.startswith("attn_ops")), "attn_ops")
+    versus_math = "sdpa_math" in providers
     cases = {}
     for r in rows:
         cases.setdefault(tuple(r[key] for key in CASE_KEYS), {})[r["provider"]] = r
@@ -129,15 +132,19 @@ def markdown(meta_, rows):
         f"Timer: {meta_['timer']}.",
         f"FLOPs: {meta_['flop_rule']}.",
         "",
-        "| " + " | ".join(HEADER + tuple(providers) + ("attn_ops / best SDPA",)) + " |",
-        "|" + "---|" * (len(HEADER) + len(providers) + 1),
+        "| " + " | ".join(HEADER + tuple(providers) + ("attn_ops / best SDPA",)
+                          + (("attn_ops / sdpa_math",) if versus_math else ())) + " |",
+        "|" + "---|" * (len(HEADER) + len(providers) + 1 + versus_math),
     ]
     for key, by_provider in cases.items():
         sdpa = [r["tflops"] for p, r in by_provider.items() if p.startswith("sdpa_") and r["tflops"]]
-        ours = by_provider.get("attn_ops", {}).get("tflops")
-        ratio = f"{ours / max(sdpa):.3g}x" if ours and sdpa else "-"
+        ours = by_provider.get(ours_name, {}).get("tflops")
+        ratios = [f"{ours / max(sdpa):.3g}x" if ours and sdpa else "-"]
+        if versus_math:
+            math_tflops = by_provider.get("sdpa_math", {}).get("tflops")
+            ratios.append(f"{ours / math_tflops:.3g}x" if ours and math_tflops else "-")
         cells = [str(x) for x in key] + [_cell(by_provider[p]) if p in by_provider else "-" for p in providers]
-        lines.append("| " + " | ".join(cells + [ratio]) + " |")
+        lines.append("| " + " | ".join(cells + ratios) + " |")
     lines += ["", "OOM: out of memory; n/a: the provider cannot run this case; err: it failed. "
               "The JSON beside this table says why."]
     return "\n".join(lines) + "\n"

@@ -6,9 +6,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attn_common import (_dot, _dropout_keep, _load_tile, _masked_scores, _program_block, _segment,
-                                 _store_tile, _visible_blocks, _wide)
-from kernels.attn_launch import launch_args, tile_config
+from .attn_common import (LOG2E, _dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores, _program_block,
+                          _rounded, _row_stats, _segment, _store_tile, _visible_blocks, _wide)
+from .attn_launch import launch_args
+from .config import tile_config
 
 
 @triton.jit
@@ -23,7 +24,7 @@ def _attn_bwd_preprocess(Out, dOut, Delta,
     o = _load_tile(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, len_q, HEAD_DIM)
     do = _load_tile(dOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + head_index.to(tl.int64) * len_q + offs_m, delta, mask=offs_m < len_q)
+    tl.store(_row_stats(Delta, head_index, len_q) + offs_m, delta, mask=offs_m < len_q)
 
 
 @triton.jit
@@ -38,26 +39,26 @@ def _load_row_stats(Lse, Delta, offs_m, len_q):
 @triton.jit
 def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, seed, offs_n, offs_d, head_index, start, stop,
                          stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
-                         len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
+                         len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
-                         DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
         do = _load_tile(dO, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
         lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
         s = _masked_scores(q, k_t, offs_m, offs_n, mask_col_ptrs + _wide(offs_m)[:, None] * stride_mm, len_q, len_k,
-                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, FP32_DOT, INPUT_PRECISION)
+                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, INTERPRETED_BF16, INPUT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
-        dp = _dot(do, v_t, FP32_DOT, INPUT_PRECISION)
+        dp = _dot(do, v_t, INTERPRETED_BF16, INPUT_PRECISION)
         p_out = p
         if DROPOUT:  # O used the kept, rescaled probabilities: dV and dP see the same pattern
             keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
-            p_out = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        dv += _dot(tl.trans(p_out.to(do.dtype)), do, FP32_DOT, INPUT_PRECISION)
+            p_out = tl.where(keep, p * dropout_scale, 0.0)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        dv += _dot(tl.trans(_rounded(p_out, INTERPRETED_BF16).to(do.dtype)), do, INTERPRETED_BF16, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT, INPUT_PRECISION)
+        dk += _dot(tl.trans(_rounded(ds, INTERPRETED_BF16).to(q.dtype)), q, INTERPRETED_BF16, INPUT_PRECISION)
     return dk, dv
 
 
@@ -70,16 +71,17 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                   num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, scale, dropout_p,
+                   num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, scale, dropout_p, dropout_scale,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+                   MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr):
     _, b, h_kv, start_n = _program_block(len_k, num_heads_q // group_size, BLOCK_N)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    k_t = _load_tile(K + b * stride_kb + h_kv * stride_kh, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
-    v_t = _load_tile(V + b * stride_vb + h_kv * stride_vh, offs_d, offs_n, stride_vd, stride_vn, HEAD_DIM, len_k)
+    K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
+    k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
+    v_t = _load_tile(V, offs_d, offs_n, stride_vd, stride_vn, HEAD_DIM, len_k)
     seed = tl.load(Seed) if DROPOUT else 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -91,40 +93,41 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
         head_index = b * num_heads_q + h
         Q_h = Q + b * stride_qb + h * stride_qh
         dO_h = dO + b * stride_dob + h * stride_doh
-        Lse_h = Lse + head_index * len_q
-        Delta_h = Delta + head_index * len_q
+        Lse_h = _row_stats(Lse, head_index, len_q)
+        Delta_h = _row_stats(Delta, head_index, len_q)
         mask_col_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_n)[None, :] * stride_mn
         for segment in tl.static_range(3):
             start, stop = _segment(segment, lo, full_lo, full_hi, hi)
             dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n,
                                           offs_d, head_index, start, stop, stride_qm, stride_qd, stride_dom,
                                           stride_dod, stride_mm, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
-                                          HEAD_DIM, BLOCK_M, MASK_KIND, segment != 1, DROPOUT, FP32_DOT,
-                                          INPUT_PRECISION)
+                                          dropout_scale, HEAD_DIM, BLOCK_M, MASK_KIND, segment != 1, DROPOUT,
+                                          INTERPRETED_BF16, INPUT_PRECISION)
     dk *= scale  # ds is the gradient of the natural-log scores s = scale * q.k
-    _store_tile(dK + b * stride_dkb + h_kv * stride_dkh, dk, offs_n, offs_d, stride_dkn, stride_dkd, len_k, HEAD_DIM)
-    _store_tile(dV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, len_k, HEAD_DIM)
+    dK, dV = _kv_heads(dK, dV, b, h_kv, stride_dkb, stride_dkh, stride_dvb, stride_dvh)
+    _store_tile(dK, dk, offs_n, offs_d, stride_dkn, stride_dkd, len_k, HEAD_DIM, INTERPRETED_BF16)
+    _store_tile(dV, dv, offs_n, offs_d, stride_dvn, stride_dvd, len_k, HEAD_DIM, INTERPRETED_BF16)
 
 
 @triton.jit
 def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, start, stop,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                       len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
+                       len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
-                       DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
         v_t = _load_tile(V, offs_d, offs_n, stride_vd, stride_vn, HEAD_DIM, len_k)
         s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, len_q, len_k,
-                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, FP32_DOT, INPUT_PRECISION)
+                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, INTERPRETED_BF16, INPUT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
-        dp = _dot(do, v_t, FP32_DOT, INPUT_PRECISION)
+        dp = _dot(do, v_t, INTERPRETED_BF16, INPUT_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), FP32_DOT, INPUT_PRECISION)
+        dq += _dot(_rounded(ds, INTERPRETED_BF16).to(k_t.dtype), tl.trans(k_t), INTERPRETED_BF16, INPUT_PRECISION)
     return dq
 
 
@@ -136,9 +139,9 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
                  stride_mb, stride_mh, stride_mm, stride_mn,
                  stride_dob, stride_doh, stride_dom, stride_dod,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                 num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, scale, dropout_p,
+                 num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, scale, dropout_p, dropout_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr):
     head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
     h_kv = h // group_size
@@ -147,10 +150,9 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
     do = _load_tile(dO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
-    lse2, delta = _load_row_stats(Lse + head_index.to(tl.int64) * len_q, Delta + head_index.to(tl.int64) * len_q,
-                                  offs_m, len_q)
-    K += b * stride_kb + h_kv * stride_kh
-    V += b * stride_vb + h_kv * stride_vh
+    lse2, delta = _load_row_stats(_row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q), offs_m,
+                                  len_q)
+    K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
     mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
     seed = tl.load(Seed) if DROPOUT else 0
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -159,45 +161,48 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
         start, stop = _segment(segment, lo, full_lo, full_hi, hi)
         dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, start,
                                 stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo,
-                                band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND, segment != 1, DROPOUT,
-                                FP32_DOT, INPUT_PRECISION)
+                                band_hi, qk_scale, dropout_p, dropout_scale, HEAD_DIM, BLOCK_N, MASK_KIND, segment != 1,
+                                DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
     dq *= scale
-    _store_tile(dQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, len_q, HEAD_DIM)
+    _store_tile(dQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, len_q, HEAD_DIM,
+                INTERPRETED_BF16)
 
 
-def attn_bwd(do, dlse, q, k, v, out, lse, mask, band_lo, band_hi, scale, dropout_p, seed, config=None):
-    """Launches the three backward passes; returns (dq, dk, dv) laid out like q, k, v.
+def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
+    """Launches the three backward passes for `args` (a `KernelArgs`); returns (dq, dk, dv) laid out
+    like q, k, v.
 
-    ``lse`` is the forward's log2-domain LSE. ``dlse`` (the gradient of the natural-log LSE, or None)
+    ``lse_log2`` is the forward's, and ``dlse_log2`` (or None) the gradient of that same output.
+    With the natural-log LSE = ln 2 * lse_log2, its gradient is dlse = dlse_log2 * log2(e), and it
     folds into delta: d lse_i / d s_ij = p_ij, so ds = p * (dp - (delta - dlse)).
     """
     batch, num_heads_q, len_q, head_dim = q.shape
     num_heads_kv, len_k = k.shape[1], k.shape[2]
-    args = launch_args(q, k, mask, band_lo, band_hi, scale)
+    launch = launch_args(q, k, args)
     dkdv = tile_config(q, "dkdv", config)
     dq_tile = tile_config(q, "dq", config)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty_like(lse)
-    seed = seed if dropout_p > 0 else q
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=args.head_dim_pad, MASK_KIND=args.mask_kind,
-                  DROPOUT=dropout_p > 0, FP32_DOT=args.fp32_dot, INPUT_PRECISION=args.input_precision)
-    scalars = (num_heads_q, num_heads_q // num_heads_kv, len_q, len_k, args.band_lo, args.band_hi, args.qk_scale,
-               scale, dropout_p)
+    delta = torch.empty_like(lse_log2)
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, MASK_KIND=launch.mask_kind,
+                  DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=launch.interpreted_bf16,
+                  INPUT_PRECISION=launch.input_precision)
+    scalars = (num_heads_q, num_heads_q // num_heads_kv, len_q, len_k, launch.band_lo, launch.band_hi,
+               launch.qk_scale, args.scale, args.dropout_p, launch.dropout_scale)
     _attn_bwd_preprocess[(triton.cdiv(len_q, dq_tile.block_m) * batch * num_heads_q,)](
         out, do, delta, *out.stride(), *do.stride(), num_heads_q, len_q,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=args.head_dim_pad, BLOCK_M=dq_tile.block_m,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, BLOCK_M=dq_tile.block_m,
     )
-    if dlse is not None:
-        delta -= dlse
+    if dlse_log2 is not None:
+        delta -= dlse_log2 * LOG2E.value
     _attn_bwd_dkdv[(triton.cdiv(len_k, dkdv.block_n) * batch * num_heads_kv,)](
-        q, k, v, args.mask, seed, do, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *args.mask_strides, *do.stride(), *dk.stride(), *dv.stride(),
+        q, k, v, launch.mask, launch.seed, do, lse_log2, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *do.stride(), *dk.stride(), *dv.stride(),
         *scalars, **common, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
         num_stages=dkdv.num_stages,
     )
     _attn_bwd_dq[(triton.cdiv(len_q, dq_tile.block_m) * batch * num_heads_q,)](
-        q, k, v, args.mask, seed, do, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *args.mask_strides, *do.stride(), *dq.stride(),
+        q, k, v, launch.mask, launch.seed, do, lse_log2, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *do.stride(), *dq.stride(),
         *scalars, **common, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, num_warps=dq_tile.num_warps,
         num_stages=dq_tile.num_stages,
     )

@@ -7,12 +7,11 @@ replaces ``exp`` (exp2 is the hardware instruction; exp costs an extra multiply)
 import triton
 import triton.language as tl
 
+from .config import BOOL_MASK, NO_MASK
+
 # Globals a kernel reads must be tl.constexpr instances (compiled Triton rejects plain globals).
 LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2)
 FLOAT_MIN = tl.constexpr(-3.4028234663852886e38)
-NO_MASK = tl.constexpr(0)
-BOOL_MASK = tl.constexpr(1)
-ADD_MASK = tl.constexpr(2)
 
 
 @triton.jit
@@ -27,6 +26,18 @@ def _program_block(length, num_heads, BLOCK: tl.constexpr):
     b = (head_index // num_heads).to(tl.int64)
     h = (head_index % num_heads).to(tl.int64)
     return head_index, b, h, (pid % num_blocks) * BLOCK
+
+
+@triton.jit
+def _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh):
+    """Where the K and V rows of (batch b, kv head h_kv) start: the one place that knows the K/V layout."""
+    return K + b * stride_kb + h_kv * stride_kh, V + b * stride_vb + h_kv * stride_vh
+
+
+@triton.jit
+def _row_stats(Stats, head_index, len_q):
+    """Where the per-row statistics (LSE, delta) of one (batch, query head) start: [B * Hq, Lq] rows."""
+    return Stats + head_index.to(tl.int64) * len_q
 
 
 @triton.jit
@@ -60,20 +71,35 @@ def _segment(SEGMENT: tl.constexpr, lo, full_lo, full_hi, hi):
 
 
 @triton.jit
-def _dot(a, b, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    # FP32_DOT upcasts the operands first: exact for bf16 (products fit in fp32), and needed where
-    # the backend's bf16 dot is broken (Triton's interpreter multiplies the raw bits).
-    if FP32_DOT:
+def _dot(a, b, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # The interpreter's bf16 dot multiplies the raw bits; upcasting first is exact (a product of two
+    # bf16 values fits in fp32) and accumulates in fp32, as the GPU's bf16 tensor cores do.
+    if INTERPRETED_BF16:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
+def _rounded(x, INTERPRETED_BF16: tl.constexpr):
+    """x, ready for a cast to bf16 that rounds to nearest even, as the GPU's does.
+
+    The interpreter truncates fp32 -> bf16 casts; rounding the fp32 bits first makes its truncation
+    exact. Ties go to the even 16-bit result: add 0x7FFF plus the lowest kept bit, then cut.
+    """
+    if INTERPRETED_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, len_q, len_k, band_lo, band_hi, qk_scale,
-                   MASK_KIND: tl.constexpr, EDGE: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                   MASK_KIND: tl.constexpr, EDGE: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):
     """log2-domain scores of one [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible."""
-    s = _dot(q, k_t, FP32_DOT, INPUT_PRECISION) * qk_scale
+    s = _dot(q, k_t, INTERPRETED_BF16, INPUT_PRECISION) * qk_scale
     if MASK_KIND != NO_MASK:
         in_bounds = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
         m = tl.load(mask_ptrs, mask=in_bounds, other=0)
@@ -118,8 +144,8 @@ def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, len_r, len_c):
 
 
 @triton.jit
-def _store_tile(ptr, value, offs_r, offs_c, stride_r, stride_c, len_r, len_c):
+def _store_tile(ptr, value, offs_r, offs_c, stride_r, stride_c, len_r, len_c, INTERPRETED_BF16: tl.constexpr):
     """Stores the part of a [rows, cols] tile inside ``len_r`` x ``len_c``, in ptr's dtype."""
     mask = (offs_r[:, None] < len_r) & (offs_c[None, :] < len_c)
     tl.store(ptr + _wide(offs_r)[:, None] * stride_r + _wide(offs_c)[None, :] * stride_c,
-             value.to(ptr.dtype.element_ty), mask=mask)
+             _rounded(value, INTERPRETED_BF16).to(ptr.dtype.element_ty), mask=mask)

@@ -5,22 +5,23 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attn_common import (_dot, _dropout_keep, _load_tile, _masked_scores, _program_block, _segment,
-                                 _store_tile, _visible_blocks, _wide)
-from kernels.attn_launch import launch_args, tile_config
+from .attn_common import (_dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores, _program_block, _rounded,
+                          _row_stats, _segment, _store_tile, _visible_blocks, _wide)
+from .attn_launch import launch_args
+from .config import tile_config
 
 
 @triton.jit
 def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, start, stop,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                    len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
+                    len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
-                    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
         s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, len_q, len_k,
-                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, FP32_DOT, INPUT_PRECISION)
+                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, INTERPRETED_BF16, INPUT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Until a row has seen a visible key its max is -inf; shift by 0 then, so exp2 gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -30,9 +31,10 @@ def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d,
         if DROPOUT:
             # The normalizer sums every probability; dropout acts on the normalized ones.
             keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            p = tl.where(keep, p * dropout_scale, 0.0)
         v = _load_tile(V, offs_n, offs_d, stride_vn, stride_vd, len_k, HEAD_DIM)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT, INPUT_PRECISION)
+        acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INTERPRETED_BF16,
+                                          INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -44,17 +46,17 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_mb, stride_mh, stride_mm, stride_mn,
               stride_ob, stride_oh, stride_om, stride_od,
-              num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
+              num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
     head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
     h_kv = h // group_size
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
-    K += b * stride_kb + h_kv * stride_kh
-    V += b * stride_vb + h_kv * stride_vh
+    K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
     mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
     seed = tl.load(Seed) if DROPOUT else 0
 
@@ -67,33 +69,40 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
         start, stop = _segment(segment, lo, full_lo, full_hi, hi)
         acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index,
                                         start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q,
-                                        len_k, band_lo, band_hi, qk_scale, dropout_p, HEAD_DIM, BLOCK_N, MASK_KIND,
-                                        segment != 1, DROPOUT, FP32_DOT, INPUT_PRECISION)
+                                        len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale, HEAD_DIM, BLOCK_N,
+                                        MASK_KIND, segment != 1, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
 
     # A row with no visible key has l_i = 0: its output is 0 and its lse -inf, never NaN.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    # log2-domain LSE: the backward's exp2(s - lse2) then reproduces p = 1 exactly for the max score,
-    # which a natural-log round trip would not at large |s|.
+    # The LSE stays in log2 units (the scores' domain): the backward's exp2(s - lse) then gives p = 1
+    # exactly for a row's max score, which a round trip through natural-log units would not at
+    # scores of ~1e4 (its relative rounding error times the score).
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    _store_tile(Out + b * stride_ob + h * stride_oh, out, offs_m, offs_d, stride_om, stride_od, len_q, HEAD_DIM)
-    tl.store(Lse + head_index.to(tl.int64) * len_q + offs_m, lse, mask=offs_m < len_q)
+    _store_tile(Out + b * stride_ob + h * stride_oh, out, offs_m, offs_d, stride_om, stride_od, len_q, HEAD_DIM,
+                INTERPRETED_BF16)
+    tl.store(_row_stats(Lse, head_index, len_q) + offs_m, lse, mask=offs_m < len_q)
 
 
-def attn_fwd(q, k, v, mask, band_lo, band_hi, scale, dropout_p, seed, config=None):
-    """Launches the forward; returns (out laid out like q, log2-domain lse [B, Hq, Lq] float32)."""
+def attn_fwd(q, k, v, args, *, config=None):
+    """Launches the forward for `args` (a `KernelArgs`); returns (out laid out like q, lse_log2).
+
+    ``lse_log2`` is ``[B, Hq, Lq]`` float32 in log2 units (times ln 2 it is the natural-log LSE);
+    the backward takes it as is.
+    """
     batch, num_heads_q, len_q, head_dim = q.shape
     out = torch.empty_like(q)
-    lse = torch.empty((batch, num_heads_q, len_q), device=q.device, dtype=torch.float32)
-    args = launch_args(q, k, mask, band_lo, band_hi, scale)
+    lse_log2 = torch.empty((batch, num_heads_q, len_q), device=q.device, dtype=torch.float32)
+    launch = launch_args(q, k, args)
     block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", config)
     grid = (triton.cdiv(len_q, block_m) * batch * num_heads_q,)
     _attn_fwd[grid](
-        q, k, v, args.mask, seed if dropout_p > 0 else q, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *args.mask_strides, *out.stride(),
-        num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], args.band_lo, args.band_hi, args.qk_scale, dropout_p,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=args.head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=args.mask_kind,
-        DROPOUT=dropout_p > 0, FP32_DOT=args.fp32_dot, INPUT_PRECISION=args.input_precision,
-        num_warps=num_warps, num_stages=num_stages,
+        q, k, v, launch.mask, launch.seed, out, lse_log2,
+        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *out.stride(),
+        num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], launch.band_lo, launch.band_hi, launch.qk_scale,
+        args.dropout_p, launch.dropout_scale,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        MASK_KIND=launch.mask_kind, DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=launch.interpreted_bf16,
+        INPUT_PRECISION=launch.input_precision, num_warps=num_warps, num_stages=num_stages,
     )
-    return out, lse
+    return out, lse_log2

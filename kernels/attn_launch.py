@@ -1,34 +1,60 @@
-"""Launch-side helpers shared by the forward and backward launchers: tile configs and kernel arguments."""
+"""What every launcher takes besides its tensors (`KernelArgs`), and the kernel arguments each pass
+derives from it the same way (`launch_args`)."""
 
-from typing import NamedTuple
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
 
 import torch
-import triton
-from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.attn_common import ADD_MASK, BOOL_MASK, LOG2E, NO_MASK, _dot
+from .attn_common import LOG2E
+from .config import ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK, head_dim_pad
 
-# Under Triton's interpreter (TRITON_INTERPRET=1 when the kernels were defined) every @triton.jit
-# function is an InterpretedFunction that runs with numpy on CPU tensors.
-INTERPRETED = isinstance(_dot, InterpretedFunction)
+
+@dataclass(frozen=True)
+class KernelArgs:
+    """The rules of one attention call as the kernels take them: flat, typed fields, so that the
+    custom ops' schemas are derived from this class (`attn_ops.fused`) and a new argument is one
+    field here, its use in `launch_args` and the kernels, and nothing else.
+
+    ``band_lo``/``band_hi``: query i sees key j iff ``i + band_lo <= j <= i + band_hi`` (None:
+    unbounded). ``mask``: bool (True = may attend) or float (added), broadcastable to
+    [B, Hq, Lq, Lk]. ``seed``: an int64 tensor [1] on q's device when ``dropout_p > 0``.
+    """
+
+    scale: float
+    mask: Optional[torch.Tensor] = None
+    band_lo: Optional[int] = None
+    band_hi: Optional[int] = None
+    dropout_p: float = 0.0
+    seed: Optional[torch.Tensor] = None
+
+    def flat(self):
+        """The fields in order, as the custom ops take them."""
+        return tuple(getattr(self, name) for name in KERNEL_ARG_NAMES)
+
+
+KERNEL_ARG_NAMES = tuple(f.name for f in fields(KernelArgs))
 
 
 class LaunchArgs(NamedTuple):
     mask: torch.Tensor
     mask_strides: tuple
     mask_kind: int
+    seed: torch.Tensor
     band_lo: int
     band_hi: int
     qk_scale: float
+    dropout_scale: float
     head_dim_pad: int
-    fp32_dot: bool
+    interpreted_bf16: bool
     input_precision: str
 
 
-def launch_args(q, k, mask, band_lo, band_hi, scale):
-    """Kernel arguments that every pass derives the same way from the op's inputs."""
+def launch_args(q, k, args):
+    """Kernel arguments that every pass derives the same way from the call's `KernelArgs`."""
     batch, num_heads_q, len_q, head_dim = q.shape
     len_k = k.shape[2]
+    mask = args.mask
     if mask is None:
         mask, mask_strides, mask_kind = q, (0, 0, 0, 0), NO_MASK.value
     else:
@@ -46,56 +72,13 @@ def launch_args(q, k, mask, band_lo, band_hi, scale):
         mask=mask,
         mask_strides=mask_strides,
         mask_kind=mask_kind,
-        band_lo=-reach if band_lo is None else band_lo,
-        band_hi=reach if band_hi is None else band_hi,
-        qk_scale=scale * LOG2E.value,
-        head_dim_pad=max(16, triton.next_power_of_2(head_dim)),
-        # The interpreter's bf16 dot multiplies raw bits; upcasting is exact, so results stay faithful.
-        fp32_dot=INTERPRETED and q.dtype == torch.bfloat16,
+        seed=args.seed if args.dropout_p > 0 else q,  # a dummy pointer the kernel never reads
+        band_lo=-reach if args.band_lo is None else args.band_lo,
+        band_hi=reach if args.band_hi is None else args.band_hi,
+        qk_scale=args.scale * LOG2E.value,
+        # dropout_p = 1 keeps nothing: a scale of 0, not 1 / 0.
+        dropout_scale=1.0 / (1.0 - args.dropout_p) if args.dropout_p < 1 else 0.0,
+        head_dim_pad=head_dim_pad(head_dim),
+        interpreted_bf16=INTERPRETED and q.dtype == torch.bfloat16,
         input_precision="tf32" if tf32 else "ieee",
     )
-
-
-class TileConfig(NamedTuple):
-    block_m: int  # queries per tile
-    block_n: int  # keys per tile
-    num_warps: int
-    num_stages: int
-
-
-# By element size, pass and padded head dim: the largest tiles that compile for sm_90 without
-# register spills in the mask-free kernels (`python -m bench.compile_check`, which also lists the
-# small spills masks and dropout add). Untimed: tuning them on a GPU is still to do. float32 with
-# IEEE products runs on FMA units, not tensor cores, and needs the smallest tiles: a slow path.
-TILES = {
-    2: {
-        "fwd": {64: TileConfig(128, 64, 8, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 32, 8, 2)},
-        "dkdv": {64: TileConfig(32, 64, 4, 2), 128: TileConfig(32, 64, 8, 2), 256: TileConfig(32, 32, 8, 1)},
-        "dq": {64: TileConfig(128, 32, 8, 2), 128: TileConfig(128, 32, 8, 2), 256: TileConfig(32, 32, 4, 2)},
-    },
-    4: {
-        "fwd": {64: TileConfig(32, 32, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2)},
-        "dkdv": {64: TileConfig(16, 16, 8, 2), 128: TileConfig(16, 16, 8, 2), 256: TileConfig(16, 16, 8, 2)},
-        "dq": {64: TileConfig(16, 16, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2)},
-    },
-}
-
-
-def tile_config(q, kernel="fwd", config=None):
-    """The tile config of one pass ("fwd", "dkdv" or "dq") by head dim and dtype, unless `config` is given."""
-    if config is not None:
-        return TileConfig(*config)
-    if INTERPRETED:
-        return TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps
-    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
-    return tile_for(q.element_size(), kernel, q.shape[-1], major)
-
-
-def tile_for(element_size, kernel, head_dim, major):
-    """The table's tile for a GPU of compute capability `major`.x."""
-    tile = TILES[element_size][kernel][max(64, triton.next_power_of_2(head_dim))]
-    if major < 9:  # pre-Hopper: 99 to 163 KB of shared memory per block instead of 227
-        tile = tile._replace(num_stages=min(tile.num_stages, 2))
-        if kernel == "dq" and head_dim > 64:
-            tile = tile._replace(block_m=min(tile.block_m, 64))
-    return tile

@@ -17,18 +17,18 @@ def _seed():
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """``op_calls(module)`` makes `module`'s calls of attn_ops.attention record their keywords in the
-    returned dict (the last call wins) before running the real op."""
-    import attn_ops
+    """``op_calls(module)`` makes a drop-in `module`'s calls of the op (`attn_ops.api.attention_as`)
+    record their keywords in the returned dict (the last call wins) before running the real op."""
+    from attn_ops import api
 
     def spy_on(module):
         seen = {}
 
         def spy(q, k, v, **kwargs):
             seen.update(kwargs)
-            return attn_ops.attention(q, k, v, **kwargs)
+            return api.attention_as(q, k, v, **kwargs)
 
-        monkeypatch.setattr(module, "attention", spy)
+        monkeypatch.setattr(module, "attention_as", spy)
         return seen
 
     return spy_on

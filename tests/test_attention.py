@@ -6,8 +6,9 @@ import torch
 import attn_ops
 from attn_ops.band import diagonal_band
 from attn_ops.checks import check_causal
-from kernels.attn_bwd import attn_bwd
-from kernels.attn_fwd import attn_fwd
+from attn_ops.kernels.attn_bwd import attn_bwd
+from attn_ops.kernels.attn_fwd import attn_fwd
+from attn_ops.kernels.attn_launch import KernelArgs
 from truth import DEVICES, DTYPES, check_against_float64, make_qkv
 
 
@@ -52,6 +53,29 @@ RULES = {
 def test_band_rules_match_float64(device, dtype, rule):
     q, k, v = make_qkv(2, 2, 2, 90, 130, 32, dtype, device)
     check(q, k, v, **RULES[rule])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rule", ["none", "causal_top_left", "window"])
+def test_half_precision_error_is_within_twice_plain_pytorchs_without_a_floor(device, dtype, rule):
+    # The floor covers cases where plain PyTorch happens to be exact; on generic inputs the kernels'
+    # rounding (bf16 included, whose interpreted casts must round to nearest as the GPU's do) must
+    # stand on its own.
+    q, k, v = make_qkv(2, 2, 2, 90, 130, 32, dtype, device)
+    out, grads, dout = run_kernel(q, k, v, **RULES[rule])
+    check_against_float64(q, k, v, out, grads, dout, floor=False, **RULES[rule])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_results_round_to_nearest_even(device):
+    # Four equal scores average v = 1, 1, 1 + 2**-7, 1 + 2**-6 to 1 + 2**-8 + 2**-9 (exact in fp32),
+    # which bf16 rounds to 1 + 2**-7; a truncating cast gives 1 + 2**-8.
+    q = torch.zeros(1, 1, 1, 16, device=device, dtype=torch.bfloat16)
+    k = torch.zeros(1, 1, 4, 16, device=device, dtype=torch.bfloat16)
+    v = torch.tensor([1.0, 1.0, 1 + 2**-7, 1 + 2**-6], device=device).to(torch.bfloat16)
+    out = attn_ops.attention(q, k, v[:, None].expand(4, 16)[None, None], backend="triton")
+    assert (out == 1 + 2**-7).all(), out[0, 0, 0, 0].item()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -179,11 +203,12 @@ def test_small_tiles_reach_interior_and_boundary_tiles(device, rule, tiles):
     # every pass leading-boundary, interior and trailing-boundary tiles for each band rule.
     q, k, v = make_qkv(1, 2, 1, 90, 110, 16, torch.float32, device)
     causal = check_causal(RULES[rule].get("causal", False))
-    band = diagonal_band(90, 110, causal, RULES[rule].get("window"))
+    band_lo, band_hi = diagonal_band(90, 110, causal, RULES[rule].get("window"))
+    args = KernelArgs(scale=0.25, band_lo=band_lo, band_hi=band_hi)
     config = (*tiles, 4, 1)
-    out, lse2 = attn_fwd(q, k, v, None, *band, 0.25, 0.0, None, config=config)
+    out, lse_log2 = attn_fwd(q, k, v, args, config=config)
     dout = torch.randn_like(out)
-    grads = attn_bwd(dout, None, q, k, v, out, lse2, None, *band, 0.25, 0.0, None, config=config)
+    grads = attn_bwd(dout, None, q, k, v, out, lse_log2, args, config=config)
     check_against_float64(q, k, v, out, grads, dout, scale=0.25, **RULES[rule])
 
 

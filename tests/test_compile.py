@@ -5,6 +5,8 @@ import torch
 from torch.library import opcheck
 
 import attn_ops
+import attn_ops.fused  # noqa: F401  (registers the custom ops, which dispatch imports on first use)
+from attn_ops.kernels.attn_launch import KernelArgs
 from truth import DEVICES
 
 
@@ -14,7 +16,8 @@ def fwd_args(device, permuted, masked, dropout):
         q = torch.randn(1, 24, 2, 16, device=device).transpose(1, 2)
     mask = torch.rand(24, 24, device=device) > 0.3 if masked else None
     seed = torch.tensor([3], device=device) if dropout else None
-    return q, k, v, mask, None, 0, 0.25, 0.2 if dropout else 0.0, seed
+    args = KernelArgs(scale=0.25, mask=mask, band_hi=0, dropout_p=0.2 if dropout else 0.0, seed=seed)
+    return q, k, v, *args.flat()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -23,10 +26,10 @@ def fwd_args(device, permuted, masked, dropout):
 def test_opcheck_forward_and_backward_ops(device, permuted, masked, dropout):
     args = fwd_args(device, permuted, masked, dropout)
     opcheck(torch.ops.attn_ops.attention_fwd.default, args)
-    out, lse2 = torch.ops.attn_ops.attention_fwd(*args)
+    out, lse_log2 = torch.ops.attn_ops.attention_fwd(*args)
     q, k, v = args[:3]
     dout = torch.randn(1, 24, 2, 16, device=device).transpose(1, 2) if permuted else torch.randn_like(out)
-    opcheck(torch.ops.attn_ops.attention_bwd.default, (dout, None, q, k, v, out, lse2, *args[3:]))
+    opcheck(torch.ops.attn_ops.attention_bwd.default, (dout, None, q, k, v, out, lse_log2, *args[3:]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,10 +1,18 @@
-"""Every bad input raises ValueError / TypeError naming the argument; nothing is silently fixed up."""
+"""Every bad input raises ValueError / TypeError naming the argument; nothing is silently fixed up.
+What the kernels cannot run is refused by dispatch, naming the reason and the way out."""
+
+import dataclasses
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attn_ops
+from attn_ops import dispatch
+from attn_ops.problem import describe
 from truth import DEVICES
+
 
 
 def qkv(b=2, hq=4, hkv=2, lq=8, lk=10, d=16, dtype=torch.float32):
@@ -22,7 +30,7 @@ BAD_QKV = {
     "q_not_a_tensor": (TypeError, "q must be a torch.Tensor", replace(0, [[1.0]])),
     "q_rank_3": (ValueError, "q must be 4-D", replace(0, torch.randn(2, 8, 16))),
     "k_rank_5": (ValueError, "k must be 4-D", replace(1, torch.randn(2, 2, 10, 16, 1))),
-    "float64": (TypeError, "q has dtype torch.float64", [t.double() for t in qkv()]),
+    "int_q": (TypeError, "q has dtype torch.int32", replace(0, torch.ones(2, 4, 8, 16, dtype=torch.int32))),
     "int_v": (TypeError, "v has dtype torch.int64", replace(2, torch.ones(2, 2, 10, 16, dtype=torch.long))),
     "dtype_mix": (TypeError, "share one dtype", replace(1, torch.randn(2, 2, 10, 16, dtype=torch.float16))),
     "batch_mismatch": (ValueError, "batch sizes differ", replace(1, torch.randn(3, 2, 10, 16))),
@@ -30,8 +38,7 @@ BAD_QKV = {
     "kv_heads_differ": (ValueError, "k and v must have the same number of heads", replace(2, torch.randn(2, 1, 10, 16))),
     "kv_lengths_differ": (ValueError, "k and v must have the same length", replace(2, torch.randn(2, 2, 11, 16))),
     "qk_head_dim_differ": (ValueError, "k's head dim must equal q's", replace(1, torch.randn(2, 2, 10, 8))),
-    "v_head_dim_differs": (ValueError, "v's head dim", replace(2, torch.randn(2, 2, 10, 8))),
-    "head_dim_too_big": (ValueError, "head dim must be in [1, 256]", [torch.randn(1, 1, 4, 257)] * 3),
+    "head_dim_zero": (ValueError, "head dims must be at least 1", [torch.randn(1, 1, 4, 0)] * 3),
     "no_query_heads": (ValueError, r"q heads \(0\) must be a multiple", replace(0, torch.randn(2, 0, 8, 16))),
     "sparse_q": (TypeError, "q must be a dense", replace(0, torch.randn(2, 4, 8, 16).to_sparse())),
 }
@@ -57,7 +64,6 @@ BAD_KWARGS = {
     "mask_float16_for_fp32_q": (TypeError, "mask has dtype torch.float16", {"mask": torch.zeros(8, 10).half()}),
     "mask_wrong_len_k": (ValueError, r"mask shape \(2, 1, 1, 9\) does not broadcast", {"mask": torch.ones(2, 1, 1, 9, dtype=torch.bool)}),
     "mask_rank_5": (ValueError, "does not broadcast", {"mask": torch.ones(1, 2, 1, 1, 10, dtype=torch.bool)}),
-    "mask_needs_grad": (ValueError, "mask requires grad", {"mask": torch.zeros(8, 10, requires_grad=True)}),
     "causal_word": (ValueError, "causal must be False, True, 'top_left' or 'bottom_right'", {"causal": "lower"}),
     "causal_int": (ValueError, "causal must be", {"causal": 1}),
     "window_negative": (ValueError, "window must be None or", {"window": (-1, 0)}),
@@ -65,8 +71,8 @@ BAD_KWARGS = {
     "window_float": (ValueError, "window must be None or", {"window": (1.5, 0)}),
     "scale_tensor": (TypeError, "scale must be a float", {"scale": torch.tensor(0.5)}),
     "scale_nan": (ValueError, "scale must be finite", {"scale": float("nan")}),
-    "dropout_one": (ValueError, r"dropout_p must be in \[0, 1\)", {"dropout_p": 1.0}),
-    "dropout_negative": (ValueError, r"dropout_p must be in \[0, 1\)", {"dropout_p": -0.1}),
+    "dropout_above_one": (ValueError, r"dropout_p must be in \[0, 1\]", {"dropout_p": 1.5}),
+    "dropout_negative": (ValueError, r"dropout_p must be in \[0, 1\]", {"dropout_p": -0.1}),
     "seed_negative": (ValueError, "seed must be None or an int", {"seed": -3, "dropout_p": 0.1}),
     "backend_word": (ValueError, "backend must be one of", {"backend": "cuda"}),
     "return_lse_word": (TypeError, "return_lse must be a bool", {"return_lse": "no"}),
@@ -90,6 +96,95 @@ def test_every_broadcastable_mask_shape_is_accepted(mask_shape, backend):
 
 
 def test_use_backend_rejects_unknown_names():
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="use_backend's name must be one of"):
         with attn_ops.use_backend("fast"):
             pass
+
+
+def test_mask_dtype_error_lists_each_allowed_dtype_once():
+    with pytest.raises(TypeError) as caught:
+        attn_ops.attention(*qkv(), mask=torch.zeros(8, 10, dtype=torch.float16))
+    assert str(caught.value).count("torch.float32") == 1  # q's dtype is float32 too: said once
+
+
+def on_cuda(**kwargs):
+    """The Problem of a CUDA call, built on CPU tensors: dispatch reads only the description."""
+    problem = describe(*kwargs.pop("tensors", qkv()), **kwargs)
+    return dataclasses.replace(problem, device=torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("case", ["head_dim_300", "v_head_dim_differs", "mask_requires_grad"])
+def test_auto_on_cuda_refuses_what_the_kernels_cannot_run_naming_the_reference(case):
+    if case == "head_dim_300":
+        problem = on_cuda(tensors=[torch.randn(1, 2, 4, 300)] * 3)
+    elif case == "v_head_dim_differs":
+        problem = on_cuda(tensors=replace(2, torch.randn(2, 2, 10, 8)))
+    else:
+        problem = on_cuda(mask=torch.zeros(8, 10, requires_grad=True))
+    reason = {"head_dim_300": "head dim 300 > 256", "v_head_dim_differs": "v's head dim 8 differs",
+              "mask_requires_grad": "mask requires grad"}[case]
+    with pytest.raises(ValueError, match=rf"backend='auto' on CUDA.*{reason}.*backend='reference'"):
+        dispatch.choose(problem, "auto")
+    assert dispatch.choose(problem, "reference") is attn_ops.reference
+
+
+def test_float64_runs_on_the_reference_under_auto_even_on_cuda():
+    assert dispatch.choose(on_cuda(tensors=[t.double() for t in qkv()]), "auto") is attn_ops.reference
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"backend": "reference"}], ids=["auto", "reference"])
+def test_float64_and_head_dims_past_256_run_on_the_reference(kwargs):
+    q, k, v = (torch.randn(1, 2, 6, 300, dtype=torch.float64) for _ in range(3))
+    out = attn_ops.attention(q, k, v, causal=True, **kwargs)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(300)).masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v)
+
+
+def test_value_head_dim_may_differ_on_the_reference():
+    q, k, _ = qkv(hkv=4)
+    v = torch.randn(2, 4, 10, 24)
+    out = attn_ops.attention(q, k, v, causal="bottom_right")
+    assert out.shape == (2, 4, 8, 24)
+    lower_right = torch.nn.attention.bias.causal_lower_right(8, 10)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right))
+
+
+@pytest.mark.parametrize("case", ["float64", "head_dim_300"])
+def test_triton_backend_refuses_what_the_kernels_cannot_run(case):
+    tensors = [t.double() for t in qkv()] if case == "float64" else [torch.randn(1, 1, 4, 300)] * 3
+    reason = "dtype torch.float64" if case == "float64" else "head dim 300"
+    with pytest.raises(ValueError, match=rf"backend='triton'.*{reason}.*backend='reference'"):
+        attn_ops.attention(*tensors, backend="triton")
+
+
+def test_float_mask_gradient_on_the_reference_matches_sdpa_math():
+    q, k, v = qkv(hkv=4)
+    bias = torch.randn(1, 4, 8, 10, requires_grad=True)  # shared by the batch: its gradient sums over it
+    ours = torch.autograd.grad(attn_ops.attention(q, k, v, mask=bias).square().sum(), bias)[0]
+    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).square().sum(), bias)[0]
+    assert ours.shape == bias.shape
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+DROP_IN_ERRORS = {
+    "sdpa_int_mask": (TypeError, "^attn_mask has dtype torch.int32",
+                      lambda: attn_ops.scaled_dot_product_attention(*qkv(hkv=4), attn_mask=torch.ones(8, 10, dtype=torch.int32))),
+    "sdpa_dtype_mix": (TypeError, "^query, key, value must share one dtype",
+                       lambda: attn_ops.scaled_dot_product_attention(*replace(1, torch.randn(2, 4, 10, 16).half()))),
+    "sdpa_causal_bias_lengths": (ValueError, "^attn_mask is a CausalBias for",
+                                 lambda: attn_ops.scaled_dot_product_attention(
+                                     *qkv(hkv=4), attn_mask=torch.nn.attention.bias.causal_lower_right(7, 10))),
+    "mha_key_padding_dtype": (TypeError, "^key_padding_mask has dtype torch.float16",
+                              lambda: attn_ops.MultiheadAttention(16, 2)(
+                                  *[torch.randn(5, 2, 16)] * 3, key_padding_mask=torch.zeros(2, 5).half())),
+    "mha_int_attn_mask": (TypeError, "^attn_mask must be bool or floating point",
+                          lambda: attn_ops.MultiheadAttention(16, 2)(
+                              *[torch.randn(5, 2, 16)] * 3, attn_mask=torch.zeros(5, 5, dtype=torch.int64))),
+}
+
+
+@pytest.mark.parametrize("case", DROP_IN_ERRORS)
+def test_drop_in_errors_name_the_callers_arguments(case):
+    error, message, call = DROP_IN_ERRORS[case]
+    with pytest.raises(error, match=message):
+        call()

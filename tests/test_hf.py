@@ -7,6 +7,7 @@ import torch
 
 import attn_ops
 import attn_ops.hf
+from truth import DEVICES
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,7 +87,7 @@ def test_llama_without_padding_matches_sdpa(calls):
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])  # static: the dense-mask path, tensor offsets
-def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache):
+def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache, calls):
     model = _llama()
     ids, mask = _batch("left")
     outputs = {}
@@ -99,6 +100,11 @@ def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache):
     assert torch.equal(outputs["attn_ops"].sequences, outputs["sdpa"].sequences)
     for actual, expected in zip(outputs["attn_ops"].logits, outputs["sdpa"].logits):
         torch.testing.assert_close(actual, expected, **TOL)
+    # Our function ran every step: 2 layers x (the prompt + 3 one-token steps), each with the mask
+    # its cache gives (the small padding mask, or static's dense one over the whole cache).
+    assert len(calls) == 2 * 4
+    expected_mask_dims = {"dynamic": 2, "static": 4}[cache]
+    assert all(m.dim() == expected_mask_dims for m in calls)
 
 
 def test_bert_encoder_with_padding_matches_sdpa(calls):
@@ -131,10 +137,11 @@ def test_config_attn_implementation_selects_the_op(calls):
     assert calls
 
 
-def test_llama_on_the_kernel_path_matches_sdpa():
+@pytest.mark.parametrize("device", DEVICES)
+def test_llama_on_the_kernel_path_matches_sdpa(device):
     # One tiny batch: the Triton interpreter runs each program block step in Python.
-    model = _llama()
-    ids, mask = _batch("left")
+    model = _llama().to(device)
+    ids, mask = (t.to(device) for t in _batch("left"))
     expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
     with attn_ops.use_backend("triton"):
         actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits

@@ -5,6 +5,7 @@ import torch
 
 import attn_ops
 import attn_ops.mha
+from truth import DEVICES
 
 # float32 on CPU: both sides run the same projections and float32 attention math, differing only
 # in summation order (a few ulp of ~1e-7 over sums of at most a few hundred terms).
@@ -180,9 +181,19 @@ def test_fully_masked_query_gives_zeros_where_torch_gives_nan():
     assert torch.equal(weights[:, 2], torch.zeros_like(weights[:, 2]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mask_kind", ["both_bool", "attn_3d_float"])
-def test_kernel_path_matches_torch(mask_kind):
+def test_kernel_path_matches_torch(mask_kind, device):
     # Tiny shapes: the Triton interpreter runs each program block step in Python.
-    theirs, ours = _pair(batch_first=True)
+    theirs, ours = (module.to(device) for module in _pair(batch_first=True))
+    inputs = [t.detach().to(device).requires_grad_() for t in _inputs()]
+    masks = {name: m.to(device) for name, m in _masks(mask_kind).items()}
     with attn_ops.use_backend("triton"):
-        _assert_same_forward_and_backward(theirs, ours, _inputs(), **_masks(mask_kind))
+        _assert_same_forward_and_backward(theirs, ours, inputs, **masks)
+
+
+def test_float64_module_matches_torch():
+    theirs, ours = (module.double() for module in _pair(batch_first=True))
+    inputs = [t.detach().double().requires_grad_() for t in _inputs()]
+    masks = {name: m.double() if m.is_floating_point() else m for name, m in _masks("both_float").items()}
+    _assert_same_forward_and_backward(theirs, ours, inputs, **masks)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import attn_ops
 import attn_ops.sdpa
+from truth import DEVICES
 
 # float32 on CPU: both sides compute in float32 and differ only in summation order, which moves a
 # result of magnitude ~1 by a few ulp (~1e-7 each) over at most a few hundred terms.
@@ -145,8 +146,9 @@ def test_mask_with_more_dimensions_than_query_raises():
         attn_ops.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(1, 4, 7, 9, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["gqa_key_padding", "causal", "float_mask_3d"])
-def test_kernel_path_matches_sdpa(case):
+def test_kernel_path_matches_sdpa(case, device):
     # Tiny shapes: the Triton interpreter runs each program block step in Python.
     q, k, v = _qkv(batch=1, heads_q=2, heads_kv=1 if case == "gqa_key_padding" else 2, len_q=5, len_k=6, dim=8)
     kwargs = {}
@@ -157,6 +159,44 @@ def test_kernel_path_matches_sdpa(case):
     else:
         q, k, v = q[0], k[0], v[0]
         kwargs = dict(attn_mask=torch.randn(2, 5, 6))
+    q, k, v = (t.to(device) for t in (q, k, v))
+    kwargs = {key: x.to(device) if isinstance(x, torch.Tensor) else x for key, x in kwargs.items()}
     with attn_ops.use_backend("triton"):
         ours = attn_ops.scaled_dot_product_attention(q, k, v, **kwargs)
     torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, **kwargs), **TOL)
+
+
+@pytest.mark.parametrize("variant", ["causal_upper_left", "causal_lower_right"])
+@pytest.mark.parametrize("len_q, len_k", [(5, 9), (9, 5), (7, 7)])
+def test_causal_bias_is_read_as_the_causal_rule_it_stands_for(variant, len_q, len_k):
+    q, k, v = _qkv(len_q=len_q, len_k=len_k, requires_grad=True)
+    bias = getattr(torch.nn.attention.bias, variant)(len_q, len_k)
+    ours = attn_ops.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert type(ours) is torch.Tensor  # a plain result, not a CausalBias
+    torch.testing.assert_close(ours, theirs, **TOL)
+    grad = torch.randn_like(theirs)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(theirs, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_causal_bias_with_is_causal_raises_like_sdpa():
+    q, k, v = _qkv()
+    bias = torch.nn.attention.bias.causal_upper_left(7, 9)
+    with pytest.raises(ValueError, match="is_causal"):
+        attn_ops.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
+
+
+def test_float_mask_that_requires_grad_gets_sdpa_maths_gradient():
+    q, k, v = _qkv()
+    bias = torch.randn(4, 7, 9, requires_grad=True)  # per head, shared by the batch
+    ours = torch.autograd.grad(attn_ops.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum(), bias)[0]
+    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum(), bias)[0]
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_float64_inputs_match_sdpa():
+    q, k, v = (t.double() for t in _qkv())
+    ours = attn_ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, is_causal=True))

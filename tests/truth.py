@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attn_ops import reference
-from kernels.attn_launch import INTERPRETED
+from attn_ops.kernels.config import INTERPRETED
 
 # Where the kernels run: CPU tensors through the interpreter in CI, CUDA when present.
 DEVICES = [
@@ -17,8 +17,9 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# A few units in the last place at O(1) magnitudes; fp32 errors also grow with the reduction length.
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# One unit in the last place at O(1) magnitudes (fp16 2**-10, bf16 2**-7); fp32 errors also grow
+# with the reduction length, so its floor is a few hundred ulps of 1.
+FLOOR = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def make_qkv(batch, heads_q, heads_kv, len_q, len_k, head_dim, dtype, device, scale=1.0):
@@ -47,28 +48,29 @@ def _wide(mask):
     return mask if mask is None or mask.dtype == torch.bool else mask.double()
 
 
-def check_against_float64(q, k, v, out, grads=None, dout=None, score_gain=1.0, **kw):
+def check_against_float64(q, k, v, out, grads=None, dout=None, score_gain=1.0, floor=True, **kw):
     """Asserts out (and grads of q, k, v for the upstream gradient dout) obey the 2x rule.
 
     ``score_gain`` scales the floor of dq and dk: they are ``scale * ds @ k``, so a rounding-level
-    error in ``dp - delta`` comes out multiplied by about ``scale * |k| * sqrt(D)``.
+    error in ``dp - delta`` comes out multiplied by about ``scale * |k| * sqrt(D)``. ``floor=False``
+    holds the kernel to twice plain PyTorch's error alone.
     """
     wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
     truth = reference.attention(*wide, **{**kw, "mask": _wide(kw.get("mask"))})
     low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     plain = plain_torch(*low, **kw)
-    _assert_rule("out", out, truth, plain, q.dtype)
+    _assert_rule("out", out, truth, plain, q.dtype, floor=floor)
     if grads is None:
         return
     truth_grads = torch.autograd.grad(truth, wide, dout.double())
     plain_grads = torch.autograd.grad(plain, low, dout)
     for name, g, tg, pg, gain in zip(("dq", "dk", "dv"), grads, truth_grads, plain_grads, (score_gain, score_gain, 1)):
-        _assert_rule(name, g, tg, pg, q.dtype, gain)
+        _assert_rule(name, g, tg, pg, q.dtype, gain, floor)
 
 
-def _assert_rule(name, actual, truth, plain, dtype, gain=1.0):
+def _assert_rule(name, actual, truth, plain, dtype, gain=1.0, floor=True):
     assert not torch.isnan(actual).any(), f"{name} has NaN"
     err = (actual.double() - truth).abs().max().item()
     plain_err = (plain.double() - truth).abs().max().item()
-    bound = 2 * plain_err + FLOOR[dtype] * max(gain, truth.abs().max().item())
+    bound = 2 * plain_err + (FLOOR[dtype] * max(gain, truth.abs().max().item()) if floor else 0.0)
     assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (plain PyTorch's error {plain_err:.3g})"

@@ -1,0 +1,66 @@
+"""Which implementation runs a `Problem`: each says what it cannot do and why
+(`not_supported_reasons`), and dispatch takes the first that can.
+
+An implementation is a module with ``NAME``, ``not_supported_reasons(problem) -> list[str]`` and
+``run(q, k, v, problem) -> (out, lse)``. The fused ones are imported only when a call may use them,
+so `import attn_ops` loads neither Triton nor the kernels. Later variants (split-KV decoding, paged
+KV, varlen, Hopper kernels) join `_fused()` ahead of the generic kernels they specialise.
+"""
+
+import contextlib
+
+import torch
+
+from . import reference
+from .checks import check_backend
+
+_auto_backend = "auto"  # what backend="auto" means; set by use_backend (a plain global: torch.compile reads it)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Inside ``with use_backend("triton")``, ``backend="auto"`` (and every drop-in) uses `name`."""
+    global _auto_backend
+    check_backend(name, {"backend": "use_backend's name"})
+    previous, _auto_backend = _auto_backend, name
+    try:
+        yield
+    finally:
+        _auto_backend = previous
+
+
+def choose(problem, backend):
+    """The implementation module that runs `problem` for `backend`, or a ValueError with every reason.
+
+    ``"reference"``: the plain PyTorch path. ``"triton"``: the first fused implementation that
+    supports the call. ``"auto"``: what `use_backend` set, else the fused kernels on CUDA and the
+    reference elsewhere; on CUDA it never falls back to the reference silently, except for float64,
+    which only the reference computes.
+    """
+    check_backend(backend, problem.names)
+    asked = f"{problem.names['backend']}={backend!r}"
+    if backend == "auto":
+        asked += f" inside use_backend({_auto_backend!r})" if _auto_backend != "auto" else " on CUDA"
+        backend = _auto_backend
+    if backend == "auto":
+        on_cuda = problem.device.type == "cuda"
+        backend = "triton" if on_cuda and problem.dtype != torch.float64 else "reference"
+    if backend == "reference":
+        return reference
+    reasons = {}
+    for implementation in _fused():
+        why = implementation.not_supported_reasons(problem)
+        if not why:
+            return implementation
+        reasons[implementation.NAME] = why
+    said = "; ".join(f"{name}: {', '.join(why)}" for name, why in reasons.items())
+    raise ValueError(f"{asked} runs the fused kernels, which cannot run this call ({said}). Pass "
+                     f"{problem.names['backend']}='reference' (or use attn_ops.use_backend('reference')) for the plain "
+                     "PyTorch path")
+
+
+def _fused():
+    """The fused implementations, in order of preference; imported on first use (Triton, the kernels)."""
+    from . import fused
+
+    return (fused,)

@@ -1,0 +1,75 @@
+"""One attention call, described once where it enters: `describe` checks every argument and returns
+the normalized `Problem` that dispatch, the implementations and the launchers read by name.
+
+A new argument is a field here, its check in `checks.py`, and its use in the implementations that
+take it; implementations that cannot take it say so in their `not_supported_reasons`.
+"""
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+from .band import diagonal_band
+from .checks import (OP_NAMES, check_causal, check_dropout, check_mask, check_qkv, check_return_lse, check_scale,
+                     check_window)
+
+
+@dataclass(frozen=True)
+class Problem:
+    batch: int
+    heads_q: int
+    heads_kv: int
+    len_q: int
+    len_k: int
+    head_dim: int
+    head_dim_v: int
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool  # q, k, v or the mask needs a gradient (and grad mode is on)
+    # The rules, normalized: causal and window as one diagonal band of visible keys (band.py).
+    mask: Optional[torch.Tensor]  # bool (True = may attend) or float (added), broadcastable to [B, Hq, Lq, Lk]
+    causal: Optional[str]  # None, "top_left" or "bottom_right"
+    window: Optional[tuple]  # None or (left, right)
+    band_lo: Optional[int]  # query i sees key j iff i + band_lo <= j <= i + band_hi (None: unbounded)
+    band_hi: Optional[int]
+    scale: float
+    dropout_p: float
+    seed: Optional[torch.Tensor]  # int64 [1] on q's device when dropout_p > 0, drawn once here
+    return_lse: bool
+    names: Mapping[str, str]  # each argument as the caller spelled it, for error messages
+
+    @property
+    def mask_kind(self):
+        if self.mask is None:
+            return "none"
+        return "bool" if self.mask.dtype == torch.bool else "additive"
+
+
+def describe(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, seed=None,
+             return_lse=False, names=OP_NAMES):
+    """Checks every argument (errors name them as `names` spells them) and returns the `Problem`."""
+    check_qkv(q, k, v, names)
+    check_mask(mask, q, k, names)
+    check_dropout(dropout_p, seed, names)
+    check_return_lse(return_lse, names)
+    causal = check_causal(causal, names)
+    window = check_window(window, names)
+    (batch, heads_q, len_q, head_dim), (_, heads_kv, len_k, _), head_dim_v = q.shape, k.shape, v.shape[-1]
+    band_lo, band_hi = diagonal_band(len_q, len_k, causal, window)
+    return Problem(
+        batch=batch, heads_q=heads_q, heads_kv=heads_kv, len_q=len_q, len_k=len_k, head_dim=head_dim,
+        head_dim_v=head_dim_v, dtype=q.dtype, device=q.device,
+        requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)),
+        mask=mask, causal=causal, window=window, band_lo=band_lo, band_hi=band_hi,
+        scale=check_scale(scale, head_dim, names), dropout_p=float(dropout_p),
+        seed=dropout_seed(seed, q.device) if dropout_p > 0 else None, return_lse=return_lse, names=names,
+    )
+
+
+def dropout_seed(seed, device):
+    """The one place a dropout seed is made: `seed` as an int64 tensor [1] on `device`, or one drawn
+    from torch's default generator there (so torch.manual_seed replays it, with no host sync)."""
+    if seed is None:
+        return torch.randint(2**62, (1,), device=device)
+    return torch.tensor([seed], dtype=torch.int64, device=device)

@@ -1,0 +1,80 @@
+"""The kernels' configuration, read by the launchers, the compile check and (next) the autotuner:
+mask kinds, head-dim padding, tile tables, and whether the kernels run in Triton's interpreter."""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# How a mask reaches the kernels. Globals a kernel reads must be tl.constexpr instances (compiled
+# Triton rejects annotated plain globals).
+NO_MASK = tl.constexpr(0)
+BOOL_MASK = tl.constexpr(1)  # a uint8 view of a bool tensor: nonzero = may attend
+ADD_MASK = tl.constexpr(2)  # a float tensor added to the scores
+MASK_KIND_NAMES = {NO_MASK.value: "none", BOOL_MASK.value: "bool", ADD_MASK.value: "add"}
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Under Triton's interpreter (TRITON_INTERPRET=1 when triton was first imported) every @triton.jit
+# function is an InterpretedFunction that runs with numpy on CPU tensors.
+INTERPRETED = isinstance(_probe, InterpretedFunction)
+
+
+MAX_HEAD_DIM = 256  # head dims the tile tables cover
+
+
+def head_dim_pad(head_dim):
+    """Tiles span a power of two of at least 16 (tl.dot's smallest K); loads mask the padding."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+class TileConfig(NamedTuple):
+    block_m: int  # queries per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+# By element size, pass and padded head dim: the largest tiles that compile for sm_90 without
+# register spills in the mask-free kernels (`python -m bench.compile_check`, which also lists the
+# small spills masks and dropout add). Untimed: tuning them on a GPU is still to do. float32 with
+# IEEE products runs on FMA units, not tensor cores, and needs the smallest tiles: a slow path.
+TILES = {
+    2: {
+        "fwd": {64: TileConfig(128, 64, 8, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 32, 8, 2)},
+        "dkdv": {64: TileConfig(32, 64, 4, 2), 128: TileConfig(32, 64, 8, 2), 256: TileConfig(32, 32, 8, 1)},
+        "dq": {64: TileConfig(128, 32, 8, 2), 128: TileConfig(128, 32, 8, 2), 256: TileConfig(32, 32, 4, 2)},
+    },
+    4: {
+        "fwd": {64: TileConfig(32, 32, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2)},
+        "dkdv": {64: TileConfig(16, 16, 8, 2), 128: TileConfig(16, 16, 8, 2), 256: TileConfig(16, 16, 8, 2)},
+        "dq": {64: TileConfig(16, 16, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2)},
+    },
+}
+INTERPRETER_TILE = TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps
+
+
+def tile_config(q, kernel="fwd", config=None):
+    """The tile config of one pass ("fwd", "dkdv" or "dq") by head dim and dtype, unless `config` is given."""
+    if config is not None:
+        return TileConfig(*config)
+    if INTERPRETED:
+        return INTERPRETER_TILE
+    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
+    return tile_for(q.element_size(), kernel, q.shape[-1], major)
+
+
+def tile_for(element_size, kernel, head_dim, major):
+    """The table's tile for a GPU of compute capability `major`.x."""
+    tile = TILES[element_size][kernel][max(64, head_dim_pad(head_dim))]
+    if major < 9:  # pre-Hopper: 99 to 163 KB of shared memory per block instead of 227
+        tile = tile._replace(num_stages=min(tile.num_stages, 2))
+        if kernel == "dq" and head_dim > 64:
+            tile = tile._replace(block_m=min(tile.block_m, 64))
+    return tile

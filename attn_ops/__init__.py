@@ -8,5 +8,5 @@ from .hf import register_transformers
 from .mha import MultiheadAttention
 from .sdpa import scaled_dot_product_attention
 
-__all__ = ["MultiheadAttention", "__version__", "attention", "reference", "register_transformers", "scaled_dot_product_attention",
-           "use_backend"]
+__all__ = ["MultiheadAttention", "__version__", "attention", "reference", "register_transformers",
+           "scaled_dot_product_attention", "use_backend"]

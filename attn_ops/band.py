@@ -26,8 +26,3 @@ def diagonal_band(len_q, len_k, causal, window):
         hi = shift + right if hi is None else min(hi, shift + right)
     return lo, hi
 
-
-def band_leaves_rows_empty(len_q, len_k, lo, hi):
-    """Whether some query of [0, len_q) sees no key of [0, len_k) in the band: the first query's
-    band ends before key 0, or the last one's starts past the last key."""
-    return (hi is not None and hi < 0) or (lo is not None and len_q - 1 + lo > len_k - 1)

@@ -10,13 +10,16 @@ no checkpointing without autograd or with a single chunk.
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .band import band_leaves_rows_empty, diagonal_band
+from .band import diagonal_band
 from .checks import check_causal, check_scale, check_window
 from .problem import describe
 
 NAME = "reference"
 # Scores held per chunk: B * Hq * rows * Lk elements at most (128 MiB in float32).
 CHUNK_ELEMENTS = 2**25
+# Under a causal or window band, queries go in at least this many chunks, each against only the
+# keys its band can reach: causal then computes 5/8 of the scores instead of all of them.
+BAND_CHUNKS = 4
 
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, seed=None,
@@ -43,9 +46,10 @@ def masked_scores(q, k, *, mask=None, causal=False, window=None, scale=None, q_o
     (the causal and window rules depend on the absolute position); ``mask`` is the whole sequence's
     mask (broadcastable to [B, Hq, len_q, Lk]) and is sliced here.
     """
-    len_q = q.shape[2] if len_q is None else len_q
-    band = diagonal_band(len_q, k.shape[2], check_causal(causal), check_window(window))
-    return _masked_scores(q, k, mask, band, check_scale(scale, q.shape[-1]), q_offset, len_q)
+    len_q, len_k = q.shape[2] if len_q is None else len_q, k.shape[2]
+    band = diagonal_band(len_q, len_k, check_causal(causal), check_window(window))
+    bias = _bias(mask, band, q_offset, 0, q.shape[2], len_k, len_q, len_k, _compute_dtype(q.dtype), q.device)
+    return _scores(q, k, check_scale(scale, q.shape[-1]), bias)
 
 
 def run(q, k, v, problem):
@@ -61,30 +65,42 @@ def run(q, k, v, problem):
     k, v = (_repeat_kv(t, heads).to(dtype) for t in (k, v))
     seed = int(problem.seed.item()) if problem.dropout_p > 0 else None
     rows = max(1, CHUNK_ELEMENTS // max(1, batch * heads * len_k))
-    checkpointed = problem.requires_grad and len_q > rows
+    checkpointed = problem.requires_grad and len_q > rows  # chunked for memory: recompute in the backward
+    if problem.band_lo is not None or problem.band_hi is not None:
+        rows = min(rows, -(-len_q // BAND_CHUNKS))
     outs, lses = [], []
     for start in range(0, len_q, rows):
-        args = (q[:, :, start : start + rows], k, v, problem.mask, problem, seed, start)
+        stop = min(start + rows, len_q)
+        # The keys rows [start, stop) can see: i + band_lo <= j <= i + band_hi.
+        k_lo = 0 if problem.band_lo is None else min(max(start + problem.band_lo, 0), len_k)
+        k_hi = len_k if problem.band_hi is None else min(max(stop + problem.band_hi, k_lo), len_k)
+        args = (q[:, :, start:stop], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], problem.mask, problem, seed, start, k_lo)
         chunk_out, lse = checkpoint(_chunk, *args, use_reentrant=False) if checkpointed else _chunk(*args)
         outs.append(chunk_out)
         lses.append(lse)
-    # The output is laid out like q (a [B, L, H, D] view in gives a [B, L, H, D] view out).
-    out = out.copy_(torch.cat(outs, dim=2))
-    lse = torch.cat(lses, dim=2) if problem.return_lse else None
-    return out, lse
+    result = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    # The output is laid out like q (a [B, L, H, D] view in gives a [B, L, H, D] view out) in q's
+    # dtype: a copy only where the result is not that already.
+    if result.dtype != q.dtype or result.stride() != out.stride():
+        result = out.copy_(result)
+    lse = None if not problem.return_lse else lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
+    return result, lse
 
 
-def _chunk(q, k, v, mask, problem, seed, q_offset):
-    """(out, lse or None) of queries [q_offset, q_offset + rows), in the compute dtype."""
-    scores = _masked_scores(q, k, mask, (problem.band_lo, problem.band_hi), problem.scale, q_offset, problem.len_q)
-    may_be_empty = mask is not None or band_leaves_rows_empty(problem.len_q, problem.len_k, problem.band_lo,
-                                                             problem.band_hi)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True) if problem.return_lse or may_be_empty else None
-    if may_be_empty:
-        # A row with no visible key gets zeros: softmax over a finite stand-in row keeps the forward
-        # and the backward free of NaN, and the stand-in's weights are then zeroed.
-        empty = lse == float("-inf")
-        p = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+def _chunk(q, k, v, mask, problem, seed, q_offset, k_offset):
+    """(out, lse or None) of queries [q_offset, q_offset + rows) against keys [k_offset, k_offset + Lk'),
+    in the compute dtype."""
+    bias = _bias(mask, (problem.band_lo, problem.band_hi), q_offset, k_offset, q.shape[2], k.shape[2],
+                 problem.len_q, problem.len_k, _compute_dtype(q.dtype), q.device)
+    scores = _scores(q, k, problem.scale, bias)
+    lse = torch.logsumexp(scores, dim=-1) if problem.return_lse else None
+    # A row with no visible key gets zeros: softmax over a finite stand-in row keeps the forward and
+    # the backward free of NaN, and the stand-in's weights are then zeroed. Found at the bias's own
+    # (broadcast) size, not the scores'; in eager mode the two extra passes run only where such a
+    # row exists (a data-dependent branch that torch.compile could not trace without a break).
+    empty = None if bias is None else (bias == float("-inf")).all(dim=-1, keepdim=True)
+    if empty is not None and (torch.compiler.is_compiling() or empty.any()):
+        p = torch.softmax(scores.masked_fill_(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     else:
         p = torch.softmax(scores, dim=-1)
     if problem.dropout_p > 0:
@@ -93,7 +109,47 @@ def _chunk(q, k, v, mask, problem, seed, q_offset):
         keep = torch.rand(p.shape, generator=gen, device=q.device) >= problem.dropout_p
         # dropout_p = 1 keeps nothing: scale 0, not 1 / 0 (whose gradient would be NaN).
         p = p * keep * (1.0 / (1.0 - problem.dropout_p) if problem.dropout_p < 1 else 0.0)
-    return torch.matmul(p, v), None if lse is None else lse.squeeze(-1)
+    return torch.matmul(p, v), lse
+
+
+def _bias(mask, band, q_offset, k_offset, rows, keys, len_q, len_k, dtype, device):
+    """Everything the mask and the band add to the scores of queries [q_offset, q_offset + rows) and
+    keys [k_offset, k_offset + keys), as one float tensor of their broadcast shape (-inf where a key
+    is not visible), or None: added to the scores in one pass, and differentiable in a float mask."""
+    terms = []
+    if mask is not None:
+        if mask.dim() >= 2 and mask.shape[-2] == len_q != rows:
+            mask = mask[..., q_offset : q_offset + rows, :]
+        if mask.shape[-1] == len_k != keys:
+            mask = mask[..., k_offset : k_offset + keys]
+        terms.append(_additive(~mask, dtype) if mask.dtype == torch.bool else mask.to(dtype))
+    lo, hi = band
+    if lo is not None or hi is not None:
+        rows_at = torch.arange(q_offset, q_offset + rows, device=device)[:, None]
+        offset = torch.arange(k_offset, k_offset + keys, device=device)[None, :] - rows_at  # key minus query
+        outside = torch.zeros(rows, keys, dtype=torch.bool, device=device)
+        if lo is not None:
+            outside |= offset < lo
+        if hi is not None:
+            outside |= offset > hi
+        terms.append(_additive(outside, dtype))
+    if not terms:
+        return None
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _additive(hidden, dtype):
+    """-inf where `hidden`, 0 elsewhere."""
+    return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
+
+
+def _scores(q, k, scale, bias):
+    """Scaled scores plus the bias, [B, Hq, rows, Lk], in the compute dtype of `bias` or float32/64."""
+    dtype = _compute_dtype(q.dtype)
+    k = _repeat_kv(k, q.shape[1])
+    # Scaling q (rows x D) costs less than scaling the scores (rows x Lk); in place, the bias costs one pass.
+    scores = torch.matmul(q.to(dtype) * scale, k.to(dtype).transpose(-1, -2))
+    return scores if bias is None else scores.add_(bias)
 
 
 def _compute_dtype(dtype):
@@ -111,31 +167,3 @@ def _repeat_kv(x, num_heads_q):
     """[B, Hkv, L, D] -> [B, Hq, L, D]: query head h reads kv head h // (Hq // Hkv)."""
     group = num_heads_q // x.shape[1]
     return x if group == 1 else x.repeat_interleave(group, dim=1)
-
-
-def _masked_scores(q, k, mask, band, scale, q_offset, len_q):
-    dtype = _compute_dtype(q.dtype)
-    rows, len_k = q.shape[2], k.shape[2]
-    k = _repeat_kv(k, q.shape[1])
-    # Scaling q (rows x D) costs less than scaling the scores (rows x Lk).
-    scores = torch.matmul(q.to(dtype) * scale, k.to(dtype).transpose(-1, -2))
-    hidden = None  # True where a key is not visible
-    if mask is not None:
-        if mask.dim() >= 2 and mask.shape[-2] == len_q != rows:
-            mask = mask[..., q_offset : q_offset + rows, :]
-        if mask.dtype == torch.bool:
-            hidden = ~mask
-        else:
-            scores = scores + mask.to(dtype)
-    lo, hi = band
-    if lo is not None or hi is not None:
-        i = torch.arange(q_offset, q_offset + rows, device=q.device)[:, None]
-        j = torch.arange(len_k, device=q.device)[None, :]
-        outside = torch.zeros(rows, len_k, dtype=torch.bool, device=q.device)
-        if lo is not None:
-            outside |= j < i + lo
-        if hi is not None:
-            outside |= j > i + hi
-        hidden = outside if hidden is None else hidden | outside
-    # One pass over the scores for the bool mask and the band together.
-    return scores if hidden is None else scores.masked_fill(hidden, float("-inf"))

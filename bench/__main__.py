@@ -8,7 +8,7 @@ import torch
 
 from bench import demo, report
 from bench.cases import CPU_CASES, GPU_QUICK, GPU_SWEEP, MASKS, MODES
-from bench.measure import CPU_TIMER, GPU_TIMER, sweep
+from bench.measure import CPU_ROUNDS, CPU_TIMER, GPU_TIMER, sweep
 from bench.providers import CPU_PROVIDERS, GPU_PROVIDERS
 
 
@@ -62,7 +62,8 @@ def main(argv=None):
     providers = {name: p for name, p in providers.items() if keep(name, args.providers)}
     now = datetime.datetime.now(datetime.timezone.utc)
 
-    rows = sweep(cases, providers, device, report.Progress(len(cases) * len(providers)))
+    rounds = 1 if gpu else CPU_ROUNDS
+    rows = sweep(cases, providers, device, report.Progress(len(cases) * len(providers) * rounds))
 
     meta = report.meta(device, timer, now)
     table = report.markdown(meta, rows)

@@ -23,9 +23,11 @@ GPU_TIMER = (
     "that compiles and autotunes, ms; peak_mem_mb: torch.cuda.max_memory_allocated during one "
     "more call after reset_peak_memory_stats (inputs and, for bwd, the saved forward included)"
 )
-CPU_REPS, CPU_BUDGET_S = (3, 10), 0.3  # at least 3 calls, more up to 10 while under 0.3 s
+CPU_REPS, CPU_BUDGET_S = (3, 6), 0.15  # at least 3 calls, more up to 6 while under 0.15 s
+CPU_ROUNDS = 5  # the sweep times each case's providers in turn, this many times: drift hits all alike
 CPU_TIMER = (
-    "time.perf_counter median of 3 to 10 calls after one warm-up call, ms; peak_mem_mb: growth of "
+    f"median over {CPU_ROUNDS} rounds, the providers of a case timed in turn each round, of the "
+    "time.perf_counter median of 3 to 6 calls after one warm-up call, ms; peak_mem_mb: growth of "
     "the process's peak RSS over those calls (VmHWM, reset through /proc/self/clear_refs, minus "
     "RSS before them): memory the allocator already held from earlier calls is not counted"
 )
@@ -143,16 +145,28 @@ def run_row(case, provider, prepare, q, k, v, masking, timer):
 
 
 def sweep(cases, providers, device, progress):
-    timer = time_gpu if device == "cuda" else time_cpu
+    """One row per (case, provider). On the CPU, whose timings drift with whatever else the two
+    cores do, each case's providers are timed in turn for CPU_ROUNDS rounds and each keeps its
+    median round, so a slow moment cannot decide a ratio."""
+    timer, rounds = (time_gpu, 1) if device == "cuda" else (time_cpu, CPU_ROUNDS)
     rows = []
     for case in cases:
         q, k, v = make_inputs(case, device)
         masking = make_masking(case, device)
-        for name, prepare in providers.items():
-            progress.step(f"{name} {label(case)}")
-            rows.append(run_row(case, name, prepare, q, k, v, masking, timer))
+        tries = {name: [] for name in providers}
+        for _ in range(rounds):
+            for name, prepare in providers.items():
+                progress.step(f"{name} {label(case)}")
+                tries[name].append(run_row(case, name, prepare, q, k, v, masking, timer))
+        rows.extend(_median_row(rows_of_one) for rows_of_one in tries.values())
     progress.close()
     return rows
+
+
+def _median_row(rows):
+    """The row of the median time, or a failed row where any round failed."""
+    failed = [r for r in rows if r["ms"] is None]
+    return failed[0] if failed else sorted(rows, key=lambda r: r["ms"])[len(rows) // 2]
 
 
 def label(case):

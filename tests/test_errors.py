@@ -168,7 +168,8 @@ def test_float_mask_gradient_on_the_reference_matches_sdpa_math():
 
 DROP_IN_ERRORS = {
     "sdpa_int_mask": (TypeError, "^attn_mask has dtype torch.int32",
-                      lambda: attn_ops.scaled_dot_product_attention(*qkv(hkv=4), attn_mask=torch.ones(8, 10, dtype=torch.int32))),
+                      lambda: attn_ops.scaled_dot_product_attention(
+                          *qkv(hkv=4), attn_mask=torch.ones(8, 10, dtype=torch.int32))),
     "sdpa_dtype_mix": (TypeError, "^query, key, value must share one dtype",
                        lambda: attn_ops.scaled_dot_product_attention(*replace(1, torch.randn(2, 4, 10, 16).half()))),
     "sdpa_causal_bias_lengths": (ValueError, "^attn_mask is a CausalBias for",

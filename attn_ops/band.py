@@ -25,4 +25,3 @@ def diagonal_band(len_q, len_k, causal, window):
         lo = shift - left
         hi = shift + right if hi is None else min(hi, shift + right)
     return lo, hi
-

@@ -67,9 +67,9 @@ def test_source_checkout_on_the_path_after_hugging_face_kernels(fake_kernels, tm
 
 
 def test_wheel_installed_beside_hugging_face_kernels(fake_kernels, tmp_path):
-    # Asked in a subprocess: looking pip up in this one would switch off setuptools' distutils shim,
-    # which torch.compile's C++ builds rely on later in the session.
-    if subprocess.run([sys.executable, "-c", "import pip, setuptools"], capture_output=True).returncode:
+    # Asked in a subprocess, setuptools first: looking pip up before setuptools is imported switches
+    # off setuptools' distutils shim (in this process, torch.compile's C++ builds need it later).
+    if subprocess.run([sys.executable, "-c", "import setuptools, pip"], capture_output=True).returncode:
         pytest.skip("building a wheel needs pip and setuptools (the GPU machine may have neither)")
     site = tmp_path / "site"
     pip_install(fake_kernels, site)

@@ -9,8 +9,6 @@ natural-log LSE users see (log2 units keep the backward's probabilities exact: s
 """
 
 import math
-
-from dataclasses import fields
 from typing import Optional, get_type_hints
 
 import torch
@@ -23,6 +21,7 @@ from .kernels.config import INTERPRETED, MAX_HEAD_DIM
 
 NAME = "triton"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LN2 = math.log(2.0)
 
 _SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", Optional[int]: "SymInt?",
                  float: "float", bool: "bool"}
@@ -30,11 +29,8 @@ _SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", O
 
 def _schema(leading, returns):
     hints = get_type_hints(KernelArgs)
-    rest = ", ".join(f"{_SCHEMA_TYPES[hints[f.name]]} {f.name}" for f in fields(KernelArgs))
+    rest = ", ".join(f"{_SCHEMA_TYPES[hints[name]]} {name}" for name in KERNEL_ARG_NAMES)
     return f"({leading}, {rest}) -> {returns}"
-
-
-LN2 = math.log(2.0)
 
 
 def _fwd(q, k, v, *flat):

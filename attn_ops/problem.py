@@ -39,12 +39,6 @@ class Problem:
     return_lse: bool
     names: Mapping[str, str]  # each argument as the caller spelled it, for error messages
 
-    @property
-    def mask_kind(self):
-        if self.mask is None:
-            return "none"
-        return "bool" if self.mask.dtype == torch.bool else "additive"
-
 
 def describe(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, seed=None,
              return_lse=False, names=OP_NAMES):

@@ -107,4 +107,26 @@ def not_supported_reasons(problem):
 
 def run(q, k, v, problem):
     """(out, lse) through the kernels; the `KernelArgs` fields are the `Problem`'s of the same names."""
-    return FusedAttention.apply(q, k, v, *(getattr(problem, name) for name in KERNEL_ARG_NAMES))
+    return FusedAttention.apply(q, k, v, *_kernel_args(problem).flat())
+
+
+# One block of keys at a time, for ring attention (`attn_ops.ring`): float32 partial results whose
+# LSE is in log2 units, the kernels' own (see the module docstring).
+LSE_BASE = 2.0
+
+
+def run_block(q, k, v, problem):
+    """(out float32, lse_log2) of the queries against this block of keys; no autograd."""
+    return attn_fwd(q, k, v, _kernel_args(problem), out_dtype=torch.float32)
+
+
+def block_grads(dout, dlse_log2, q, k, v, out, lse_log2, problem):
+    """float32 (dq, dk, dv) of the rows' final `out` and `lse_log2` (over every block of keys, merged)
+    with respect to q and this block's k and v: each block's share of the full backward. The kernels
+    read the LSE as [B * Hq, Lq] rows: a slice of rows is made contiguous first."""
+    return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2.contiguous(), _kernel_args(problem),
+                    grad_dtype=torch.float32)
+
+
+def _kernel_args(problem):
+    return KernelArgs(*(getattr(problem, name) for name in KERNEL_ARG_NAMES))

@@ -7,6 +7,8 @@ mask pass without a mask or a band, no LSE pass unless it is returned or a row m
 no checkpointing without autograd or with a single chunk.
 """
 
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -84,6 +86,48 @@ def run(q, k, v, problem):
         result = _like_q(q, problem.head_dim_v).copy_(result)
     lse = None if not problem.return_lse else lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
     return result, lse
+
+
+# One block of keys at a time, for ring attention (`attn_ops.ring`): partial results in the compute
+# dtype, natural-log LSE.
+LSE_BASE = math.e
+
+
+def run_block(q, k, v, problem):
+    """(out, lse) of the queries against this block of keys, in the compute dtype; no autograd."""
+    dtype = _compute_dtype(q.dtype)
+    return run(q.to(dtype), k.to(dtype), v.to(dtype), problem)
+
+
+def block_grads(dout, dlse, q, k, v, out, lse, problem):
+    """(dq, dk, dv) in the compute dtype: the gradient of the rows' final `out` and `lse` (over every
+    block of keys, merged) with respect to q and this block's k and v.
+
+    With the final LSE, p = exp(s - lse) is this block's share of each row's final probabilities, so
+    the usual backward applies block by block: dv = p^T dout, ds = p * (dout v^T - delta) with
+    delta = rowsum(dout * out) - dlse, dq = scale * ds k, dk = scale * ds^T q.
+    """
+    dtype = _compute_dtype(q.dtype)
+    batch, heads, len_q, len_k = problem.batch, problem.heads_q, problem.len_q, problem.len_k
+    q, dout = q.to(dtype), dout.to(dtype)
+    k, v = (_repeat_kv(t, heads).to(dtype) for t in (k, v))
+    delta = (dout * out.to(dtype)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    # A row that sees no key anywhere has lse = -inf and p = 0 (its scores are all -inf here too).
+    lse = lse.masked_fill(lse == float("-inf"), 0.0)
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    rows = max(1, CHUNK_ELEMENTS // max(1, batch * heads * len_k))
+    for start in range(0, len_q, rows):
+        part = slice(start, min(start + rows, len_q))
+        bias = _bias(problem.mask, (problem.band_lo, problem.band_hi), start, 0, part.stop - start, len_k, len_q,
+                     len_k, dtype, q.device)
+        p = torch.exp(_scores(q[:, :, part], k, problem.scale, bias) - lse[:, :, part, None])
+        dv += p.transpose(-1, -2) @ dout[:, :, part]
+        ds = p * (dout[:, :, part] @ v.transpose(-1, -2) - delta[:, :, part, None])
+        dq[:, :, part] = problem.scale * (ds @ k)
+        dk += problem.scale * (ds.transpose(-1, -2) @ q[:, :, part])
+    return dq, _sum_groups(dk, problem.heads_kv), _sum_groups(dv, problem.heads_kv)
 
 
 def _chunk(q, k, v, mask, problem, seed, q_offset, k_offset):
@@ -165,6 +209,12 @@ def _like_q(q, head_dim_v):
     order = _memory_order(q)
     shape = (*q.shape[:3], head_dim_v)
     return q.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(4)])
+
+
+def _sum_groups(x, num_heads_kv):
+    """[B, Hq, L, D] -> [B, Hkv, L, D]: the gradient of `_repeat_kv`, each group's heads summed."""
+    batch, heads, length, dim = x.shape
+    return x if heads == num_heads_kv else x.view(batch, num_heads_kv, heads // num_heads_kv, length, dim).sum(2)
 
 
 def _repeat_kv(x, num_heads_q):

@@ -1,5 +1,6 @@
 """How a row is measured: inputs, the timed step per mode, the timers, FLOPs, and error rows."""
 
+import contextlib
 import statistics
 import time
 import warnings
@@ -93,22 +94,32 @@ def _status_kb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def time_cpu(step):
-    """(median ms, peak RSS growth MB, or None where /proc has no peak to reset)."""
-    step()
+@contextlib.contextmanager
+def peak_rss_growth():
+    """Yields a dict whose "mb" is, on exit, how far the process's peak RSS rose above its RSS on
+    entry (None where /proc has no peak to reset)."""
+    result = {"mb": None}
     try:
         rss = _status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux: reset VmHWM, the peak RSS, to the current RSS
     except OSError:
         rss = None
+    yield result
+    if rss is not None:
+        result["mb"] = (_status_kb("VmHWM") - rss) / 1024
+
+
+def time_cpu(step):
+    """(median ms, peak RSS growth MB, or None where /proc has no peak to reset)."""
+    step()
     times = []
-    while len(times) < CPU_REPS[0] or (len(times) < CPU_REPS[1] and sum(times) < CPU_BUDGET_S):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak_mb = None if rss is None else (_status_kb("VmHWM") - rss) / 1024
-    return statistics.median(times) * 1e3, peak_mb
+    with peak_rss_growth() as peak:
+        while len(times) < CPU_REPS[0] or (len(times) < CPU_REPS[1] and sum(times) < CPU_BUDGET_S):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, peak["mb"]
 
 
 def _round(x):

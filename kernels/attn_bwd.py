@@ -168,9 +168,9 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
                 INTERPRETED_BF16)
 
 
-def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
+def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None, grad_dtype=None):
     """Launches the three backward passes for `args` (a `KernelArgs`); returns (dq, dk, dv) laid out
-    like q, k, v.
+    like q, k, v, in ``grad_dtype`` (default the inputs'; float32 keeps partial gradients unrounded).
 
     ``lse_log2`` is the forward's, and ``dlse_log2`` (or None) the gradient of that same output.
     With the natural-log LSE = ln 2 * lse_log2, its gradient is dlse = dlse_log2 * log2(e), and it
@@ -181,7 +181,7 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
     launch = launch_args(q, k, args)
     dkdv = tile_config(q, "dkdv", config)
     dq_tile = tile_config(q, "dq", config)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
     delta = torch.empty_like(lse_log2)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, MASK_KIND=launch.mask_kind,
                   DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=launch.interpreted_bf16,

@@ -145,7 +145,10 @@ def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, len_r, len_c):
 
 @triton.jit
 def _store_tile(ptr, value, offs_r, offs_c, stride_r, stride_c, len_r, len_c, INTERPRETED_BF16: tl.constexpr):
-    """Stores the part of a [rows, cols] tile inside ``len_r`` x ``len_c``, in ptr's dtype."""
+    """Stores the part of a [rows, cols] tile inside ``len_r`` x ``len_c``, in ptr's dtype (which
+    may be wider than the inputs': float32 partial results for ring attention)."""
     mask = (offs_r[:, None] < len_r) & (offs_c[None, :] < len_c)
+    if ptr.dtype.element_ty == tl.bfloat16:
+        value = _rounded(value, INTERPRETED_BF16)
     tl.store(ptr + _wide(offs_r)[:, None] * stride_r + _wide(offs_c)[None, :] * stride_c,
-             _rounded(value, INTERPRETED_BF16).to(ptr.dtype.element_ty), mask=mask)
+             value.to(ptr.dtype.element_ty), mask=mask)

@@ -84,14 +84,15 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
     tl.store(_row_stats(Lse, head_index, len_q) + offs_m, lse, mask=offs_m < len_q)
 
 
-def attn_fwd(q, k, v, args, *, config=None):
+def attn_fwd(q, k, v, args, *, config=None, out_dtype=None):
     """Launches the forward for `args` (a `KernelArgs`); returns (out laid out like q, lse_log2).
 
+    ``out`` is in ``out_dtype`` (default q's; float32 keeps a partial result unrounded).
     ``lse_log2`` is ``[B, Hq, Lq]`` float32 in log2 units (times ln 2 it is the natural-log LSE);
     the backward takes it as is.
     """
     batch, num_heads_q, len_q, head_dim = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, dtype=out_dtype)
     lse_log2 = torch.empty((batch, num_heads_q, len_q), device=q.device, dtype=torch.float32)
     launch = launch_args(q, k, args)
     block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", config)

@@ -8,28 +8,33 @@ from .problem import describe
 __all__ = ["attention", "use_backend"]
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, seed=None,
+def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, dropout_p=0.0, seed=None,
               return_lse=False, backend="auto"):
     """Masked softmax attention ``softmax(q k^T * scale + mask) v``, fused: no [Lq, Lk] tensor is stored.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``; any strides, one dtype
             of float16 / bfloat16 / float32 (float64: the reference path only); ``Hq % Hkv == 0``
-            (query head h reads kv head ``h // (Hq // Hkv)``). The kernels take D <= 256 and Dv = D;
-            the reference any D and Dv.
+            (query head h reads kv head ``h // (Hq // Hkv)``). The kernels take D and Dv up to 256;
+            the reference any.
         mask: None, a bool tensor (True = may attend) or a float tensor added to the scaled scores
             (-inf = masked), broadcastable to ``[B, Hq, Lq, Lk]`` (read through stride 0, never expanded).
-        causal: False, True / ``"top_left"`` (query i sees keys j <= i) or ``"bottom_right"``
-            (j <= i + Lk - Lq)::
+        causal: False, True (aligned by `align`), ``"top_left"`` (query i sees keys j <= i) or
+            ``"bottom_right"`` (j <= i + Lk - Lq)::
 
                 top_left, Lq=3, Lk=5      bottom_right, Lq=3, Lk=5
                     x . . . .                 x x x . .
                     x x . . .                 x x x x .
                     x x x . .                 x x x x x
 
-        window: None or ``(left, right)``: query i sees keys in ``[i' - left, i' + right]``, i' = i
-            shifted by the causal alignment (``Lk - Lq`` for bottom_right, else 0). Combines with
-            ``causal`` and ``mask``: a key must be allowed by all of them.
+        window: None or ``(left, right)``: query i sees keys in ``[i' - left, i' + right]``; a side
+            that is None or -1 is unbounded. Combines with ``causal`` and ``mask``: a key must be
+            allowed by all of them.
+        align: None, ``"top_left"`` or ``"bottom_right"``: each query's diagonal ``i' = i`` or
+            ``i' = i + Lk - Lq``, for ``causal`` and ``window`` alike. None follows ``causal``
+            (bottom-right for ``"bottom_right"``, else top-left); a ``causal`` string that contradicts
+            it is an error. flash-attn's local attention with Lq != Lk is
+            ``window=(left, right), align="bottom_right"``.
         scale: default ``1 / sqrt(D)``.
         dropout_p, seed: dropout on the probabilities (kept entries scaled by ``1 / (1 - p)``; p = 1
             gives zeros), keyed by ``seed`` and each element's (batch, head, query, key), so the
@@ -44,8 +49,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, drop
         ``out`` ``[B, Hq, Lq, Dv]`` in q's dtype and layout, or ``(out, lse)``. A row that sees no key
         gives zeros, ``lse = -inf`` and zero gradients, never NaN.
     """
-    return attention_as(q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p,
-                        seed=seed, return_lse=return_lse, backend=backend, names=OP_NAMES)
+    return attention_as(q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale,
+                        dropout_p=dropout_p, seed=seed, return_lse=return_lse, backend=backend, names=OP_NAMES)
 
 
 def attention_as(q, k, v, *, names, backend="auto", **rules):

@@ -15,8 +15,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAUSAL_MODES = ("top_left", "bottom_right")
 BACKENDS = ("auto", "triton", "reference")
 # How `attn_ops.attention` names its arguments; the drop-ins pass their own spellings.
-OP_NAMES = {name: name for name in ("q", "k", "v", "mask", "causal", "window", "scale", "dropout_p", "seed",
-                                    "return_lse", "backend")}
+OP_NAMES = {name: name for name in ("q", "k", "v", "mask", "causal", "window", "align", "scale", "dropout_p",
+                                    "seed", "return_lse", "backend")}
 
 
 def _shape(t):
@@ -86,17 +86,31 @@ def check_causal(causal, names=OP_NAMES):
     raise ValueError(f"{names['causal']} must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
 
 
+def check_align(align, causal, names=OP_NAMES):
+    """Returns "top_left" or "bottom_right": `align`, or by default the causal rule's alignment."""
+    if align is None:
+        return "bottom_right" if causal == "bottom_right" else "top_left"
+    if not (isinstance(align, str) and align in CAUSAL_MODES):
+        raise ValueError(f"{names['align']} must be None, 'top_left' or 'bottom_right', got {align!r}")
+    if isinstance(causal, str) and causal != align:
+        raise ValueError(f"{names['causal']}={causal!r} contradicts {names['align']}={align!r}: pass "
+                         f"{names['causal']}=True to follow {names['align']}")
+    return align
+
+
 def check_window(window, names=OP_NAMES):
+    """Returns None or (left, right), a side None where unbounded (given as None or -1)."""
     if window is None:
         return None
     ok = (
         isinstance(window, (tuple, list))
         and len(window) == 2
-        and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0 for w in window)
+        and all(w is None or isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window)
     )
     if not ok:
-        raise ValueError(f"{names['window']} must be None or (left, right) with ints >= 0, got {window!r}")
-    return int(window[0]), int(window[1])
+        raise ValueError(f"{names['window']} must be None or (left, right), each side an int >= 0, or None or -1 "
+                         f"for unbounded; got {window!r}")
+    return tuple(None if w is None or w == -1 else int(w) for w in window)
 
 
 def check_scale(scale, head_dim, names=OP_NAMES):

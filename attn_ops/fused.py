@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .kernels.attn_bwd import attn_bwd
 from .kernels.attn_fwd import attn_fwd
-from .kernels.attn_launch import KERNEL_ARG_NAMES, KernelArgs
+from .kernels.attn_launch import KERNEL_ARG_NAMES, KernelArgs, empty_like_q
 from .kernels.config import INTERPRETED, MAX_HEAD_DIM
 
 NAME = "triton"
@@ -38,7 +38,7 @@ def _fwd(q, k, v, *flat):
 
 
 def _fwd_fake(q, k, v, *flat):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return empty_like_q(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, *flat):
@@ -97,9 +97,6 @@ def not_supported_reasons(problem):
         why.append(f"dtype {problem.dtype}: the kernels compute float16, bfloat16 and float32")
     if problem.head_dim > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
         why.append(f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_HEAD_DIM}")
-    if problem.head_dim_v != problem.head_dim:
-        why.append(f"{names['v']}'s head dim {problem.head_dim_v} differs from {names['q']}'s {problem.head_dim} "
-                   "(not built into the kernels yet)")
     if problem.mask is not None and problem.mask.requires_grad:
         why.append(f"{names['mask']} requires grad (its gradient is not built into the kernels yet)")
     return why

@@ -10,9 +10,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from .band import diagonal_band
-from .checks import (OP_NAMES, check_causal, check_dropout, check_mask, check_qkv, check_return_lse, check_scale,
-                     check_window)
+from .band import band_rules
+from .checks import OP_NAMES, check_dropout, check_mask, check_qkv, check_return_lse, check_scale
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,9 @@ class Problem:
     requires_grad: bool  # q, k, v or the mask needs a gradient (and grad mode is on)
     # The rules, normalized: causal and window as one diagonal band of visible keys (band.py).
     mask: Optional[torch.Tensor]  # bool (True = may attend) or float (added), broadcastable to [B, Hq, Lq, Lk]
-    causal: Optional[str]  # None, "top_left" or "bottom_right"
-    window: Optional[tuple]  # None or (left, right)
+    causal: Optional[str]  # None or the alignment of the causal rule ("top_left" or "bottom_right")
+    window: Optional[tuple]  # None or (left, right), a side None where unbounded
+    align: str  # "top_left" or "bottom_right": where each query's diagonal sits (causal and window)
     band_lo: Optional[int]  # query i sees key j iff i + band_lo <= j <= i + band_hi (None: unbounded)
     band_hi: Optional[int]
     scale: float
@@ -40,22 +40,20 @@ class Problem:
     names: Mapping[str, str]  # each argument as the caller spelled it, for error messages
 
 
-def describe(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, seed=None,
+def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, dropout_p=0.0, seed=None,
              return_lse=False, names=OP_NAMES):
     """Checks every argument (errors name them as `names` spells them) and returns the `Problem`."""
     check_qkv(q, k, v, names)
     check_mask(mask, q, k, names)
     check_dropout(dropout_p, seed, names)
     check_return_lse(return_lse, names)
-    causal = check_causal(causal, names)
-    window = check_window(window, names)
     (batch, heads_q, len_q, head_dim), (_, heads_kv, len_k, _), head_dim_v = q.shape, k.shape, v.shape[-1]
-    band_lo, band_hi = diagonal_band(len_q, len_k, causal, window)
+    causal, window, align, band_lo, band_hi = band_rules(len_q, len_k, causal, window, align, names)
     return Problem(
         batch=batch, heads_q=heads_q, heads_kv=heads_kv, len_q=len_q, len_k=len_k, head_dim=head_dim,
         head_dim_v=head_dim_v, dtype=q.dtype, device=q.device,
         requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)),
-        mask=mask, causal=causal, window=window, band_lo=band_lo, band_hi=band_hi,
+        mask=mask, causal=causal, window=window, align=align, band_lo=band_lo, band_hi=band_hi,
         scale=check_scale(scale, head_dim, names), dropout_p=float(dropout_p),
         seed=dropout_seed(seed, q.device) if dropout_p > 0 else None, return_lse=return_lse, names=names,
     )

@@ -12,8 +12,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .band import diagonal_band
-from .checks import check_causal, check_scale, check_window
+from .band import band_rules
+from .checks import check_scale
 from .problem import describe
 
 NAME = "reference"
@@ -24,15 +24,15 @@ CHUNK_ELEMENTS = 2**25
 BAND_CHUNKS = 4
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, seed=None,
+def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, dropout_p=0.0, seed=None,
               return_lse=False):
     """`attn_ops.attention` computed by the plain math (any device; float64 too).
 
     Dropout uses torch's generator: the pattern is reproducible by ``seed`` but differs, bit for bit,
     from the Triton kernels' Philox pattern (as flash-attn's and SDPA's backends differ from each other).
     """
-    problem = describe(q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p,
-                       seed=seed, return_lse=return_lse)
+    problem = describe(q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale,
+                       dropout_p=dropout_p, seed=seed, return_lse=return_lse)
     out, lse = run(q, k, v, problem)
     return (out, lse) if return_lse else out
 
@@ -41,7 +41,7 @@ def not_supported_reasons(problem):
     return []  # the reference computes every call that passes the checks
 
 
-def masked_scores(q, k, *, mask=None, causal=False, window=None, scale=None, q_offset=0, len_q=None):
+def masked_scores(q, k, *, mask=None, causal=False, window=None, align=None, scale=None, q_offset=0, len_q=None):
     """Scaled scores with the mask applied (-inf where a key is not visible), [B, Hq, rows, Lk].
 
     ``q`` may be a slice of rows ``[q_offset, q_offset + rows)`` of a sequence of ``len_q`` queries
@@ -49,7 +49,7 @@ def masked_scores(q, k, *, mask=None, causal=False, window=None, scale=None, q_o
     mask (broadcastable to [B, Hq, len_q, Lk]) and is sliced here.
     """
     len_q, len_k = q.shape[2] if len_q is None else len_q, k.shape[2]
-    band = diagonal_band(len_q, len_k, check_causal(causal), check_window(window))
+    band = band_rules(len_q, len_k, causal, window, align)[3:]
     bias = _bias(mask, band, q_offset, 0, q.shape[2], len_k, len_q, len_k, _compute_dtype(q.dtype), q.device)
     return _scores(q, k, check_scale(scale, q.shape[-1]), bias)
 

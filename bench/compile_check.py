@@ -85,14 +85,19 @@ def variants(major):
     """(name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options) the launchers can pick."""
     for dtype in TRITON_DTYPE:
         size = dtype.itemsize
-        for head_dim in (64, 80, 128, 256):  # 80: a head dim padded to its tile (masked loads)
+        # 80: a head dim padded to its tile (masked loads); 192/128: K's and V's differ (DeepSeek's MLA)
+        for head_dim, head_dim_v in ((64, 64), (80, 80), (128, 128), (256, 256), (192, 128)):
             for mask_kind, dropout in ((NO_MASK.value, False), (BOOL_MASK.value, False), (ADD_MASK.value, False),
                                        (BOOL_MASK.value, True)):
-                common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), MASK_KIND=mask_kind,
-                              DROPOUT=dropout, INTERPRETED_BF16=False, INPUT_PRECISION="ieee")
+                if head_dim != head_dim_v and (mask_kind, dropout) != (NO_MASK.value, False):
+                    continue
+                common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), HEAD_DIM_V=head_dim_v,
+                              HEAD_DIM_V_PAD=head_dim_pad(head_dim_v), MASK_KIND=mask_kind, DROPOUT=dropout,
+                              INTERPRETED_BF16=False, INPUT_PRECISION="ieee")
                 for name, kernel in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
-                    block_m, block_n, num_warps, num_stages = tile_for(size, name, head_dim, major)
-                    yield (name, kernel, dtype, head_dim, mask_kind, dropout,
+                    block_m, block_n, num_warps, num_stages = tile_for(size, name, max(head_dim, head_dim_v), major)
+                    label = head_dim if head_dim == head_dim_v else f"{head_dim}/{head_dim_v}"
+                    yield (name, kernel, dtype, label, mask_kind, dropout,
                            dict(common, BLOCK_M=block_m, BLOCK_N=block_n),
                            dict(num_warps=num_warps, num_stages=num_stages))
         yield ("preprocess", _attn_bwd_preprocess, dtype, 128, NO_MASK.value, False,
@@ -104,6 +109,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--out", help="also write the table to this Markdown file")
+    parser.add_argument("--dtypes", help="comma-separated: only these (fp16, bf16, fp32)")
+    parser.add_argument("--head-dims", help="comma-separated: only these (e.g. 128,192/128)")
     args = parser.parse_args(argv)
     if INTERPRETED:
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
@@ -121,6 +128,9 @@ def main(argv=None):
     emit("| kernel | dtype | D | mask | dropout | BLOCK_M x BLOCK_N | warps | stages | regs | spill bytes | smem |")
     emit("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options in variants(args.arch // 10):
+        if (args.dtypes and TRITON_DTYPE[dtype] not in args.dtypes.split(",")
+                or args.head_dims and str(head_dim) not in args.head_dims.split(",")):
+            continue
         sig = signature(kernel, dtype, mask_kind, constexprs)
         index = list(sig)
         src = ASTSource(fn=kernel, signature=sig, constexprs={(index.index(k),): v for k, v in constexprs.items()},

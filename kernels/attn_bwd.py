@@ -37,15 +37,17 @@ def _load_row_stats(Lse, Delta, offs_m, len_q):
 
 
 @triton.jit
-def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, seed, offs_n, offs_d, head_index, start, stop,
+def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, seed, offs_n, offs_d, offs_dv, head_index,
+                         start, stop,
                          stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
                          len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
-                         DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                         MASK_KIND: tl.constexpr, EDGE: tl.constexpr, DROPOUT: tl.constexpr,
+                         INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
-        do = _load_tile(dO, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
+        do = _load_tile(dO, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V)
         lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
         s = _masked_scores(q, k_t, offs_m, offs_n, mask_col_ptrs + _wide(offs_m)[:, None] * stride_mm, len_q, len_k,
                            band_lo, band_hi, qk_scale, MASK_KIND, EDGE, INTERPRETED_BF16, INPUT_PRECISION)
@@ -72,19 +74,20 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                    num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, scale, dropout_p, dropout_scale,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                   DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     _, b, h_kv, start_n = _program_block(len_k, num_heads_q // group_size, BLOCK_N)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
     k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
-    v_t = _load_tile(V, offs_d, offs_n, stride_vd, stride_vn, HEAD_DIM, len_k)
+    v_t = _load_tile(V, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, len_k)
     seed = tl.load(Seed) if DROPOUT else 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
     # Query j - hi <= i <= j - lo sees key j: the same band, seen from the key side.
     lo, full_lo, full_hi, hi = _visible_blocks(start_n, len_k, len_q, -band_hi, -band_lo, BLOCK_N, BLOCK_M)
     # GQA: the query heads sharing this kv head are summed here, in order, instead of with atomics.
@@ -99,26 +102,28 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
         for segment in tl.static_range(3):
             start, stop = _segment(segment, lo, full_lo, full_hi, hi)
             dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n,
-                                          offs_d, head_index, start, stop, stride_qm, stride_qd, stride_dom,
+                                          offs_d, offs_dv, head_index, start, stop, stride_qm, stride_qd, stride_dom,
                                           stride_dod, stride_mm, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
-                                          dropout_scale, HEAD_DIM, BLOCK_M, MASK_KIND, segment != 1, DROPOUT,
-                                          INTERPRETED_BF16, INPUT_PRECISION)
+                                          dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, segment != 1,
+                                          DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
     dk *= scale  # ds is the gradient of the natural-log scores s = scale * q.k
     dK, dV = _kv_heads(dK, dV, b, h_kv, stride_dkb, stride_dkh, stride_dvb, stride_dvh)
     _store_tile(dK, dk, offs_n, offs_d, stride_dkn, stride_dkd, len_k, HEAD_DIM, INTERPRETED_BF16)
-    _store_tile(dV, dv, offs_n, offs_d, stride_dvn, stride_dvd, len_k, HEAD_DIM, INTERPRETED_BF16)
+    _store_tile(dV, dv, offs_n, offs_dv, stride_dvn, stride_dvd, len_k, HEAD_DIM_V, INTERPRETED_BF16)
 
 
 @triton.jit
-def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, start, stop,
+def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, offs_dv, head_index, start,
+                       stop,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                        len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
-                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
-                       DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASK_KIND: tl.constexpr, EDGE: tl.constexpr, DROPOUT: tl.constexpr,
+                       INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
-        v_t = _load_tile(V, offs_d, offs_n, stride_vd, stride_vn, HEAD_DIM, len_k)
+        v_t = _load_tile(V, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, len_k)
         s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, len_q, len_k,
                            band_lo, band_hi, qk_scale, MASK_KIND, EDGE, INTERPRETED_BF16, INPUT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
@@ -140,16 +145,17 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
                  stride_dob, stride_doh, stride_dom, stride_dod,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                  num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, scale, dropout_p, dropout_scale,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                 DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
     h_kv = h // group_size
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
-    do = _load_tile(dO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
+    do = _load_tile(dO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V)
     lse2, delta = _load_row_stats(_row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q), offs_m,
                                   len_q)
     K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
@@ -159,10 +165,10 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
     lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
     for segment in tl.static_range(3):
         start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-        dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, start,
-                                stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo,
-                                band_hi, qk_scale, dropout_p, dropout_scale, HEAD_DIM, BLOCK_N, MASK_KIND, segment != 1,
-                                DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+        dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, offs_dv, head_index,
+                                start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k,
+                                band_lo, band_hi, qk_scale, dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
+                                MASK_KIND, segment != 1, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
     dq *= scale
     _store_tile(dQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, len_q, HEAD_DIM,
                 INTERPRETED_BF16)
@@ -177,20 +183,21 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None, grad_d
     folds into delta: d lse_i / d s_ij = p_ij, so ds = p * (dp - (delta - dlse)).
     """
     batch, num_heads_q, len_q, head_dim = q.shape
-    num_heads_kv, len_k = k.shape[1], k.shape[2]
-    launch = launch_args(q, k, args)
-    dkdv = tile_config(q, "dkdv", config)
-    dq_tile = tile_config(q, "dq", config)
+    num_heads_kv, len_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    launch = launch_args(q, k, v.shape[-1], args)
+    dkdv = tile_config(q, "dkdv", max(head_dim, head_dim_v), config)
+    dq_tile = tile_config(q, "dq", max(head_dim, head_dim_v), config)
     dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
     delta = torch.empty_like(lse_log2)
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, MASK_KIND=launch.mask_kind,
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, HEAD_DIM_V=head_dim_v,
+                  HEAD_DIM_V_PAD=launch.head_dim_v_pad, MASK_KIND=launch.mask_kind,
                   DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=launch.interpreted_bf16,
                   INPUT_PRECISION=launch.input_precision)
     scalars = (num_heads_q, num_heads_q // num_heads_kv, len_q, len_k, launch.band_lo, launch.band_hi,
                launch.qk_scale, args.scale, args.dropout_p, launch.dropout_scale)
     _attn_bwd_preprocess[(triton.cdiv(len_q, dq_tile.block_m) * batch * num_heads_q,)](
         out, do, delta, *out.stride(), *do.stride(), num_heads_q, len_q,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, BLOCK_M=dq_tile.block_m,
+        HEAD_DIM=head_dim_v, HEAD_DIM_PAD=launch.head_dim_v_pad, BLOCK_M=dq_tile.block_m,  # o, do: [.., Dv]
     )
     if dlse_log2 is not None:
         delta -= dlse_log2 * LOG2E.value

@@ -7,16 +7,17 @@ import triton.language as tl
 
 from .attn_common import (_dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores, _program_block, _rounded,
                           _row_stats, _segment, _store_tile, _visible_blocks, _wide)
-from .attn_launch import launch_args
+from .attn_launch import empty_like_q, launch_args
 from .config import tile_config
 
 
 @triton.jit
-def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index, start, stop,
+def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, offs_dv, head_index, start, stop,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                     len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
-                    DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                    EDGE: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
@@ -32,7 +33,7 @@ def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d,
             # The normalizer sums every probability; dropout acts on the normalized ones.
             keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
             p = tl.where(keep, p * dropout_scale, 0.0)
-        v = _load_tile(V, offs_n, offs_d, stride_vn, stride_vd, len_k, HEAD_DIM)
+        v = _load_tile(V, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V)
         acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INTERPRETED_BF16,
                                           INPUT_PRECISION)
         m_i = m_new
@@ -47,14 +48,15 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
               stride_mb, stride_mh, stride_mm, stride_mn,
               stride_ob, stride_oh, stride_om, stride_od,
               num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
-              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+              DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
     h_kv = h // group_size
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
     K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
     mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
@@ -62,15 +64,16 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
     # Boundary tiles get the element-wise band mask, interior tiles skip it, dead tiles are not visited.
     for segment in tl.static_range(3):
         start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, head_index,
-                                        start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q,
-                                        len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale, HEAD_DIM, BLOCK_N,
-                                        MASK_KIND, segment != 1, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, offs_dv,
+                                        head_index, start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                                        len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale, HEAD_DIM,
+                                        HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1, DROPOUT, INTERPRETED_BF16,
+                                        INPUT_PRECISION)
 
     # A row with no visible key has l_i = 0: its output is 0 and its lse -inf, never NaN.
     empty = l_i == 0.0
@@ -79,30 +82,33 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
     # exactly for a row's max score, which a round trip through natural-log units would not at
     # scores of ~1e4 (its relative rounding error times the score).
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    _store_tile(Out + b * stride_ob + h * stride_oh, out, offs_m, offs_d, stride_om, stride_od, len_q, HEAD_DIM,
+    _store_tile(Out + b * stride_ob + h * stride_oh, out, offs_m, offs_dv, stride_om, stride_od, len_q, HEAD_DIM_V,
                 INTERPRETED_BF16)
     tl.store(_row_stats(Lse, head_index, len_q) + offs_m, lse, mask=offs_m < len_q)
 
 
 def attn_fwd(q, k, v, args, *, config=None, out_dtype=None):
-    """Launches the forward for `args` (a `KernelArgs`); returns (out laid out like q, lse_log2).
+    """Launches the forward for `args` (a `KernelArgs`); returns (out [B, Hq, Lq, Dv] laid out like q,
+    lse_log2).
 
     ``out`` is in ``out_dtype`` (default q's; float32 keeps a partial result unrounded).
     ``lse_log2`` is ``[B, Hq, Lq]`` float32 in log2 units (times ln 2 it is the natural-log LSE);
     the backward takes it as is.
     """
     batch, num_heads_q, len_q, head_dim = q.shape
-    out = torch.empty_like(q, dtype=out_dtype)
+    head_dim_v = v.shape[-1]
+    out = empty_like_q(q, head_dim_v, out_dtype)
     lse_log2 = torch.empty((batch, num_heads_q, len_q), device=q.device, dtype=torch.float32)
-    launch = launch_args(q, k, args)
-    block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", config)
+    launch = launch_args(q, k, v.shape[-1], args)
+    block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", max(head_dim, head_dim_v), config)
     grid = (triton.cdiv(len_q, block_m) * batch * num_heads_q,)
     _attn_fwd[grid](
         q, k, v, launch.mask, launch.seed, out, lse_log2,
         *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *out.stride(),
         num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], launch.band_lo, launch.band_hi, launch.qk_scale,
         args.dropout_p, launch.dropout_scale,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PAD=launch.head_dim_v_pad,
+        BLOCK_M=block_m, BLOCK_N=block_n,
         MASK_KIND=launch.mask_kind, DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=launch.interpreted_bf16,
         INPUT_PRECISION=launch.input_precision, num_warps=num_warps, num_stages=num_stages,
     )

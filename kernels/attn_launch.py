@@ -46,11 +46,12 @@ class LaunchArgs(NamedTuple):
     qk_scale: float
     dropout_scale: float
     head_dim_pad: int
+    head_dim_v_pad: int
     interpreted_bf16: bool
     input_precision: str
 
 
-def launch_args(q, k, args):
+def launch_args(q, k, v_head_dim, args):
     """Kernel arguments that every pass derives the same way from the call's `KernelArgs`."""
     batch, num_heads_q, len_q, head_dim = q.shape
     len_k = k.shape[2]
@@ -79,6 +80,16 @@ def launch_args(q, k, args):
         # dropout_p = 1 keeps nothing: a scale of 0, not 1 / 0.
         dropout_scale=1.0 / (1.0 - args.dropout_p) if args.dropout_p < 1 else 0.0,
         head_dim_pad=head_dim_pad(head_dim),
+        head_dim_v_pad=head_dim_pad(v_head_dim),
         interpreted_bf16=INTERPRETED and q.dtype == torch.bfloat16,
         input_precision="tf32" if tf32 else "ieee",
     )
+
+
+def empty_like_q(q, last_dim, dtype=None):
+    """An empty [B, Hq, Lq, last_dim] tensor whose dimensions are ordered in memory as q's are (a
+    [B, L, H, D] view in gives a [B, L, H, Dv] view out)."""
+    order = sorted(range(4), key=lambda d: q.stride(d), reverse=True)
+    shape = (*q.shape[:3], last_dim)
+    out = q.new_empty([shape[d] for d in order], dtype=dtype)
+    return out.permute([order.index(d) for d in range(4)])

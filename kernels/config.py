@@ -60,14 +60,15 @@ TILES = {
 INTERPRETER_TILE = TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps
 
 
-def tile_config(q, kernel="fwd", config=None):
-    """The tile config of one pass ("fwd", "dkdv" or "dq") by head dim and dtype, unless `config` is given."""
+def tile_config(q, kernel, head_dim, config=None):
+    """The tile config of one pass ("fwd", "dkdv" or "dq") by head dim (the larger of K's and V's) and
+    dtype, unless `config` is given."""
     if config is not None:
         return TileConfig(*config)
     if INTERPRETED:
         return INTERPRETER_TILE
     major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
-    return tile_for(q.element_size(), kernel, q.shape[-1], major)
+    return tile_for(q.element_size(), kernel, head_dim, major)
 
 
 def tile_for(element_size, kernel, head_dim, major):

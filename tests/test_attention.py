@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import attn_ops
-from attn_ops.band import diagonal_band
-from attn_ops.checks import check_causal
+from attn_ops.band import band_rules
 from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_fwd import attn_fwd
 from attn_ops.kernels.attn_launch import KernelArgs
@@ -44,6 +43,10 @@ RULES = {
     "causal_bottom_right": {"causal": "bottom_right"},
     "window": {"window": (20, 7)},
     "window_causal_bottom_right": {"window": (30, 0), "causal": "bottom_right"},
+    "causal_aligned_bottom_right": {"causal": True, "align": "bottom_right"},
+    "window_bottom_right": {"window": (12, 5), "align": "bottom_right"},
+    "window_unbounded_left": {"window": (None, 9)},
+    "window_unbounded_right_bottom_right": {"window": (25, -1), "align": "bottom_right"},
 }
 
 
@@ -53,6 +56,27 @@ RULES = {
 def test_band_rules_match_float64(device, dtype, rule):
     q, k, v = make_qkv(2, 2, 2, 90, 130, 32, dtype, device)
     check(q, k, v, **RULES[rule])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim, head_dim_v", [(48, 32), (16, 64), (192, 128)])
+def test_value_head_dim_differs_from_the_keys(device, dtype, head_dim, head_dim_v):
+    # DeepSeek's MLA shape (192, 128) among them; with GQA, a causal window and a key-padding mask.
+    q, k, v = make_qkv(2, 4, 2, 70, 90, head_dim, dtype, device, head_dim_v=head_dim_v)
+    padding = torch.arange(90, device=device) < torch.tensor([[80], [90]], device=device)
+    out, _ = check(q, k, v, causal="bottom_right", window=(40, None), mask=padding[:, None, None, :])
+    assert out.shape == (2, 4, 70, head_dim_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("len_q, len_k", [(50, 120), (120, 50)])
+def test_windows_aligned_bottom_right_when_queries_outnumber_keys_or_not(device, len_q, len_k):
+    # With Lq > Lk the bottom-right diagonal starts left of key 0: the first rows see no key at all.
+    q, k, v = make_qkv(1, 2, 1, len_q, len_k, 16, torch.float32, device)
+    for rules in ({"window": (7, 3), "align": "bottom_right"}, {"window": (-1, 0), "align": "bottom_right"},
+                  {"causal": "bottom_right", "window": (4, None)}):
+        check(q, k, v, **rules)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -202,8 +226,8 @@ def test_small_tiles_reach_interior_and_boundary_tiles(device, rule, tiles):
     # The interpreter's default 64x64 tiles leave few interior tiles at test sizes; small tiles give
     # every pass leading-boundary, interior and trailing-boundary tiles for each band rule.
     q, k, v = make_qkv(1, 2, 1, 90, 110, 16, torch.float32, device)
-    causal = check_causal(RULES[rule].get("causal", False))
-    band_lo, band_hi = diagonal_band(90, 110, causal, RULES[rule].get("window"))
+    rules = RULES[rule]
+    *_, band_lo, band_hi = band_rules(90, 110, rules.get("causal", False), rules.get("window"), rules.get("align"))
     args = KernelArgs(scale=0.25, band_lo=band_lo, band_hi=band_hi)
     config = (*tiles, 4, 1)
     out, lse_log2 = attn_fwd(q, k, v, args, config=config)

@@ -66,7 +66,11 @@ BAD_KWARGS = {
     "mask_rank_5": (ValueError, "does not broadcast", {"mask": torch.ones(1, 2, 1, 1, 10, dtype=torch.bool)}),
     "causal_word": (ValueError, "causal must be False, True, 'top_left' or 'bottom_right'", {"causal": "lower"}),
     "causal_int": (ValueError, "causal must be", {"causal": 1}),
-    "window_negative": (ValueError, "window must be None or", {"window": (-1, 0)}),
+    "window_negative": (ValueError, "window must be None or", {"window": (-2, 0)}),
+    "window_none_side_string": (ValueError, "window must be None or", {"window": ("left", 0)}),
+    "align_word": (ValueError, "align must be None, 'top_left' or 'bottom_right'", {"align": "center"}),
+    "align_contradicts_causal": (ValueError, "causal='top_left' contradicts align='bottom_right'",
+                                 {"causal": "top_left", "align": "bottom_right"}),
     "window_three": (ValueError, "window must be None or", {"window": (1, 2, 3)}),
     "window_float": (ValueError, "window must be None or", {"window": (1.5, 0)}),
     "scale_tensor": (TypeError, "scale must be a float", {"scale": torch.tensor(0.5)}),
@@ -113,15 +117,15 @@ def on_cuda(**kwargs):
     return dataclasses.replace(problem, device=torch.device("cuda", 0))
 
 
-@pytest.mark.parametrize("case", ["head_dim_300", "v_head_dim_differs", "mask_requires_grad"])
+@pytest.mark.parametrize("case", ["head_dim_300", "v_head_dim_300", "mask_requires_grad"])
 def test_auto_on_cuda_refuses_what_the_kernels_cannot_run_naming_the_reference(case):
     if case == "head_dim_300":
         problem = on_cuda(tensors=[torch.randn(1, 2, 4, 300)] * 3)
-    elif case == "v_head_dim_differs":
-        problem = on_cuda(tensors=replace(2, torch.randn(2, 2, 10, 8)))
+    elif case == "v_head_dim_300":
+        problem = on_cuda(tensors=replace(2, torch.randn(2, 2, 10, 300)))
     else:
         problem = on_cuda(mask=torch.zeros(8, 10, requires_grad=True))
-    reason = {"head_dim_300": "head dim 300 > 256", "v_head_dim_differs": "v's head dim 8 differs",
+    reason = {"head_dim_300": "head dim 300 > 256", "v_head_dim_300": "head dim 300 > 256",
               "mask_requires_grad": "mask requires grad"}[case]
     with pytest.raises(ValueError, match=rf"backend='auto' on CUDA.*{reason}.*backend='reference'"):
         dispatch.choose(problem, "auto")

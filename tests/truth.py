@@ -22,10 +22,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def make_qkv(batch, heads_q, heads_kv, len_q, len_k, head_dim, dtype, device, scale=1.0):
+def make_qkv(batch, heads_q, heads_kv, len_q, len_k, head_dim, dtype, device, scale=1.0, head_dim_v=None):
     q = torch.randn(batch, heads_q, len_q, head_dim, device=device) * scale
     k = torch.randn(batch, heads_kv, len_k, head_dim, device=device)
-    v = torch.randn(batch, heads_kv, len_k, head_dim, device=device)
+    v = torch.randn(batch, heads_kv, len_k, head_dim_v or head_dim, device=device)
     return [t.to(dtype).requires_grad_() for t in (q, k, v)]
 
 

@@ -8,8 +8,8 @@ from .problem import describe
 __all__ = ["attention", "use_backend"]
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, dropout_p=0.0, seed=None,
-              return_lse=False, backend="auto"):
+def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, softcap=None,
+              alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, return_lse=False, backend="auto"):
     """Masked softmax attention ``softmax(q k^T * scale + mask) v``, fused: no [Lq, Lk] tensor is stored.
 
     Args:
@@ -19,6 +19,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scal
             the reference any.
         mask: None, a bool tensor (True = may attend) or a float tensor added to the scaled scores
             (-inf = masked), broadcastable to ``[B, Hq, Lq, Lk]`` (read through stride 0, never expanded).
+            A float mask that requires grad (a learned position bias) gets its gradient in its own
+            shape, summed over its broadcast dimensions, deterministically.
         causal: False, True (aligned by `align`), ``"top_left"`` (query i sees keys j <= i) or
             ``"bottom_right"`` (j <= i + Lk - Lq)::
 
@@ -36,21 +38,29 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scal
             it is an error. flash-attn's local attention with Lq != Lk is
             ``window=(left, right), align="bottom_right"``.
         scale: default ``1 / sqrt(D)``.
+        softcap: None or a float > 0: the scaled scores ``s`` become ``softcap * tanh(s / softcap)``
+            before the mask and ALiBi are added (Gemma 2).
+        alibi_slopes: None or float32 ``[Hq]`` / ``[B, Hq]``: adds ``-slope * |i' - j|`` (i' per
+            `align`), computed in the kernel. Not differentiable.
+        sinks: None or ``[Hq]`` (float32 or q's dtype): a learned logit per head that joins every row's
+            normalizer, ``p_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij))``, without a value
+            (gpt-oss). Differentiable; the LSE includes it.
         dropout_p, seed: dropout on the probabilities (kept entries scaled by ``1 / (1 - p)``; p = 1
             gives zeros), keyed by ``seed`` and each element's (batch, head, query, key), so the
             backward regenerates it. ``seed=None`` draws one from torch's default generator on q's device.
         return_lse: also return the row log-sum-exp ``[B, Hq, Lq]`` float32 (natural log, of the
-            scaled and masked scores, before dropout). It is differentiable.
+            final scores: scaled, capped, masked, biased, plus the sink; before dropout). It is
+            differentiable.
         backend: ``"auto"`` (the kernels on CUDA, the reference elsewhere and for float64; see
             `use_backend`), ``"triton"`` or ``"reference"``. On CUDA, ``"auto"`` raises rather than fall
             back to the reference for what the kernels cannot run (D > 256, say), naming the reason.
 
     Returns:
         ``out`` ``[B, Hq, Lq, Dv]`` in q's dtype and layout, or ``(out, lse)``. A row that sees no key
-        gives zeros, ``lse = -inf`` and zero gradients, never NaN.
+        gives zeros, ``lse = -inf`` (the sink's logit with `sinks`) and zero gradients, never NaN.
     """
     return attention_as(q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale,
-                        dropout_p=dropout_p, seed=seed, return_lse=return_lse, backend=backend, names=OP_NAMES)
+                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse, backend=backend, names=OP_NAMES)
 
 
 def attention_as(q, k, v, *, names, backend="auto", **rules):

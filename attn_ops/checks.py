@@ -15,8 +15,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAUSAL_MODES = ("top_left", "bottom_right")
 BACKENDS = ("auto", "triton", "reference")
 # How `attn_ops.attention` names its arguments; the drop-ins pass their own spellings.
-OP_NAMES = {name: name for name in ("q", "k", "v", "mask", "causal", "window", "align", "scale", "dropout_p",
-                                    "seed", "return_lse", "backend")}
+OP_NAMES = {name: name for name in ("q", "k", "v", "mask", "causal", "window", "align", "scale", "softcap",
+                                    "alibi_slopes", "sinks", "dropout_p", "seed", "return_lse", "backend")}
 
 
 def _shape(t):
@@ -54,19 +54,24 @@ def check_qkv(q, k, v, names=OP_NAMES):
         raise ValueError(f"head dims must be at least 1, got {nq} {_shape(q)}, {nv} {_shape(v)}")
 
 
+def _check_tensor(t, name, dtypes, q, names, hint=""):
+    """A tensor argument: one of `dtypes` (each listed once in the error), on q's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    allowed = list(dict.fromkeys(dtypes))
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected {', '.join(str(d) for d in allowed)}{hint}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but {names['q']} is on {q.device}")
+
+
 def check_mask(mask, q, k, names=OP_NAMES):
     """The mask must broadcast to [B, Hq, Lq, Lk] with no dimension other than 1 or the full size."""
     name = names["mask"]
     if mask is None:
         return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
-    allowed = list(dict.fromkeys((torch.bool, q.dtype, torch.float32)))
-    if mask.dtype not in allowed:
-        raise TypeError(f"{name} has dtype {mask.dtype}; expected {', '.join(str(d) for d in allowed)} "
-                        f"(bool, {names['q']}'s dtype or float32)")
-    if mask.device != q.device:
-        raise ValueError(f"{name} is on {mask.device} but {names['q']} is on {q.device}")
+    _check_tensor(mask, name, (torch.bool, q.dtype, torch.float32), q, names,
+                  f" (bool, {names['q']}'s dtype or float32)")
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if mask.dim() > 4 or any(m not in (1, f) for m, f in zip(reversed(mask.shape), reversed(full))):
         raise ValueError(
@@ -121,6 +126,41 @@ def check_scale(scale, head_dim, names=OP_NAMES):
     if not math.isfinite(scale):
         raise ValueError(f"{names['scale']} must be finite, got {scale}")
     return float(scale)
+
+
+def check_softcap(softcap, names=OP_NAMES):
+    """Returns None or the cap as a float > 0."""
+    if softcap is None:
+        return None
+    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool):
+        raise TypeError(f"{names['softcap']} must be a float > 0 or None, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{names['softcap']} must be a finite float > 0 or None, got {softcap}")
+    return float(softcap)
+
+
+def check_alibi_slopes(slopes, q, names=OP_NAMES):
+    """float32 [Hq] or [B, Hq] on q's device, not requiring grad (ALiBi's slopes are fixed)."""
+    name = names["alibi_slopes"]
+    if slopes is None:
+        return
+    _check_tensor(slopes, name, (torch.float32,), q, names)
+    batch, heads = q.shape[0], q.shape[1]
+    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"{name} must be [Hq] = [{heads}] or [B, Hq] = [{batch}, {heads}], got {_shape(slopes)}")
+    if slopes.requires_grad:
+        raise ValueError(f"{name} requires grad, but ALiBi's slopes are not differentiable here; pass "
+                         f"{name}.detach()")
+
+
+def check_sinks(sinks, q, names=OP_NAMES):
+    """[Hq], float32 or q's dtype, on q's device."""
+    name = names["sinks"]
+    if sinks is None:
+        return
+    _check_tensor(sinks, name, (torch.float32, q.dtype), q, names, f" (float32 or {names['q']}'s dtype)")
+    if tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"{name} must be [Hq] = [{q.shape[1]}] (one logit per query head), got {_shape(sinks)}")
 
 
 def check_dropout(dropout_p, seed, names=OP_NAMES):

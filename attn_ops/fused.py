@@ -24,7 +24,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LN2 = math.log(2.0)
 
 _SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", Optional[int]: "SymInt?",
-                 float: "float", bool: "bool"}
+                 float: "float", Optional[float]: "float?", bool: "bool"}
 
 
 def _schema(leading, returns):
@@ -41,12 +41,14 @@ def _fwd_fake(q, k, v, *flat):
     return empty_like_q(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, *flat):
-    return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2, KernelArgs(*flat))
+def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
+    return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2, KernelArgs(*flat), mask_grad=mask_grad)
 
 
-def _bwd_fake(dout, dlse_log2, q, k, v, out, lse_log2, *flat):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _bwd_fake(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
+    args = KernelArgs(*flat)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(args.mask) if mask_grad else None, None if args.sinks is None else torch.empty_like(args.sinks))
 
 
 attention_fwd = torch.library.custom_op(
@@ -56,15 +58,18 @@ attention_fwd = torch.library.custom_op(
 attention_fwd.register_fake(_fwd_fake)
 attention_bwd = torch.library.custom_op(
     "attn_ops::attention_bwd", _bwd, mutates_args=(),
-    schema=_schema("Tensor dout, Tensor? dlse_log2, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse_log2",
-                   "(Tensor, Tensor, Tensor)"),
+    schema=_schema("Tensor dout, Tensor? dlse_log2, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse_log2, "
+                   "bool mask_grad", "(Tensor, Tensor, Tensor, Tensor?, Tensor?)"),
 )
 attention_bwd.register_fake(_bwd_fake)
 
 
+_MASK, _SINKS = (KERNEL_ARG_NAMES.index(name) for name in ("mask", "sinks"))
+
+
 class FusedAttention(torch.autograd.Function):
-    """Saves q, k, v, out and lse_log2 (plus the tensors among the `KernelArgs`: the caller's mask and
-    the seed): no [Lq, Lk] tensor. Returns the natural-log LSE."""
+    """Saves q, k, v, out and lse_log2 (plus the tensors among the `KernelArgs`: the caller's mask,
+    slopes, sinks and the seed): no [Lq, Lk] tensor. Returns the natural-log LSE."""
 
     @staticmethod
     def forward(ctx, q, k, v, *flat):
@@ -83,8 +88,12 @@ class FusedAttention(torch.autograd.Function):
         if dout is None:  # only the lse was used
             dout = torch.zeros_like(out)
         dlse_log2 = None if dlse is None else dlse * LN2
-        dq, dk, dv = torch.ops.attn_ops.attention_bwd(dout, dlse_log2, q, k, v, out, lse_log2, *flat)
-        return dq, dk, dv, *(None for _ in flat)
+        mask_grad = ctx.needs_input_grad[3 + _MASK]
+        dq, dk, dv, dmask, dsinks = torch.ops.attn_ops.attention_bwd(dout, dlse_log2, q, k, v, out, lse_log2,
+                                                                     mask_grad, *flat)
+        grads = [None] * len(flat)
+        grads[_MASK], grads[_SINKS] = dmask, dsinks
+        return dq, dk, dv, *grads
 
 
 def not_supported_reasons(problem):
@@ -97,8 +106,6 @@ def not_supported_reasons(problem):
         why.append(f"dtype {problem.dtype}: the kernels compute float16, bfloat16 and float32")
     if problem.head_dim > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
         why.append(f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_HEAD_DIM}")
-    if problem.mask is not None and problem.mask.requires_grad:
-        why.append(f"{names['mask']} requires grad (its gradient is not built into the kernels yet)")
     return why
 
 
@@ -122,7 +129,7 @@ def block_grads(dout, dlse_log2, q, k, v, out, lse_log2, problem):
     with respect to q and this block's k and v: each block's share of the full backward. The kernels
     read the LSE as [B * Hq, Lq] rows: a slice of rows is made contiguous first."""
     return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2.contiguous(), _kernel_args(problem),
-                    grad_dtype=torch.float32)
+                    grad_dtype=torch.float32)[:3]
 
 
 def _kernel_args(problem):

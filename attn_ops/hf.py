@@ -13,6 +13,9 @@ Two functions are registered under one name, as transformers needs both:
   a 2-D mask as key padding on top of the module's causal rule (``module.is_causal``, bottom-right
   aligned as a KV cache needs), a 4-D mask exactly as SDPA reads it, and no mask as SDPA does
   (top-left causal for a causal module given more than one query). GQA runs without repeating k/v.
+  It takes the score modifiers models pass: ``softcap`` (Gemma 2), ``s_aux`` as the per-head sinks
+  (gpt-oss) and ``position_bias`` (T5) as a float mask, its gradient flowing back to the bias.
+  transformers' paged ``cache`` (continuous batching) is refused.
 """
 
 import inspect
@@ -78,13 +81,17 @@ def padding_or_dense_mask(
 
 
 def attention_forward(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, softcap=None, s_aux=None,
+    position_bias=None, **kwargs
 ):
     """`sdpa_attention_forward`'s contract: q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` in,
-    ``(out [B, Lq, Hq, D], None)`` out."""
-    for unsupported in ("softcap", "position_bias", "cache", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"attn_ops attention does not support `{unsupported}`; use attn_implementation='eager'")
+    ``(out [B, Lq, Hq, D], None)`` out. ``s_aux`` is ``[Hq]``; ``position_bias`` broadcasts to
+    ``[B, Hq, Lq, Lk]`` and is added to the scores, as the mask is."""
+    if kwargs.get("cache") is not None:
+        raise ValueError(
+            "attn_ops attention does not support `cache` (transformers' paged cache for continuous batching); "
+            "use attn_implementation='sdpa' or 'eager' there"
+        )
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is None:
         mask, causal = None, bool(is_causal) and query.shape[2] > 1
@@ -92,5 +99,22 @@ def attention_forward(
         mask, causal = attention_mask[:, None, None, :], "bottom_right" if is_causal else False
     else:
         mask, causal = attention_mask, False
-    out = attention(query, key, value, mask=mask, causal=causal, scale=scaling, dropout_p=dropout)
+    if position_bias is not None:
+        mask = _with_bias(mask, position_bias)
+    out = attention(
+        query, key, value, mask=mask, causal=causal, scale=scaling, softcap=softcap, sinks=s_aux, dropout_p=dropout
+    )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_bias(mask, bias):
+    """One float mask from the attention mask and T5's position bias: the op takes a single mask.
+
+    Without a mask the bias goes in as is (its gradient in its own shape, no full-size tensor);
+    padding makes a ``[B, Hq, Lq, Lk]`` one, as transformers' SDPA path does.
+    """
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.where(mask, float("-inf"))
+    return bias + mask

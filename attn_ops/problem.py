@@ -11,7 +11,8 @@ from typing import Mapping, Optional
 import torch
 
 from .band import band_rules
-from .checks import OP_NAMES, check_dropout, check_mask, check_qkv, check_return_lse, check_scale
+from .checks import (OP_NAMES, check_alibi_slopes, check_dropout, check_mask, check_qkv, check_return_lse, check_scale,
+                     check_sinks, check_softcap)
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Problem:
     head_dim_v: int
     dtype: torch.dtype
     device: torch.device
-    requires_grad: bool  # q, k, v or the mask needs a gradient (and grad mode is on)
+    requires_grad: bool  # q, k, v, the mask or the sinks need a gradient (and grad mode is on)
     # The rules, normalized: causal and window as one diagonal band of visible keys (band.py).
     mask: Optional[torch.Tensor]  # bool (True = may attend) or float (added), broadcastable to [B, Hq, Lq, Lk]
     causal: Optional[str]  # None or the alignment of the causal rule ("top_left" or "bottom_right")
@@ -34,17 +35,27 @@ class Problem:
     band_lo: Optional[int]  # query i sees key j iff i + band_lo <= j <= i + band_hi (None: unbounded)
     band_hi: Optional[int]
     scale: float
+    softcap: Optional[float]  # scores become softcap * tanh(scores / softcap), before mask and ALiBi
+    alibi_slopes: Optional[torch.Tensor]  # float32 [Hq] or [B, Hq]: adds -slope * |i' - j|
+    sinks: Optional[torch.Tensor]  # [Hq] logits in every row's normalizer
     dropout_p: float
     seed: Optional[torch.Tensor]  # int64 [1] on q's device when dropout_p > 0, drawn once here
     return_lse: bool
     names: Mapping[str, str]  # each argument as the caller spelled it, for error messages
 
+    @property
+    def diagonal_shift(self):
+        """i' - i: where each query's diagonal sits (0 top-left, Lk - Lq bottom-right), for ALiBi."""
+        return self.len_k - self.len_q if self.align == "bottom_right" else 0
 
-def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, dropout_p=0.0, seed=None,
-             return_lse=False, names=OP_NAMES):
+
+def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, softcap=None,
+             alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, return_lse=False, names=OP_NAMES):
     """Checks every argument (errors name them as `names` spells them) and returns the `Problem`."""
     check_qkv(q, k, v, names)
     check_mask(mask, q, k, names)
+    check_alibi_slopes(alibi_slopes, q, names)
+    check_sinks(sinks, q, names)
     check_dropout(dropout_p, seed, names)
     check_return_lse(return_lse, names)
     (batch, heads_q, len_q, head_dim), (_, heads_kv, len_k, _), head_dim_v = q.shape, k.shape, v.shape[-1]
@@ -52,9 +63,10 @@ def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale
     return Problem(
         batch=batch, heads_q=heads_q, heads_kv=heads_kv, len_q=len_q, len_k=len_k, head_dim=head_dim,
         head_dim_v=head_dim_v, dtype=q.dtype, device=q.device,
-        requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)),
+        requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask, sinks)),
         mask=mask, causal=causal, window=window, align=align, band_lo=band_lo, band_hi=band_hi,
-        scale=check_scale(scale, head_dim, names), dropout_p=float(dropout_p),
+        scale=check_scale(scale, head_dim, names), softcap=check_softcap(softcap, names), alibi_slopes=alibi_slopes,
+        sinks=sinks, dropout_p=float(dropout_p),
         seed=dropout_seed(seed, q.device) if dropout_p > 0 else None, return_lse=return_lse, names=names,
     )
 

@@ -24,15 +24,15 @@ CHUNK_ELEMENTS = 2**25
 BAND_CHUNKS = 4
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, dropout_p=0.0, seed=None,
-              return_lse=False):
+def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, softcap=None,
+              alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, return_lse=False):
     """`attn_ops.attention` computed by the plain math (any device; float64 too).
 
     Dropout uses torch's generator: the pattern is reproducible by ``seed`` but differs, bit for bit,
     from the Triton kernels' Philox pattern (as flash-attn's and SDPA's backends differ from each other).
     """
-    problem = describe(q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale,
-                       dropout_p=dropout_p, seed=seed, return_lse=return_lse)
+    problem = describe(q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale, softcap=softcap,
+                       alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse)
     out, lse = run(q, k, v, problem)
     return (out, lse) if return_lse else out
 
@@ -61,7 +61,9 @@ def run(q, k, v, problem):
     if len_q == 0 or len_k == 0:  # nothing to compute; with no key every row is fully masked
         out = _like_q(q, problem.head_dim_v).zero_()
         if problem.requires_grad:  # zero gradients, not None
-            out = out + 0 * (q.sum() + k.sum() + v.sum())
+            out = out + 0 * sum(t.sum() for t in (q, k, v, problem.mask, problem.sinks) if t is not None)
+        if problem.sinks is not None:  # the sink alone is in each row's normalizer
+            return out, problem.sinks.to(dtype)[None, :, None].expand(batch, heads, len_q)
         return out, torch.full((batch, heads, len_q), float("-inf"), dtype=dtype, device=q.device)
     k, v = (_repeat_kv(t, heads).to(dtype) for t in (k, v))
     seed = int(problem.seed.item()) if problem.dropout_p > 0 else None
@@ -133,19 +135,29 @@ def block_grads(dout, dlse, q, k, v, out, lse, problem):
 def _chunk(q, k, v, mask, problem, seed, q_offset, k_offset):
     """(out, lse or None) of queries [q_offset, q_offset + rows) against keys [k_offset, k_offset + Lk'),
     in the compute dtype."""
+    dtype = _compute_dtype(q.dtype)
+    alibi = None if problem.alibi_slopes is None else (problem.alibi_slopes, problem.diagonal_shift)
     bias = _bias(mask, (problem.band_lo, problem.band_hi), q_offset, k_offset, q.shape[2], k.shape[2],
-                 problem.len_q, problem.len_k, _compute_dtype(q.dtype), q.device)
-    scores = _scores(q, k, problem.scale, bias)
-    lse = torch.logsumexp(scores, dim=-1) if problem.return_lse else None
+                 problem.len_q, problem.len_k, dtype, q.device, alibi)
+    scores = _scores(q, k, problem.scale, bias, problem.softcap)
     # A row with no visible key gets zeros: softmax over a finite stand-in row keeps the forward and
     # the backward free of NaN, and the stand-in's weights are then zeroed. Found at the bias's own
     # (broadcast) size, not the scores'; in eager mode the two extra passes run only where such a
     # row exists (a data-dependent branch that torch.compile could not trace without a break).
     empty = None if bias is None else (bias == float("-inf")).all(dim=-1, keepdim=True)
+    if problem.sinks is not None:
+        # The sink is one more logit in each row's softmax, with no value: a last column, dropped
+        # after the softmax. A row is empty only if its sink is -inf too.
+        sinks = problem.sinks.to(dtype).view(1, -1, 1, 1)
+        scores = torch.cat([scores, sinks.expand(*scores.shape[:3], 1)], dim=-1)
+        empty = None if empty is None else empty & (sinks == float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1) if problem.return_lse else None
     if empty is not None and (torch.compiler.is_compiling() or empty.any()):
-        p = torch.softmax(scores.masked_fill_(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        p = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     else:
         p = torch.softmax(scores, dim=-1)
+    if problem.sinks is not None:
+        p = p[..., :-1]
     if problem.dropout_p > 0:
         gen = torch.Generator(device=q.device)
         gen.manual_seed((seed * 0x9E3779B1 + q_offset) % 2**63)  # one stream per chunk, replayable
@@ -155,11 +167,19 @@ def _chunk(q, k, v, mask, problem, seed, q_offset, k_offset):
     return torch.matmul(p, v), lse
 
 
-def _bias(mask, band, q_offset, k_offset, rows, keys, len_q, len_k, dtype, device):
-    """Everything the mask and the band add to the scores of queries [q_offset, q_offset + rows) and
-    keys [k_offset, k_offset + keys), as one float tensor of their broadcast shape (-inf where a key
-    is not visible), or None: added to the scores in one pass, and differentiable in a float mask."""
+def _bias(mask, band, q_offset, k_offset, rows, keys, len_q, len_k, dtype, device, alibi=None):
+    """Everything the mask, the band and ALiBi add to the scores of queries [q_offset, q_offset + rows)
+    and keys [k_offset, k_offset + keys), as one float tensor of their broadcast shape (-inf where a
+    key is not visible), or None: added to the scores in one pass, and differentiable in a float mask.
+
+    ``alibi``: None or (slopes [Hq] or [B, Hq], shift): adds ``-slope * |i + shift - j|``.
+    """
     terms = []
+    if alibi is not None:
+        slopes, shift = alibi
+        distance = (torch.arange(q_offset + shift, q_offset + shift + rows, device=device)[:, None]
+                    - torch.arange(k_offset, k_offset + keys, device=device)[None, :]).abs().to(dtype)
+        terms.append(-slopes.to(dtype).view(-1 if slopes.dim() == 2 else 1, slopes.shape[-1], 1, 1) * distance)
     if mask is not None:
         if mask.dim() >= 2 and mask.shape[-2] == len_q != rows:
             mask = mask[..., q_offset : q_offset + rows, :]
@@ -178,7 +198,7 @@ def _bias(mask, band, q_offset, k_offset, rows, keys, len_q, len_k, dtype, devic
         terms.append(_additive(outside, dtype))
     if not terms:
         return None
-    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    return sum(terms[1:], terms[0])
 
 
 def _additive(hidden, dtype):
@@ -186,12 +206,14 @@ def _additive(hidden, dtype):
     return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
 
 
-def _scores(q, k, scale, bias):
-    """Scaled scores plus the bias, [B, Hq, rows, Lk], in the compute dtype of `bias` or float32/64."""
+def _scores(q, k, scale, bias, softcap=None):
+    """Scaled (and capped) scores plus the bias, [B, Hq, rows, Lk], in float32 (float64 for float64)."""
     dtype = _compute_dtype(q.dtype)
     k = _repeat_kv(k, q.shape[1])
     # Scaling q (rows x D) costs less than scaling the scores (rows x Lk); in place, the bias costs one pass.
     scores = torch.matmul(q.to(dtype) * scale, k.to(dtype).transpose(-1, -2))
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     return scores if bias is None else scores.add_(bias)
 
 

@@ -23,7 +23,7 @@ def scaled_dot_product_attention(
 
     ``attn_mask``: bool (True = may attend) or float (added to the scores), broadcastable to
     ``(..., L, S)``, passed to the op as is, never expanded (a float mask that requires grad gets
-    its gradient, on the reference path); or a ``torch.nn.attention.bias.CausalBias``
+    its gradient, in its own shape, from the kernels too); or a ``torch.nn.attention.bias.CausalBias``
     (``causal_upper_left`` / ``causal_lower_right``), read as the causal rule it stands for.
     ``is_causal`` is SDPA's top-left causal mask and may not be combined with ``attn_mask``. Heads
     of k/v may differ from q's only with ``enable_gqa=True``. A query row with every key masked

@@ -7,6 +7,13 @@ GPU shapes follow the FlashAttention papers: batch * length = 16k tokens and hea
 from dataclasses import dataclass
 
 MASKS = ("none", "causal", "padding", "random_bool", "window", "block_sparse")
+# Score modifiers over full attention (issue 13). They fill the `mask` column, a row key, like the
+# masks: `bias` is a float [1, Hq, Lq, Lk] additive mask, `bias_grad` the same bias learned (it
+# requires grad, and the backward computes its gradient).
+MODIFIERS = ("alibi", "softcap", "bias", "bias_grad")
+# What each modifier is timed against: the same shape without it. GPU targets for attn_ops: alibi
+# and softcap within 1.1x of `none`; bias_grad's backward within 1.5x of `bias`'s.
+PLAIN = {"alibi": "none", "softcap": "none", "bias": "none", "bias_grad": "bias"}
 MODES = ("fwd", "bwd", "fwd_bwd")
 
 
@@ -21,7 +28,7 @@ class Case:
     len_q: int
     len_k: int
     head_dim: int
-    mask: str  # one of MASKS
+    mask: str  # one of MASKS or MODIFIERS
 
 
 def self_attention(lengths, head_dims, masks, modes, dtype="bfloat16", group=1, tokens=16384, width=2048):
@@ -36,6 +43,9 @@ def self_attention(lengths, head_dims, masks, modes, dtype="bfloat16", group=1, 
 
 
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+# The learned bias is an input of every provider, [1, 16, L, L]: 2 GiB of bf16 at 8k (and its
+# gradient as much again). ALiBi and softcap need no tensor but in SDPA's rows, so they go to 16k.
+BIAS_LENGTHS = (1024, 4096, 8192)
 
 GPU_SWEEP = (
     self_attention(LENGTHS, (64, 128), MASKS, MODES)
@@ -43,6 +53,10 @@ GPU_SWEEP = (
     + self_attention(LENGTHS, (128,), ("none", "causal"), MODES, dtype="float16")
     + self_attention((2048,), (64,), ("none",), ("fwd",), dtype="float32")
     + self_attention(LENGTHS, (128,), ("none", "causal"), MODES, group=4)
+    + self_attention((1024, 4096, 16384), (128,), ("alibi", "softcap"), ("fwd", "fwd_bwd"))
+    # bwd too, for the backward's target; bias_grad's forward would be bias's.
+    + self_attention(BIAS_LENGTHS, (128,), ("bias",), MODES)
+    + self_attention(BIAS_LENGTHS, (128,), ("bias_grad",), ("bwd", "fwd_bwd"))
     # Cross attention: 1k queries against longer keys (e.g. an encoder's output).
     + [
         Case(mode, "bfloat16", 16384 // n, 16, 16, 1024, n, 128, mask)
@@ -70,4 +84,5 @@ CPU_CASES = (
                      dtype="bfloat16", tokens=2048, width=512)
     + self_attention((256, 1024), (64,), ("none", "causal"), ("fwd_bwd",),
                      dtype="float32", tokens=2048, width=512)
+    + self_attention((256,), (64,), MODIFIERS, ("fwd_bwd",), dtype="float32", tokens=2048, width=512)
 )

@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from attn_ops.kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from attn_ops.kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dmask, _attn_bwd_dq, _attn_bwd_preprocess
 from attn_ops.kernels.attn_fwd import _attn_fwd
 from attn_ops.kernels.config import (ADD_MASK, BOOL_MASK, INTERPRETED, MASK_KIND_NAMES, NO_MASK, head_dim_pad,
                                      tile_for)
@@ -30,10 +30,11 @@ MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # NO_MASK gets a dummy pointer (q), BOOL_MASK a uint8 view, ADD_MASK a float tensor.
 MASK_POINTER = {NO_MASK.value: "*u8", BOOL_MASK.value: "*u8", ADD_MASK.value: "*fp32"}
-FLOAT_ARGS = {"qk_scale", "scale", "dropout_p", "dropout_scale"}
-INT_ARGS = {"num_heads_q", "group_size", "len_q", "len_k", "band_lo", "band_hi"}
+FLOAT_ARGS = {"qk_scale", "softcap_log2", "scale", "dropout_p", "dropout_scale"}
+INT_ARGS = {"num_heads_q", "group_size", "len_q", "len_k", "band_lo", "band_hi", "diagonal_shift", "batch", "mask_batch",
+            "mask_heads"}
 UNIT_STRIDE = re.compile(r"stride_d?[qkvo]d|stride_mn")
-FP32_POINTERS = {"Lse", "Delta"}
+FP32_POINTERS = {"Lse", "Delta", "Alibi", "Sinks"}
 
 
 def signature(kernel, dtype, mask_kind, constexprs):
@@ -93,13 +94,25 @@ def variants(major):
                     continue
                 common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), HEAD_DIM_V=head_dim_v,
                               HEAD_DIM_V_PAD=head_dim_pad(head_dim_v), MASK_KIND=mask_kind, DROPOUT=dropout,
-                              INTERPRETED_BF16=False, INPUT_PRECISION="ieee")
-                for name, kernel in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+                              SOFTCAP=False, ALIBI=False, INTERPRETED_BF16=False, INPUT_PRECISION="ieee")
+                for name, kernel, extra in (("fwd", _attn_fwd, dict(SINKS=False)), ("dkdv", _attn_bwd_dkdv, {}),
+                                            ("dq", _attn_bwd_dq, {})):
                     block_m, block_n, num_warps, num_stages = tile_for(size, name, max(head_dim, head_dim_v), major)
                     label = head_dim if head_dim == head_dim_v else f"{head_dim}/{head_dim_v}"
                     yield (name, kernel, dtype, label, mask_kind, dropout,
-                           dict(common, BLOCK_M=block_m, BLOCK_N=block_n),
+                           dict(common, **extra, BLOCK_M=block_m, BLOCK_N=block_n),
                            dict(num_warps=num_warps, num_stages=num_stages))
+        # Score modifiers with a float mask at D = 128: softcap and ALiBi in every pass, sinks in the
+        # forward, and the pass that computes the mask's gradient (which takes the dq pass's tiles).
+        common = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, HEAD_DIM_V=128, HEAD_DIM_V_PAD=128, MASK_KIND=ADD_MASK.value,
+                      DROPOUT=False, SOFTCAP=True, ALIBI=True, INTERPRETED_BF16=False, INPUT_PRECISION="ieee")
+        for name, kernel, extra in (("fwd+sinks", _attn_fwd, dict(SINKS=True)), ("dkdv", _attn_bwd_dkdv, {}),
+                                    ("dq", _attn_bwd_dq, {}),
+                                    ("dmask", _attn_bwd_dmask, dict(ROWS_SUMMED=False, COLS_SUMMED=False))):
+            tile = tile_for(size, name.split("+")[0].replace("dmask", "dq"), 128, major)
+            yield (f"{name}+softcap+alibi", kernel, dtype, 128, ADD_MASK.value, False,
+                   dict(common, **extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n),
+                   dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
         yield ("preprocess", _attn_bwd_preprocess, dtype, 128, NO_MASK.value, False,
                dict(HEAD_DIM=128, HEAD_DIM_PAD=head_dim_pad(128), BLOCK_M=tile_for(size, "dq", 128, major).block_m),
                dict(num_warps=4))

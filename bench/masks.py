@@ -1,8 +1,11 @@
-"""Each mask kind spelled in every provider's own terms, built once per case so all see one mask.
+"""Each mask kind (and score modifier) spelled in every provider's own terms, built once per case so
+all see one mask.
 
 A provider gets the cheapest form it understands: attn_ops a causal flag or window rather than a
 dense tensor, SDPA `is_causal` where it can and a bool tensor otherwise, FlexAttention a
 `mask_mod` (turned into a block mask outside the timed region), flash_attn its flags or nothing.
+A modifier goes to attn_ops and flash_attn as their own arguments, to FlexAttention as a
+`score_mod`, and to SDPA as a materialised float bias where one expresses it.
 """
 
 from dataclasses import dataclass
@@ -10,22 +13,30 @@ from typing import Callable, Optional
 
 import torch
 
+from bench.cases import MASKS, MODIFIERS
+
 WINDOW = 512  # sliding window: each query sees itself and the 512 keys before it
 BLOCK = 128  # block_sparse: the mask is made of BLOCK x BLOCK tiles
 BLOCK_KEEP = 0.25  # fraction of off-diagonal tiles kept (diagonal tiles always are: no empty rows)
+SOFTCAP = 50.0  # Gemma 2's attention logit cap
 
 
 @dataclass
 class Masking:
     attn_ops: dict  # keywords for attn_ops.attention and attn_ops.reference.attention
-    sdpa: dict  # keywords for torch.nn.functional.scaled_dot_product_attention
+    sdpa: Optional[dict]  # keywords for torch.nn.functional.scaled_dot_product_attention; None: no form
     mask_mod: Optional[Callable] = None  # FlexAttention's rule; None: no mask
     mask_mod_batched: bool = False  # mask_mod reads the batch index
     flash_attn: Optional[dict] = None  # flash_attn_func's flags; None: it cannot express the mask
+    score_mod: Optional[Callable] = None  # FlexAttention's score modifier
+    # SDPA's attn_mask [1, Hq, Lq, Lk], built only in SDPA's rows (so no other row's memory holds
+    # it), for a modifier the others compute on the fly.
+    sdpa_bias: Optional[Callable] = None
+    learned: tuple = ()  # tensors beyond q, k, v whose gradient the backward computes
 
 
 def make_masking(case, device):
-    kind, batch, lq, lk = case.mask, case.batch, case.len_q, case.len_k
+    kind, batch, heads, lq, lk = case.mask, case.batch, case.heads_q, case.len_q, case.len_k
     if kind == "none":
         return Masking({}, {}, flash_attn={"causal": False})
 
@@ -73,5 +84,34 @@ def make_masking(case, device):
             lambda b, h, q_idx, kv_idx: tiles[q_idx // BLOCK, kv_idx // BLOCK],
         )
 
-    raise ValueError(f"unknown mask kind {kind!r}; expected one of none, causal, padding, "
-                     "random_bool, window, block_sparse")
+    if kind == "alibi":
+        slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device) / heads)  # ALiBi's, float32 [Hq]
+
+        def dense():
+            distance = (torch.arange(lq, device=device)[:, None] - torch.arange(lk, device=device)).abs()
+            return (-slopes[:, None, None] * distance).to(getattr(torch, case.dtype))[None]
+
+        return Masking(
+            {"alibi_slopes": slopes}, {},
+            score_mod=lambda score, b, h, q_idx, kv_idx: score - slopes[h] * (q_idx - kv_idx).abs(),
+            sdpa_bias=dense,
+            flash_attn={"alibi_slopes": slopes},
+        )
+
+    if kind == "softcap":
+        return Masking(
+            {"softcap": SOFTCAP}, None,
+            score_mod=lambda score, b, h, q_idx, kv_idx: SOFTCAP * torch.tanh(score / SOFTCAP),
+            flash_attn={"softcap": SOFTCAP},
+        )
+
+    if kind in ("bias", "bias_grad"):
+        bias = torch.randn(1, heads, lq, lk, device=device, dtype=getattr(torch, case.dtype))
+        learned = (bias.requires_grad_(),) if kind == "bias_grad" else ()
+        return Masking(
+            {"mask": bias}, {"attn_mask": bias},
+            score_mod=lambda score, b, h, q_idx, kv_idx: score + bias[0, h, q_idx, kv_idx],
+            learned=learned,
+        )
+
+    raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(MASKS + MODIFIERS)}")

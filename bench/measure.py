@@ -13,8 +13,8 @@ from bench.providers import Unsupported
 
 FLOP_RULE = (
     "4*B*Hq*Lq*Lk*D fwd over the live part of the causal/window rule: /2 for 'causal', the visible "
-    "band's fraction of Lq*Lk for 'window'; padding, random_bool and block_sparse count dense FLOPs; "
-    "x2.5 bwd, x3.5 fwd_bwd"
+    "band's fraction of Lq*Lk for 'window'; the other masks and the score modifiers count dense "
+    "FLOPs; x2.5 bwd, x3.5 fwd_bwd"
 )
 MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
@@ -64,15 +64,17 @@ def make_inputs(case, device):
     return t(case.heads_q, case.len_q), t(case.heads_kv, case.len_k), t(case.heads_kv, case.len_k)
 
 
-def timed_step(run, q, k, v, mode):
-    """The call to time for `mode`; autograd.grad, not .backward, so no .grad accumulates."""
+def timed_step(run, q, k, v, mode, learned):
+    """The call to time for `mode`; autograd.grad, not .backward, so no .grad accumulates. The
+    backward differentiates q, k, v and `learned` (a learned bias)."""
     if mode == "fwd":
         return run
     dout = torch.randn_like(q)  # out has q's shape (Dv = D)
+    inputs = (q, k, v, *learned)
     if mode == "fwd_bwd":
-        return lambda: torch.autograd.grad(run(), (q, k, v), dout)
+        return lambda: torch.autograd.grad(run(), inputs, dout)
     out = run()  # bwd: one forward, then its backward again and again
-    return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)
 
 
 def time_gpu(step):
@@ -145,7 +147,7 @@ def run_row(case, provider, prepare, q, k, v, masking, timer):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ms, peak_mb = timer(timed_step(prepare(q, k, v, masking), q, k, v, case.mode))
+            ms, peak_mb = timer(timed_step(prepare(q, k, v, masking), q, k, v, case.mode, masking.learned))
             tflops = flops(case) / ms / 1e9
             row.update(ms=_round(ms), tflops=_round(tflops), peak_mem_mb=_round(peak_mb))
         except Exception as e:  # any failure is this row's result, not the sweep's end

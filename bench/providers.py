@@ -15,6 +15,9 @@ import attn_ops
 import attn_ops.reference
 
 
+MAX_SDPA_BIAS_BYTES = 4 * 2**30  # a materialised modifier beyond this is SDPA's "unsupported", not an OOM
+
+
 class Unsupported(Exception):
     pass
 
@@ -34,11 +37,20 @@ def _sdpa(backend_name):
     def prepare(q, k, v, m):
         if backend is None:
             raise Unsupported(f"torch {torch.__version__} has no SDPBackend.{backend_name}")
+        if m.sdpa is None:
+            raise Unsupported("scaled_dot_product_attention has no form of this score modifier")
         gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+        kwargs = m.sdpa
+        if m.sdpa_bias is not None:
+            size = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
+            if size > MAX_SDPA_BIAS_BYTES:
+                raise Unsupported(f"the materialised bias would take {size / 2**30:.0f} GiB "
+                                  f"(limit {MAX_SDPA_BIAS_BYTES / 2**30:.0f} GiB)")
+            kwargs = {**kwargs, "attn_mask": m.sdpa_bias()}
 
         def run():
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, **gqa, **m.sdpa)
+                return F.scaled_dot_product_attention(q, k, v, **gqa, **kwargs)
 
         return run
 
@@ -59,7 +71,7 @@ def _flex(q, k, v, m):
         batch = q.shape[0] if m.mask_mod_batched else None
         block_mask = create_block_mask(m.mask_mod, batch, None, q.shape[2], k.shape[2], device=q.device)
     gqa = q.shape[1] != k.shape[1]
-    return lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return lambda: flex(q, k, v, score_mod=m.score_mod, block_mask=block_mask, enable_gqa=gqa)
 
 
 def _flash_attn(q, k, v, m):

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from bench.cases import Case
+from bench.cases import PLAIN, Case
 from bench.measure import FLOP_RULE
 
 CASE_KEYS = tuple(f.name for f in fields(Case))
+MASK_AT = CASE_KEYS.index("mask")
 HEADER = ("mode", "dtype", "B", "Hq", "Hkv", "Lq", "Lk", "D", "mask")
 
 
@@ -117,13 +118,15 @@ def _cell(row):
 
 def markdown(meta_, rows):
     """One line per case, one TFLOP/s column per provider, then attn_ops over the best SDPA backend
-    (and over SDPA's math backend, the plain-math peer of the CPU reference, where it ran)."""
+    (and over SDPA's math backend, the plain-math peer of the CPU reference, where it ran; and, on a
+    score modifier's row, attn_ops's time over its time without the modifier)."""
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     ours_name = next((p for p in providers if p.startswith("attn_ops")), "attn_ops")
     versus_math = "sdpa_math" in providers
     cases = {}
     for r in rows:
         cases.setdefault(tuple(r[key] for key in CASE_KEYS), {})[r["provider"]] = r
+    versus_plain = any(key[MASK_AT] in PLAIN for key in cases)
     lines = [
         f"# attn_ops vs peers: TFLOP/s on {meta_['device']}",
         "",
@@ -133,8 +136,9 @@ def markdown(meta_, rows):
         f"FLOPs: {meta_['flop_rule']}.",
         "",
         "| " + " | ".join(HEADER + tuple(providers) + ("attn_ops / best SDPA",)
-                          + (("attn_ops / sdpa_math",) if versus_math else ())) + " |",
-        "|" + "---|" * (len(HEADER) + len(providers) + 1 + versus_math),
+                          + (("attn_ops / sdpa_math",) if versus_math else ())
+                          + (("attn_ops ms / plain",) if versus_plain else ())) + " |",
+        "|" + "---|" * (len(HEADER) + len(providers) + 1 + versus_math + versus_plain),
     ]
     for key, by_provider in cases.items():
         sdpa = [r["tflops"] for p, r in by_provider.items() if p.startswith("sdpa_") and r["tflops"]]
@@ -143,11 +147,25 @@ def markdown(meta_, rows):
         if versus_math:
             math_tflops = by_provider.get("sdpa_math", {}).get("tflops")
             ratios.append(f"{ours / math_tflops:.3g}x" if ours and math_tflops else "-")
+        if versus_plain:
+            ratios.append(_over_plain(key, cases, ours_name))
         cells = [str(x) for x in key] + [_cell(by_provider[p]) if p in by_provider else "-" for p in providers]
         lines.append("| " + " | ".join(cells + ratios) + " |")
     lines += ["", "OOM: out of memory; n/a: the provider cannot run this case; err: it failed. "
               "The JSON beside this table says why."]
+    if versus_plain:
+        lines += ["", "attn_ops ms / plain: attn_ops's time on a score modifier's row over its time on the "
+                  "same case with the kind named (no modifier; for bias_grad, the same bias without its "
+                  "gradient). GPU targets: alibi and softcap at most 1.1x none, bias_grad's bwd at most "
+                  "1.5x bias's."]
     return "\n".join(lines) + "\n"
+
+
+def _over_plain(key, cases, ours_name):
+    plain = PLAIN.get(key[MASK_AT])
+    base = cases.get(key[:MASK_AT] + (plain,) + key[MASK_AT + 1:], {}).get(ours_name, {}).get("ms")
+    ours = cases[key].get(ours_name, {}).get("ms")
+    return f"{ours / base:.3g}x {plain}" if plain and ours and base else "-"
 
 
 def plot(rows, stem):

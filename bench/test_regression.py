@@ -14,19 +14,23 @@ if not torch.cuda.is_available():
     pytest.skip("GPU benchmarks need a CUDA GPU", allow_module_level=True)
 
 # Imported after the skips, so a CPU-only run never even loads the kernels.
-from bench.cases import self_attention  # noqa: E402
+from bench.cases import MODIFIERS, self_attention  # noqa: E402
 from bench.masks import make_masking  # noqa: E402
 from bench.measure import flops, label, make_inputs, time_gpu, timed_step  # noqa: E402
 from bench.providers import GPU_PROVIDERS  # noqa: E402
 
-CASES = self_attention((2048,), (64, 128), ("none", "causal"), ("fwd", "fwd_bwd"))
+CASES = (
+    self_attention((2048,), (64, 128), ("none", "causal"), ("fwd", "fwd_bwd"))
+    + self_attention((2048,), (128,), MODIFIERS, ("fwd_bwd",))
+)
 ITERATIONS = 10
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: label(c).replace(" ", "-"))
 def test_attn_ops_speed(benchmark, case):
     q, k, v = make_inputs(case, "cuda")
-    step = timed_step(GPU_PROVIDERS["attn_ops"](q, k, v, make_masking(case, "cuda")), q, k, v, case.mode)
+    masking = make_masking(case, "cuda")
+    step = timed_step(GPU_PROVIDERS["attn_ops"](q, k, v, masking), q, k, v, case.mode, masking.learned)
     ms, peak_mb = time_gpu(step)  # also the warm-up: compilation and autotuning happen here
 
     def steps():

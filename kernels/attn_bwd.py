@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores, _program_block,
-                          _rounded, _row_stats, _segment, _store_tile, _visible_blocks, _wide)
+from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores,
+                          _program_block, _rounded, _row_stats, _segment, _store_tile, _visible_blocks, _wide)
 from .attn_launch import launch_args
 from .config import tile_config
 
@@ -37,20 +37,34 @@ def _load_row_stats(Lse, Delta, offs_m, len_q):
 
 
 @triton.jit
-def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, seed, offs_n, offs_d, offs_dv, head_index,
-                         start, stop,
+def _score_grads(s, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, dropout_p, dropout_scale,
+                 DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dL/d(final natural-log scores) of one tile, ``p * (dp - delta)``, dP seen through the dropout pattern."""
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = _dot(do, v_t, INTERPRETED_BF16, INPUT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, alibi_log2, seed, offs_n, offs_d, offs_dv,
+                         head_index, start, stop,
                          stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
-                         len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
-                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                         MASK_KIND: tl.constexpr, EDGE: tl.constexpr, DROPOUT: tl.constexpr,
-                         INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
+                         dropout_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                         MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                         DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
         do = _load_tile(dO, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V)
         lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
-        s = _masked_scores(q, k_t, offs_m, offs_n, mask_col_ptrs + _wide(offs_m)[:, None] * stride_mm, len_q, len_k,
-                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, INTERPRETED_BF16, INPUT_PRECISION)
+        s, cap_slope = _masked_scores(q, k_t, offs_m, offs_n, mask_col_ptrs + _wide(offs_m)[:, None] * stride_mm,
+                                      alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
+                                      softcap_log2, MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16,
+                                      INPUT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, v_t, INTERPRETED_BF16, INPUT_PRECISION)
         p_out = p
@@ -59,24 +73,27 @@ def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, see
             p_out = tl.where(keep, p * dropout_scale, 0.0)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         dv += _dot(tl.trans(_rounded(p_out, INTERPRETED_BF16).to(do.dtype)), do, INTERPRETED_BF16, INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None]) * cap_slope  # cap_slope: through the softcap's tanh
         dk += _dot(tl.trans(_rounded(ds, INTERPRETED_BF16).to(q.dtype)), q, INTERPRETED_BF16, INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
+def _attn_bwd_dkdv(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_mb, stride_mh, stride_mm, stride_mn,
+                   stride_ab, stride_ah,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                   num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, scale, dropout_p, dropout_scale,
+                   num_heads_q, group_size, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
+                   softcap_log2, scale, dropout_p, dropout_scale,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-                   DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):
     _, b, h_kv, start_n = _program_block(len_k, num_heads_q // group_size, BLOCK_N)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -99,13 +116,15 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
         Lse_h = _row_stats(Lse, head_index, len_q)
         Delta_h = _row_stats(Delta, head_index, len_q)
         mask_col_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_n)[None, :] * stride_mn
+        alibi_log2 = _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI)
         for segment in tl.static_range(3):
             start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-            dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, seed, offs_n,
-                                          offs_d, offs_dv, head_index, start, stop, stride_qm, stride_qd, stride_dom,
-                                          stride_dod, stride_mm, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p,
-                                          dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, segment != 1,
-                                          DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+            dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, alibi_log2, seed,
+                                          offs_n, offs_d, offs_dv, head_index, start, stop, stride_qm, stride_qd,
+                                          stride_dom, stride_dod, stride_mm, len_q, len_k, band_lo, band_hi,
+                                          diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale, HEAD_DIM,
+                                          HEAD_DIM_V, BLOCK_M, MASK_KIND, segment != 1, SOFTCAP, ALIBI, DROPOUT,
+                                          INTERPRETED_BF16, INPUT_PRECISION)
     dk *= scale  # ds is the gradient of the natural-log scores s = scale * q.k
     dK, dV = _kv_heads(dK, dV, b, h_kv, stride_dkb, stride_dkh, stride_dvb, stride_dvh)
     _store_tile(dK, dk, offs_n, offs_d, stride_dkn, stride_dkd, len_k, HEAD_DIM, INTERPRETED_BF16)
@@ -113,41 +132,42 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Seed, dO, Lse, Delta, dK, dV,
 
 
 @triton.jit
-def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, offs_dv, head_index, start,
-                       stop,
+def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv,
+                       head_index, start, stop,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                       len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
+                       len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MASK_KIND: tl.constexpr, EDGE: tl.constexpr, DROPOUT: tl.constexpr,
-                       INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                       DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
         v_t = _load_tile(V, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, len_k)
-        s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, len_q, len_k,
-                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, INTERPRETED_BF16, INPUT_PRECISION)
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = _dot(do, v_t, INTERPRETED_BF16, INPUT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
+        s, cap_slope = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn,
+                                      alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
+                                      softcap_log2, MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16,
+                                      INPUT_PRECISION)
+        ds = _score_grads(s, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, dropout_p, dropout_scale,
+                          DROPOUT, INTERPRETED_BF16, INPUT_PRECISION) * cap_slope
         dq += _dot(_rounded(ds, INTERPRETED_BF16).to(k_t.dtype), tl.trans(k_t), INTERPRETED_BF16, INPUT_PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
+def _attn_bwd_dq(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dQ,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_mb, stride_mh, stride_mm, stride_mn,
+                 stride_ab, stride_ah,
                  stride_dob, stride_doh, stride_dom, stride_dod,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                 num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, scale, dropout_p, dropout_scale,
+                 num_heads_q, group_size, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
+                 softcap_log2, scale, dropout_p, dropout_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-                 DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
     head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
     h_kv = h // group_size
 
@@ -160,27 +180,116 @@ def _attn_bwd_dq(Q, K, V, Mask, Seed, dO, Lse, Delta, dQ,
                                   len_q)
     K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
     mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
+    alibi_log2 = _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI)
     seed = tl.load(Seed) if DROPOUT else 0
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
     for segment in tl.static_range(3):
         start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-        dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, seed, offs_m, offs_d, offs_dv, head_index,
-                                start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q, len_k,
-                                band_lo, band_hi, qk_scale, dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
-                                MASK_KIND, segment != 1, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+        dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv,
+                                head_index, start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q,
+                                len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
+                                dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1, SOFTCAP, ALIBI,
+                                DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
     dq *= scale
     _store_tile(dQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, len_q, HEAD_DIM,
                 INTERPRETED_BF16)
 
 
-def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None, grad_dtype=None):
-    """Launches the three backward passes for `args` (a `KernelArgs`); returns (dq, dk, dv) laid out
-    like q, k, v, in ``grad_dtype`` (default the inputs'; float32 keeps partial gradients unrounded).
+@triton.jit
+def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask,
+                    stride_qb, stride_qh, stride_qm, stride_qd,
+                    stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd,
+                    stride_mb, stride_mh, stride_mm, stride_mn,
+                    stride_ab, stride_ah,
+                    stride_dob, stride_doh, stride_dom, stride_dod,
+                    stride_gb, stride_gh, stride_gm, stride_gn,
+                    mask_batch, mask_heads, batch, num_heads_q, group_size, len_q, len_k, band_lo, band_hi,
+                    diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                    ROWS_SUMMED: tl.constexpr, COLS_SUMMED: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """The gradient of a float mask in its own shape [mask_batch, mask_heads, 1 or Lq, 1 or Lk]:
+    each program owns one tile of it and sums dS over the dimensions the mask broadcasts (batches,
+    heads, rows or columns) in a fixed order, so the result is deterministic without atomics and
+    without a scratch tensor. dS is the gradient of the final scores, to which the mask is added
+    after the cap: no cap factor."""
+    row_tiles = 1 if ROWS_SUMMED else tl.cdiv(len_q, BLOCK_M)
+    col_tiles = 1 if COLS_SUMMED else tl.cdiv(len_k, BLOCK_N)
+    pid = tl.program_id(0)
+    col0 = (pid % col_tiles) * BLOCK_N
+    row0 = (pid // col_tiles % row_tiles) * BLOCK_M
+    h_m = (pid // (col_tiles * row_tiles) % mask_heads).to(tl.int64)
+    b_m = (pid // (col_tiles * row_tiles * mask_heads)).to(tl.int64)
+    m_first, m_stop = row0, row0 + BLOCK_M
+    if ROWS_SUMMED:
+        m_first, m_stop = 0, len_q
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    seed = tl.load(Seed) if DROPOUT else 0
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # A mask dimension of size 1 is shared by every batch (head): b_m (h_m) is then 0 and all are summed.
+    for b_step in range(batch // mask_batch):
+        b = (b_m + b_step).to(tl.int64)
+        for h_step in range(num_heads_q // mask_heads):
+            h = (h_m + h_step).to(tl.int64)
+            head_index = b * num_heads_q + h
+            K_h, V_h = _kv_heads(K, V, b, h // group_size, stride_kb, stride_kh, stride_vb, stride_vh)
+            alibi_log2 = _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI)
+            for start_m in range(m_first, m_stop, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q,
+                               HEAD_DIM)
+                do = _load_tile(dO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, len_q,
+                                HEAD_DIM_V)
+                lse2, delta = _load_row_stats(_row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q),
+                                              offs_m, len_q)
+                mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
+                # Only the key tiles these rows can see: within this program's columns, at most one.
+                lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
+                if not COLS_SUMMED:
+                    lo, hi = tl.maximum(lo, col0), tl.minimum(hi, col0 + BLOCK_N)
+                for start_n in range(lo, hi, BLOCK_N):
+                    offs_n = start_n + tl.arange(0, BLOCK_N)
+                    k_t = _load_tile(K_h, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
+                    v_t = _load_tile(V_h, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, len_k)
+                    s, _ = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn,
+                                          alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
+                                          softcap_log2, MASK_KIND, True, SOFTCAP, ALIBI, INTERPRETED_BF16,
+                                          INPUT_PRECISION)
+                    acc += _score_grads(s, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, dropout_p,
+                                        dropout_scale, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+    offs_r = row0 + tl.arange(0, BLOCK_M)
+    offs_c = col0 + tl.arange(0, BLOCK_N)
+    len_r, len_c = len_q, len_k
+    if ROWS_SUMMED:
+        acc = tl.sum(acc, 0, keep_dims=True)
+        offs_r, len_r = tl.zeros([1], dtype=tl.int32), 1
+    if COLS_SUMMED:
+        acc = tl.sum(acc, 1, keep_dims=True)
+        offs_c, len_c = tl.zeros([1], dtype=tl.int32), 1
+    # Every program stores its whole tile, zeros where no key was visible.
+    _store_tile(dMask + b_m * stride_gb + h_m * stride_gh, acc, offs_r, offs_c, stride_gm, stride_gn, len_r, len_c,
+                INTERPRETED_BF16)
+
+
+def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, config=None, grad_dtype=None):
+    """Launches the backward passes for `args` (a `KernelArgs`); returns (dq, dk, dv, dmask, dsinks):
+    dq, dk, dv laid out like q, k, v, in ``grad_dtype`` (default the inputs'; float32 keeps partial
+    gradients unrounded); dmask (with `mask_grad`, in the mask's shape and dtype) and dsinks (when
+    there are sinks) or None.
 
     ``lse_log2`` is the forward's, and ``dlse_log2`` (or None) the gradient of that same output.
     With the natural-log LSE = ln 2 * lse_log2, its gradient is dlse = dlse_log2 * log2(e), and it
     folds into delta: d lse_i / d s_ij = p_ij, so ds = p * (dp - (delta - dlse)).
+
+    Sinks: out_i = sum_j p_ij v_j with p_ij = exp(s_ij - lse_i) and lse_i = log(exp(sink) + sum_j
+    exp(s_ij)), so d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i, where
+    p_sink_i = exp(sink - lse_i). Summed over rows: dsink = -sum_i p_sink_i * (delta_i - dlse_i), the
+    same folded delta; no kernel needed.
     """
     batch, num_heads_q, len_q, head_dim = q.shape
     num_heads_kv, len_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
@@ -193,8 +302,9 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None, grad_d
                   HEAD_DIM_V_PAD=launch.head_dim_v_pad, MASK_KIND=launch.mask_kind,
                   DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=launch.interpreted_bf16,
                   INPUT_PRECISION=launch.input_precision)
-    scalars = (num_heads_q, num_heads_q // num_heads_kv, len_q, len_k, launch.band_lo, launch.band_hi,
-               launch.qk_scale, args.scale, args.dropout_p, launch.dropout_scale)
+    common.update(SOFTCAP=args.softcap is not None, ALIBI=args.alibi_slopes is not None)
+    rules = (len_q, len_k, launch.band_lo, launch.band_hi, args.diagonal_shift, launch.qk_scale, launch.softcap_log2)
+    scalars = (num_heads_q, num_heads_q // num_heads_kv, *rules, args.scale, args.dropout_p, launch.dropout_scale)
     _attn_bwd_preprocess[(triton.cdiv(len_q, dq_tile.block_m) * batch * num_heads_q,)](
         out, do, delta, *out.stride(), *do.stride(), num_heads_q, len_q,
         HEAD_DIM=head_dim_v, HEAD_DIM_PAD=launch.head_dim_v_pad, BLOCK_M=dq_tile.block_m,  # o, do: [.., Dv]
@@ -202,15 +312,43 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None, grad_d
     if dlse_log2 is not None:
         delta -= dlse_log2 * LOG2E.value
     _attn_bwd_dkdv[(triton.cdiv(len_k, dkdv.block_n) * batch * num_heads_kv,)](
-        q, k, v, launch.mask, launch.seed, do, lse_log2, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *do.stride(), *dk.stride(), *dv.stride(),
+        q, k, v, launch.mask, launch.alibi, launch.seed, do, lse_log2, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
+        *dk.stride(), *dv.stride(),
         *scalars, **common, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
         num_stages=dkdv.num_stages,
     )
     _attn_bwd_dq[(triton.cdiv(len_q, dq_tile.block_m) * batch * num_heads_q,)](
-        q, k, v, launch.mask, launch.seed, do, lse_log2, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *do.stride(), *dq.stride(),
+        q, k, v, launch.mask, launch.alibi, launch.seed, do, lse_log2, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
+        *dq.stride(),
         *scalars, **common, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, num_warps=dq_tile.num_warps,
         num_stages=dq_tile.num_stages,
     )
-    return dq, dk, dv
+    dmask = _mask_grad(q, k, v, do, lse_log2, delta, args, launch, dq_tile, common) if mask_grad else None
+    dsinks = None
+    if args.sinks is not None:
+        p_sink = torch.exp2(args.sinks.float()[None, :, None] * LOG2E.value - lse_log2)
+        # A row with no key and a -inf sink has lse -inf too: p_sink is 0 there, not NaN.
+        dsinks = -(p_sink.nan_to_num(0.0) * delta).sum((0, 2)).to(args.sinks.dtype)
+    return dq, dk, dv, dmask, dsinks
+
+
+def _mask_grad(q, k, v, do, lse_log2, delta, args, launch, tile, common):
+    """The float mask's gradient in its own shape and dtype (`_attn_bwd_dmask`)."""
+    batch, num_heads_q, len_q, _ = q.shape
+    len_k = k.shape[2]
+    shape = (1,) * (4 - args.mask.dim()) + tuple(args.mask.shape)
+    dmask = torch.empty(shape, dtype=args.mask.dtype, device=q.device)
+    rows_summed, cols_summed = shape[2] == 1, shape[3] == 1
+    tiles = (1 if rows_summed else triton.cdiv(len_q, tile.block_m)) * (1 if cols_summed else triton.cdiv(len_k, tile.block_n))
+    if dmask.numel():
+        _attn_bwd_dmask[(shape[0] * shape[1] * tiles,)](
+            q, k, v, launch.mask, launch.alibi, launch.seed, do, lse_log2, delta, dmask,
+            *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
+            *dmask.stride(), shape[0], shape[1], batch, num_heads_q, num_heads_q // k.shape[1], len_q, len_k,
+            launch.band_lo, launch.band_hi, args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.dropout_p,
+            launch.dropout_scale, **common, ROWS_SUMMED=rows_summed, COLS_SUMMED=cols_summed, BLOCK_M=tile.block_m,
+            BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+    return dmask.view(args.mask.shape)

@@ -95,11 +95,34 @@ def _rounded(x, INTERPRETED_BF16: tl.constexpr):
 
 
 @triton.jit
-def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, len_q, len_k, band_lo, band_hi, qk_scale,
-                   MASK_KIND: tl.constexpr, EDGE: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
-    """log2-domain scores of one [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible."""
+def _tanh(x):
+    # From one exp2 (libdevice's tanh does not run in the interpreter); saturates cleanly to +-1.
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI: tl.constexpr):
+    """ALiBi's slope of (batch b, query head h) in log2-domain units (0 without ALiBi)."""
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h * stride_ah) * LOG2E
+    return slope
+
+
+@triton.jit
+def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift,
+                   qk_scale, softcap_log2, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr,
+                   ALIBI: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """log2-domain scores of one [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible, and the
+    derivative of the capped score by the scaled one (``1 - tanh**2``; 1.0 without a cap)."""
     s = _dot(q, k_t, INTERPRETED_BF16, INPUT_PRECISION) * qk_scale
+    cap_slope = 1.0
+    if SOFTCAP:  # s is s_nat / softcap here (see launch_args): softcap * tanh(s) * log2(e)
+        t = _tanh(s)
+        cap_slope = 1.0 - t * t
+        s = t * softcap_log2
+    if ALIBI:  # -slope * |i' - j|; the distance is an exact float below 2**24
+        s -= alibi_log2 * tl.abs(offs_m[:, None] + diagonal_shift - offs_n[None, :]).to(tl.float32)
     if MASK_KIND != NO_MASK:
         in_bounds = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
         m = tl.load(mask_ptrs, mask=in_bounds, other=0)
@@ -114,7 +137,7 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, len_q, len_k, band_lo, ban
         rel = offs_n[None, :] - offs_m[:, None]
         visible = (rel >= band_lo) & (rel <= band_hi) & (offs_n[None, :] < len_k)
         s = tl.where(visible, s, float("-inf"))
-    return s
+    return s, cap_slope
 
 
 @triton.jit

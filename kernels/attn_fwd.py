@@ -5,24 +5,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (_dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores, _program_block, _rounded,
-                          _row_stats, _segment, _store_tile, _visible_blocks, _wide)
+from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores,
+                          _program_block, _rounded, _row_stats, _segment, _store_tile, _visible_blocks, _wide)
 from .attn_launch import empty_like_q, launch_args
 from .config import tile_config
 
 
 @triton.jit
-def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, offs_dv, head_index, start, stop,
-                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                    len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
+def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv, head_index,
+                    start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                    len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-                    EDGE: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr):
+                    EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                    INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
-        s = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, len_q, len_k,
-                           band_lo, band_hi, qk_scale, MASK_KIND, EDGE, INTERPRETED_BF16, INPUT_PRECISION)
+        s, _ = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, alibi_log2,
+                              len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, MASK_KIND, EDGE,
+                              SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Until a row has seen a visible key its max is -inf; shift by 0 then, so exp2 gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -41,16 +42,19 @@ def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
+def _attn_fwd(Q, K, V, Mask, Alibi, Sinks, Seed, Out, Lse,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_mb, stride_mh, stride_mm, stride_mn,
+              stride_ab, stride_ah,
               stride_ob, stride_oh, stride_om, stride_od,
-              num_heads_q, group_size, len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale,
+              num_heads_q, group_size, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
+              dropout_p, dropout_scale,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-              DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
+              INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
     h_kv = h // group_size
 
@@ -60,6 +64,7 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
     q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
     K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
     mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
+    alibi_log2 = _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI)
     seed = tl.load(Seed) if DROPOUT else 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -69,13 +74,23 @@ def _attn_fwd(Q, K, V, Mask, Seed, Out, Lse,
     # Boundary tiles get the element-wise band mask, interior tiles skip it, dead tiles are not visited.
     for segment in tl.static_range(3):
         start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, seed, offs_m, offs_d, offs_dv,
-                                        head_index, start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                                        len_q, len_k, band_lo, band_hi, qk_scale, dropout_p, dropout_scale, HEAD_DIM,
-                                        HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1, DROPOUT, INTERPRETED_BF16,
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d,
+                                        offs_dv, head_index, start, stop, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        stride_mn, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
+                                        softcap_log2, dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
+                                        MASK_KIND, segment != 1, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16,
                                         INPUT_PRECISION)
+    if SINKS:
+        # The sink is one more logit in the normalizer, with no value: rescale as for a key tile.
+        sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
+        m_new = tl.maximum(m_i, sink)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
+        acc = acc * alpha[:, None]
+        m_i = m_new
 
-    # A row with no visible key has l_i = 0: its output is 0 and its lse -inf, never NaN.
+    # A row with no visible key (and no sink) has l_i = 0: its output is 0 and its lse -inf, never NaN.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     # The LSE stays in log2 units (the scores' domain): the backward's exp2(s - lse) then gives p = 1
@@ -103,13 +118,14 @@ def attn_fwd(q, k, v, args, *, config=None, out_dtype=None):
     block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", max(head_dim, head_dim_v), config)
     grid = (triton.cdiv(len_q, block_m) * batch * num_heads_q,)
     _attn_fwd[grid](
-        q, k, v, launch.mask, launch.seed, out, lse_log2,
-        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *out.stride(),
-        num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], launch.band_lo, launch.band_hi, launch.qk_scale,
-        args.dropout_p, launch.dropout_scale,
+        q, k, v, launch.mask, launch.alibi, launch.sinks, launch.seed, out, lse_log2,
+        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *out.stride(),
+        num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], launch.band_lo, launch.band_hi,
+        args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.dropout_p, launch.dropout_scale,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PAD=launch.head_dim_v_pad,
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        MASK_KIND=launch.mask_kind, DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=launch.interpreted_bf16,
+        BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=launch.mask_kind, SOFTCAP=args.softcap is not None,
+        ALIBI=args.alibi_slopes is not None, SINKS=args.sinks is not None, DROPOUT=args.dropout_p > 0,
+        INTERPRETED_BF16=launch.interpreted_bf16,
         INPUT_PRECISION=launch.input_precision, num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse_log2

@@ -18,13 +18,20 @@ class KernelArgs:
 
     ``band_lo``/``band_hi``: query i sees key j iff ``i + band_lo <= j <= i + band_hi`` (None:
     unbounded). ``mask``: bool (True = may attend) or float (added), broadcastable to
-    [B, Hq, Lq, Lk]. ``seed``: an int64 tensor [1] on q's device when ``dropout_p > 0``.
+    [B, Hq, Lq, Lk]. ``diagonal_shift``: i' - i, where ALiBi measures distances from.
+    ``softcap``: None or the cap of the scaled scores. ``alibi_slopes``: None or float32 [Hq] or
+    [B, Hq]. ``sinks``: None or [Hq] logits. ``seed``: an int64 tensor [1] on q's device when
+    ``dropout_p > 0``.
     """
 
     scale: float
     mask: Optional[torch.Tensor] = None
     band_lo: Optional[int] = None
     band_hi: Optional[int] = None
+    diagonal_shift: int = 0
+    softcap: Optional[float] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+    sinks: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
     seed: Optional[torch.Tensor] = None
 
@@ -44,6 +51,10 @@ class LaunchArgs(NamedTuple):
     band_lo: int
     band_hi: int
     qk_scale: float
+    softcap_log2: float
+    alibi: torch.Tensor
+    alibi_strides: tuple
+    sinks: torch.Tensor
     dropout_scale: float
     head_dim_pad: int
     head_dim_v_pad: int
@@ -65,6 +76,9 @@ def launch_args(q, k, v_head_dim, args):
         if mask_kind == BOOL_MASK.value:
             mask = mask.view(torch.uint8)
         mask_strides = mask.stride()
+    # [Hq] slopes are shared by the batch: stride 0 over it.
+    alibi = args.alibi_slopes
+    alibi_strides = (0, 0) if alibi is None else (0, *alibi.stride()) if alibi.dim() == 1 else alibi.stride()
     # An unbounded side of the band becomes an offset no index pair can reach.
     reach = len_q + len_k
     fp32 = q.dtype == torch.float32
@@ -76,7 +90,13 @@ def launch_args(q, k, v_head_dim, args):
         seed=args.seed if args.dropout_p > 0 else q,  # a dummy pointer the kernel never reads
         band_lo=-reach if args.band_lo is None else args.band_lo,
         band_hi=reach if args.band_hi is None else args.band_hi,
-        qk_scale=args.scale * LOG2E.value,
+        # With a cap, the dot times qk_scale is the argument of tanh, and softcap_log2 scales tanh
+        # back into log2-domain scores: softcap * tanh(s / softcap) * log2(e).
+        qk_scale=args.scale * LOG2E.value if args.softcap is None else args.scale / args.softcap,
+        softcap_log2=0.0 if args.softcap is None else args.softcap * LOG2E.value,
+        alibi=q if alibi is None else alibi,  # q: a dummy pointer the kernel never reads
+        alibi_strides=alibi_strides,
+        sinks=q if args.sinks is None else args.sinks,
         # dropout_p = 1 keeps nothing: a scale of 0, not 1 / 0.
         dropout_scale=1.0 / (1.0 - args.dropout_p) if args.dropout_p < 1 else 0.0,
         head_dim_pad=head_dim_pad(head_dim),

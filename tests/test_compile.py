@@ -29,7 +29,38 @@ def test_opcheck_forward_and_backward_ops(device, permuted, masked, dropout):
     out, lse_log2 = torch.ops.attn_ops.attention_fwd(*args)
     q, k, v = args[:3]
     dout = torch.randn(1, 24, 2, 16, device=device).transpose(1, 2) if permuted else torch.randn_like(out)
-    opcheck(torch.ops.attn_ops.attention_bwd.default, (dout, None, q, k, v, out, lse_log2, *args[3:]))
+    opcheck(torch.ops.attn_ops.attention_bwd.default, (dout, None, q, k, v, out, lse_log2, False, *args[3:]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_with_score_modifiers_and_the_mask_gradient(device):
+    q, k, v = (torch.randn(1, 2, 24, 16, device=device) for _ in range(3))
+    args = KernelArgs(scale=0.25, mask=torch.randn(2, 24, 1, device=device), band_lo=-10, diagonal_shift=0,
+                      softcap=5.0, alibi_slopes=torch.rand(2, device=device), sinks=torch.randn(2, device=device))
+    opcheck(torch.ops.attn_ops.attention_fwd.default, (q, k, v, *args.flat()))
+    out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *args.flat())
+    opcheck(torch.ops.attn_ops.attention_bwd.default,
+            (torch.randn_like(out), torch.randn_like(lse_log2), q, k, v, out, lse_log2, True, *args.flat()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_score_modifiers_and_their_gradients_equal_eager(device):
+    q, k, v = (torch.randn(2, 4, 40, 16, device=device, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 4, 40, 40, device=device, requires_grad=True)
+    sinks = torch.randn(4, device=device, requires_grad=True)
+    slopes = torch.rand(4, device=device)
+
+    def step(q, k, v, bias, sinks):
+        return attn_ops.attention(q, k, v, mask=bias, sinks=sinks, softcap=10.0, alibi_slopes=slopes, causal=True,
+                                  backend="triton")
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        out = fn(q, k, v, bias, sinks)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, bias, sinks))))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -137,12 +137,87 @@ def test_config_attn_implementation_selects_the_op(calls):
     assert calls
 
 
+def _gemma2():
+    # Layer 0 slides (window 4 < SEQ), layer 1 is global. Weights 10x the default and a cap of 1 put
+    # the scores where tanh bends: without the cap the logits move by ~0.05.
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4,
+        attn_logit_softcapping=1.0, initializer_range=0.2,
+    )
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    return transformers.Gemma2ForCausalLM(config).eval()
+
+
+def _gpt_oss():
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
+    )
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    return transformers.GptOssForCausalLM(config).eval()
+
+
+# Against eager, the implementation these models default to. Right padding: with left padding the
+# padded queries see no key, and eager averages their values where the op (as SDPA) gives zeros.
+@pytest.mark.parametrize("make", [_gemma2, _gpt_oss], ids=["gemma2_softcap", "gpt_oss_sinks"])
+def test_sliding_window_models_with_score_modifiers_match_eager(make, calls):
+    model = make()
+    ids, mask = _batch("right")
+    expected = _run(model, "eager", input_ids=ids, attention_mask=mask).logits
+    actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual, expected, **TOL)
+    # The global layer's padding mask and the sliding layer's dense mask.
+    assert sorted(m.dim() for m in calls) == [2, 4]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=DEVICES[0].marks)])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+def test_t5_with_position_bias_matches_eager_logits_and_bias_gradients(padded, backend, calls):
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
+    )
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids, mask = _batch("right")
+    inputs = dict(input_ids=ids, decoder_input_ids=ids[:, 3:])
+    if padded:  # the bias joins the padding in one mask; the decoder's rows (6, 3, 5 real tokens) add causal
+        inputs.update(attention_mask=mask, decoder_attention_mask=mask[:, 3:])
+    biases = [stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+              for stack in (model.encoder, model.decoder)]
+    results = {}
+    for implementation in ("eager", "attn_ops"):
+        model.set_attn_implementation(implementation)
+        model.zero_grad()
+        with attn_ops.use_backend(backend if implementation == "attn_ops" else "auto"):
+            logits = model(**inputs).logits
+            logits.square().sum().backward()  # through the kernels' mask gradient with "triton"
+        results[implementation] = logits.detach(), [bias.grad for bias in biases]
+    torch.testing.assert_close(results["attn_ops"], results["eager"], **TOL)
+    # 2 encoder layers, then 2 decoder layers of self and cross attention. Unpadded, the bias goes
+    # in alone (its gradient from the op in its own shape), the decoder's causal rule from the module.
+    encoder, decoder_self, cross = ((3, 1, 1, SEQ), (3, SEQ - 3), (3, 1, 1, SEQ)) if padded else (None,) * 3
+    assert [m if m is None else tuple(m.shape) for m in calls] == [encoder] * 2 + [decoder_self, cross] * 2
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_llama_on_the_kernel_path_matches_sdpa(device):
     # One tiny batch: the Triton interpreter runs each program block step in Python.
     model = _llama().to(device)
     ids, mask = (t.to(device) for t in _batch("left"))
     expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
+    with attn_ops.use_backend("triton"):
+        actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual, expected, **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gpt_oss_on_the_kernel_path_matches_eager(device):
+    # The sinks through the kernels: in the normalizer of the sliding layer's dense mask and of the
+    # global layer's padding with the causal rule.
+    model = _gpt_oss().to(device)
+    ids, mask = (t.to(device) for t in _batch("right"))
+    expected = _run(model, "eager", input_ids=ids, attention_mask=mask).logits
     with attn_ops.use_backend("triton"):
         actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(actual, expected, **TOL)

@@ -187,12 +187,17 @@ def test_causal_bias_with_is_causal_raises_like_sdpa():
         attn_ops.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
 
 
-def test_float_mask_that_requires_grad_gets_sdpa_maths_gradient():
-    q, k, v = _qkv()
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=DEVICES[0].marks), "reference"])
+def test_float_mask_that_requires_grad_gets_sdpa_maths_gradient(backend):
+    q, k, v = _qkv(requires_grad=True)
     bias = torch.randn(4, 7, 9, requires_grad=True)  # per head, shared by the batch
-    ours = torch.autograd.grad(attn_ops.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum(), bias)[0]
-    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum(), bias)[0]
-    torch.testing.assert_close(ours, theirs, **TOL)
+    inputs = (q, k, v, bias)
+    with attn_ops.use_backend(backend):
+        ours = attn_ops.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    grad = torch.randn_like(theirs)
+    for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad)):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def test_float64_inputs_match_sdpa():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attn_ops import reference
+from attn_ops.band import band_rules
 from attn_ops.kernels.config import INTERPRETED
 
 # Where the kernels run: CPU tensors through the interpreter in CI, CUDA when present.
@@ -29,42 +30,64 @@ def make_qkv(batch, heads_q, heads_kv, len_q, len_k, head_dim, dtype, device, sc
     return [t.to(dtype).requires_grad_() for t in (q, k, v)]
 
 
-def plain_torch(q, k, v, mask=None, scale=None, **rules):
-    """softmax(q k^T * scale + mask) v computed by plain PyTorch ops at the inputs' precision."""
+def plain_torch(q, k, v, mask=None, scale=None, softcap=None, alibi_slopes=None, sinks=None, **rules):
+    """softmax(cap(q k^T * scale) + mask + alibi, sinks) v computed by plain PyTorch ops at the
+    inputs' precision."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if alibi_slopes is not None:
+        shift = k.shape[2] - q.shape[2] if band_rules(q.shape[2], k.shape[2], rules.get("causal", False),
+                                                      rules.get("window"), rules.get("align"))[2] == "bottom_right" else 0
+        distance = (torch.arange(q.shape[2])[:, None] + shift - torch.arange(k.shape[2])[None, :]).abs().to(q.device)
+        slopes = alibi_slopes.view(-1 if alibi_slopes.dim() == 2 else 1, alibi_slopes.shape[-1], 1, 1)
+        s = s - (slopes * distance).to(s.dtype)
     # Which keys are visible comes from the float64 reference (masking itself is exact).
     visible = reference.masked_scores(q.detach().double(), k.detach().double(), mask=_wide(mask), scale=1.0,
                                       **rules) > float("-inf")
     if mask is not None and mask.dtype != torch.bool:
         s = s + mask.to(s.dtype)
-    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-    return torch.matmul(p, v)
+    s = s.masked_fill(~visible, float("-inf"))
+    if sinks is None:
+        return torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0), v)
+    s = torch.cat([s, sinks.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
+    return torch.matmul(torch.softmax(s, dim=-1)[..., :-1], v)
 
 
 def _wide(mask):
     return mask if mask is None or mask.dtype == torch.bool else mask.double()
 
 
+def _learned(kw):
+    """The names of the differentiable score terms among the keyword arguments (a float mask, sinks)."""
+    return [name for name in ("mask", "sinks") if kw.get(name) is not None and kw[name].requires_grad]
+
+
 def check_against_float64(q, k, v, out, grads=None, dout=None, score_gain=1.0, floor=True, **kw):
-    """Asserts out (and grads of q, k, v for the upstream gradient dout) obey the 2x rule.
+    """Asserts out (and grads of q, k, v, then of a float mask and sinks that require grad, for the
+    upstream gradient dout) obey the 2x rule.
 
     ``score_gain`` scales the floor of dq and dk: they are ``scale * ds @ k``, so a rounding-level
     error in ``dp - delta`` comes out multiplied by about ``scale * |k| * sqrt(D)``. ``floor=False``
     holds the kernel to twice plain PyTorch's error alone.
     """
-    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    truth = reference.attention(*wide, **{**kw, "mask": _wide(kw.get("mask"))})
-    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    plain = plain_torch(*low, **kw)
+    learned = _learned(kw)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v, *(kw[name] for name in learned))]
+    truth = reference.attention(*wide[:3], **{**kw, "mask": _wide(kw.get("mask")), **dict(zip(learned, wide[3:]))})
+    low = [t.detach().clone().requires_grad_() for t in (q, k, v, *(kw[name] for name in learned))]
+    plain = plain_torch(*low[:3], **{**kw, **dict(zip(learned, low[3:]))})
     _assert_rule("out", out, truth, plain, q.dtype, floor=floor)
     if grads is None:
         return
     truth_grads = torch.autograd.grad(truth, wide, dout.double())
     plain_grads = torch.autograd.grad(plain, low, dout)
-    for name, g, tg, pg, gain in zip(("dq", "dk", "dv"), grads, truth_grads, plain_grads, (score_gain, score_gain, 1)):
+    names = ("dq", "dk", "dv", *(f"d{name}" for name in learned))
+    gains = (score_gain, score_gain, 1, *(1 for _ in learned))
+    assert len(grads) == len(names), f"{len(grads)} gradients for {names}"
+    for name, g, tg, pg, gain in zip(names, grads, truth_grads, plain_grads, gains):
         _assert_rule(name, g, tg, pg, q.dtype, gain, floor)
 
 
@@ -74,3 +97,19 @@ def _assert_rule(name, actual, truth, plain, dtype, gain=1.0, floor=True):
     plain_err = (plain.double() - truth).abs().max().item()
     bound = 2 * plain_err + (FLOOR[dtype] * max(gain, truth.abs().max().item()) if floor else 0.0)
     assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (plain PyTorch's error {plain_err:.3g})"
+
+
+def check_finite_differences(loss, inputs, eps=1e-2):
+    """Asserts the gradients of the scalar ``loss(*inputs)`` (float32) agree with central differences
+    along a random direction per input."""
+    grads = torch.autograd.grad(loss(*inputs), inputs)
+    for i, g in enumerate(grads):
+        direction = torch.randn_like(g)
+        plus = [t.detach().clone() for t in inputs]
+        minus = [t.detach().clone() for t in inputs]
+        plus[i] += eps * direction
+        minus[i] -= eps * direction
+        numeric = (loss(*plus) - loss(*minus)).item() / (2 * eps)
+        analytic = (g * direction).sum().item()
+        # Central differences in fp32: O(eps^2) truncation plus rounding of the loss (~1e-5 / eps).
+        assert abs(numeric - analytic) <= 2e-2 * max(1.0, abs(analytic)), (i, numeric, analytic)

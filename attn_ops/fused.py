@@ -16,8 +16,9 @@ from torch import Tensor
 
 from .kernels.attn_bwd import attn_bwd
 from .kernels.attn_fwd import attn_fwd
-from .kernels.attn_launch import KERNEL_ARG_NAMES, KernelArgs, empty_like_q
+from .kernels.attn_launch import KERNEL_ARG_NAMES, KernelArgs
 from .kernels.config import INTERPRETED, MAX_HEAD_DIM
+from .kernels.layout import empty_like_q
 
 NAME = "triton"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -47,8 +48,10 @@ def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
 
 def _bwd_fake(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
     args = KernelArgs(*flat)
+    # dmask and dsinks are new contiguous tensors of the mask's and the sinks' shapes, whatever their strides.
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(args.mask) if mask_grad else None, None if args.sinks is None else torch.empty_like(args.sinks))
+            args.mask.new_empty(args.mask.shape) if mask_grad else None,
+            None if args.sinks is None else args.sinks.new_empty(args.sinks.shape))
 
 
 attention_fwd = torch.library.custom_op(

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .band import band_rules
 from .checks import check_scale
+from .kernels.layout import empty_like_q, memory_order
 from .problem import describe
 
 NAME = "reference"
@@ -59,7 +60,7 @@ def run(q, k, v, problem):
     dtype = _compute_dtype(q.dtype)
     batch, heads, len_q, len_k = problem.batch, problem.heads_q, problem.len_q, problem.len_k
     if len_q == 0 or len_k == 0:  # nothing to compute; with no key every row is fully masked
-        out = _like_q(q, problem.head_dim_v).zero_()
+        out = empty_like_q(q, problem.head_dim_v).zero_()
         if problem.requires_grad:  # zero gradients, not None
             out = out + 0 * sum(t.sum() for t in (q, k, v, problem.mask, problem.sinks) if t is not None)
         if problem.sinks is not None:  # the sink alone is in each row's normalizer
@@ -84,8 +85,8 @@ def run(q, k, v, problem):
     result = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     # The output is laid out like q (a [B, L, H, D] view in gives a [B, L, H, D] view out) in q's
     # dtype: a copy only where the (contiguous) result is not that already.
-    if result.dtype != q.dtype or _memory_order(q) != [0, 1, 2, 3]:
-        result = _like_q(q, problem.head_dim_v).copy_(result)
+    if result.dtype != q.dtype or memory_order(q) != [0, 1, 2, 3]:
+        result = empty_like_q(q, problem.head_dim_v).copy_(result)
     lse = None if not problem.return_lse else lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
     return result, lse
 
@@ -219,18 +220,6 @@ def _scores(q, k, scale, bias, softcap=None):
 
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _memory_order(q):
-    """q's dimensions, outermost in memory first."""
-    return sorted(range(4), key=lambda d: q.stride(d), reverse=True)
-
-
-def _like_q(q, head_dim_v):
-    """An empty [B, Hq, Lq, Dv] tensor in q's dtype, its dimensions ordered in memory as q's are."""
-    order = _memory_order(q)
-    shape = (*q.shape[:3], head_dim_v)
-    return q.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(4)])
 
 
 def _sum_groups(x, num_heads_kv):

@@ -7,8 +7,9 @@ import triton.language as tl
 
 from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores,
                           _program_block, _rounded, _row_stats, _segment, _store_tile, _visible_blocks, _wide)
-from .attn_launch import empty_like_q, launch_args
+from .attn_launch import launch_args
 from .config import tile_config
+from .layout import empty_like_q
 
 
 @triton.jit

@@ -105,11 +105,3 @@ def launch_args(q, k, v_head_dim, args):
         input_precision="tf32" if tf32 else "ieee",
     )
 
-
-def empty_like_q(q, last_dim, dtype=None):
-    """An empty [B, Hq, Lq, last_dim] tensor whose dimensions are ordered in memory as q's are (a
-    [B, L, H, D] view in gives a [B, L, H, Dv] view out)."""
-    order = sorted(range(4), key=lambda d: q.stride(d), reverse=True)
-    shape = (*q.shape[:3], last_dim)
-    out = q.new_empty([shape[d] for d in order], dtype=dtype)
-    return out.permute([order.index(d) for d in range(4)])

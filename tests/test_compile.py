@@ -35,7 +35,8 @@ def test_opcheck_forward_and_backward_ops(device, permuted, masked, dropout):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_with_score_modifiers_and_the_mask_gradient(device):
     q, k, v = (torch.randn(1, 2, 24, 16, device=device) for _ in range(3))
-    args = KernelArgs(scale=0.25, mask=torch.randn(2, 24, 1, device=device), band_lo=-10, diagonal_shift=0,
+    mask = torch.randn(24, 2, 24, device=device).transpose(0, 1)  # [H, Lq, Lk], its strides permuted
+    args = KernelArgs(scale=0.25, mask=mask, band_lo=-10, diagonal_shift=0,
                       softcap=5.0, alibi_slopes=torch.rand(2, device=device), sinks=torch.randn(2, device=device))
     opcheck(torch.ops.attn_ops.attention_fwd.default, (q, k, v, *args.flat()))
     out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *args.flat())

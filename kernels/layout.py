@@ -1,0 +1,14 @@
+"""Where outputs live in memory: torch only, so the reference uses it without loading Triton."""
+
+
+def memory_order(t):
+    """t's dimensions, outermost in memory first."""
+    return sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
+
+
+def empty_like_q(q, last_dim, dtype=None):
+    """An empty [B, Hq, Lq, last_dim] tensor whose dimensions are ordered in memory as q's are (a
+    [B, L, H, D] view in gives a [B, L, H, Dv] view out); q's dtype unless `dtype` is given."""
+    order = memory_order(q)
+    shape = (*q.shape[:3], last_dim)
+    return q.new_empty([shape[d] for d in order], dtype=dtype).permute([order.index(d) for d in range(4)])

@@ -152,10 +152,12 @@ def _chunk(q, k, v, mask, problem, seed, q_offset, k_offset):
         sinks = problem.sinks.to(dtype).view(1, -1, 1, 1)
         scores = torch.cat([scores, sinks.expand(*scores.shape[:3], 1)], dim=-1)
         empty = None if empty is None else empty & (sinks == float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1) if problem.return_lse else None
     if empty is not None and (torch.compiler.is_compiling() or empty.any()):
-        p = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        scores = scores.masked_fill_(empty, 0.0)  # before anything saves it for the backward
+        lse = torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf")) if problem.return_lse else None
+        p = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
     else:
+        lse = torch.logsumexp(scores, dim=-1) if problem.return_lse else None
         p = torch.softmax(scores, dim=-1)
     if problem.sinks is not None:
         p = p[..., :-1]

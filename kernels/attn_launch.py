@@ -96,7 +96,7 @@ def launch_args(q, k, v_head_dim, args):
         softcap_log2=0.0 if args.softcap is None else args.softcap * LOG2E.value,
         alibi=q if alibi is None else alibi,  # q: a dummy pointer the kernel never reads
         alibi_strides=alibi_strides,
-        sinks=q if args.sinks is None else args.sinks,
+        sinks=q if args.sinks is None else args.sinks.contiguous(),  # read as sinks[h]: [Hq], unit stride
         # dropout_p = 1 keeps nothing: a scale of 0, not 1 / 0.
         dropout_scale=1.0 / (1.0 - args.dropout_p) if args.dropout_p < 1 else 0.0,
         head_dim_pad=head_dim_pad(head_dim),

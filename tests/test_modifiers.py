@@ -103,6 +103,31 @@ def test_fully_masked_rows_with_sinks_give_zeros_and_lse_equal_to_the_sink(devic
     check_against_float64(q, k, v, out, grads, dout, **kw)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_sinks_are_read_per_head(device):
+    q, k, v = make_qkv(1, 4, 2, 30, 40, 16, torch.float32, device)
+    for sinks in (torch.randn(4, 2, device=device)[:, 0], torch.tensor([2.0], device=device).expand(4)):
+        check(q, k, v, sinks=sinks)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_lse_gradient_with_fully_masked_rows_is_finite_in_both_implementations(device, with_sinks):
+    q, k, v = make_qkv(1, 2, 2, 40, 30, 16, torch.float32, device)
+    mask = torch.randn(40, 30, device=device).masked_fill(torch.arange(40, device=device)[:, None] % 4 == 0,
+                                                          float("-inf")).requires_grad_()
+    sinks = torch.tensor([0.5, float("-inf")], device=device, requires_grad=True) if with_sinks else None
+    inputs = (q, k, v, mask) + ((sinks,) if with_sinks else ())
+    grads = {}
+    for backend in ("triton", "reference"):
+        out, lse = attn_ops.attention(q, k, v, mask=mask, sinks=sinks, return_lse=True, backend=backend)
+        finite = torch.isfinite(lse)
+        grads[backend] = torch.autograd.grad(out.sum() + lse[finite].sum(), inputs)
+        assert all(not g.isnan().any() for g in grads[backend]), backend
+    for kernel, truth in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(kernel, truth, atol=1e-5, rtol=1e-5)
+
+
 # Every broadcast the mask may have: per element, shared by the batch (T5's bias), by everything
 # (Swin's relative bias), key padding, per query row, one value per head.
 MASK_SHAPES = {

@@ -3,8 +3,9 @@
 
 An implementation is a module with ``NAME``, ``not_supported_reasons(problem) -> list[str]`` and
 ``run(q, k, v, problem) -> (out, lse)``. The fused ones are imported only when a call may use them,
-so `import attn_ops` loads neither Triton nor the kernels. Later variants (split-KV decoding, paged
-KV, varlen, Hopper kernels) join `_fused()` ahead of the generic kernels they specialise.
+so `import attn_ops` loads none of the kernels (torch's own `torch.nn.attention` imports Triton
+where installed). Later variants (split-KV decoding, paged KV, varlen, Hopper kernels) join
+`_fused()` ahead of the generic kernels they specialise.
 """
 
 import contextlib

@@ -106,10 +106,11 @@ def variants(major):
         # forward, and the pass that computes the mask's gradient (which takes the dq pass's tiles).
         common = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, HEAD_DIM_V=128, HEAD_DIM_V_PAD=128, MASK_KIND=ADD_MASK.value,
                       DROPOUT=False, SOFTCAP=True, ALIBI=True, INTERPRETED_BF16=False, INPUT_PRECISION="ieee")
-        for name, kernel, extra in (("fwd+sinks", _attn_fwd, dict(SINKS=True)), ("dkdv", _attn_bwd_dkdv, {}),
-                                    ("dq", _attn_bwd_dq, {}),
-                                    ("dmask", _attn_bwd_dmask, dict(ROWS_SUMMED=False, COLS_SUMMED=False))):
-            tile = tile_for(size, name.split("+")[0].replace("dmask", "dq"), 128, major)
+        for name, kernel, tiles_of, extra in (
+                ("fwd+sinks", _attn_fwd, "fwd", dict(SINKS=True)), ("dkdv", _attn_bwd_dkdv, "dkdv", {}),
+                ("dq", _attn_bwd_dq, "dq", {}),
+                ("dmask", _attn_bwd_dmask, "dq", dict(ROWS_SUMMED=False, COLS_SUMMED=False))):
+            tile = tile_for(size, tiles_of, 128, major)
             yield (f"{name}+softcap+alibi", kernel, dtype, 128, ADD_MASK.value, False,
                    dict(common, **extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n),
                    dict(num_warps=tile.num_warps, num_stages=tile.num_stages))

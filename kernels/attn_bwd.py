@@ -325,7 +325,7 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
         *scalars, **common, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, num_warps=dq_tile.num_warps,
         num_stages=dq_tile.num_stages,
     )
-    dmask = _mask_grad(q, k, v, do, lse_log2, delta, args, launch, dq_tile, common) if mask_grad else None
+    dmask = _mask_grad(q, k, v, do, lse_log2, delta, args, launch, rules, dq_tile, common) if mask_grad else None
     dsinks = None
     if args.sinks is not None:
         p_sink = torch.exp2(args.sinks.float()[None, :, None] * LOG2E.value - lse_log2)
@@ -334,8 +334,9 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     return dq, dk, dv, dmask, dsinks
 
 
-def _mask_grad(q, k, v, do, lse_log2, delta, args, launch, tile, common):
-    """The float mask's gradient in its own shape and dtype (`_attn_bwd_dmask`)."""
+def _mask_grad(q, k, v, do, lse_log2, delta, args, launch, rules, tile, common):
+    """The float mask's gradient in its own shape and dtype (`_attn_bwd_dmask`); `rules` are the
+    score arguments every backward pass takes, from len_q to softcap_log2."""
     batch, num_heads_q, len_q, _ = q.shape
     len_k = k.shape[2]
     shape = (1,) * (4 - args.mask.dim()) + tuple(args.mask.shape)
@@ -346,8 +347,7 @@ def _mask_grad(q, k, v, do, lse_log2, delta, args, launch, tile, common):
         _attn_bwd_dmask[(shape[0] * shape[1] * tiles,)](
             q, k, v, launch.mask, launch.alibi, launch.seed, do, lse_log2, delta, dmask,
             *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
-            *dmask.stride(), shape[0], shape[1], batch, num_heads_q, num_heads_q // k.shape[1], len_q, len_k,
-            launch.band_lo, launch.band_hi, args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.dropout_p,
+            *dmask.stride(), shape[0], shape[1], batch, num_heads_q, num_heads_q // k.shape[1], *rules, args.dropout_p,
             launch.dropout_scale, **common, ROWS_SUMMED=rows_summed, COLS_SUMMED=cols_summed, BLOCK_M=tile.block_m,
             BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
         )

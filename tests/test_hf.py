@@ -200,24 +200,16 @@ def test_t5_with_position_bias_matches_eager_logits_and_bias_gradients(padded, b
     assert [m if m is None else tuple(m.shape) for m in calls] == [encoder] * 2 + [decoder_self, cross] * 2
 
 
+# One tiny batch each: the Triton interpreter runs each program block step in Python. gpt-oss puts
+# its sinks through the kernels, in the normalizer of the sliding layer's dense mask and of the
+# global layer's padding with the causal rule; it is compared with eager, its default.
 @pytest.mark.parametrize("device", DEVICES)
-def test_llama_on_the_kernel_path_matches_sdpa(device):
-    # One tiny batch: the Triton interpreter runs each program block step in Python.
-    model = _llama().to(device)
-    ids, mask = (t.to(device) for t in _batch("left"))
-    expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
-    with attn_ops.use_backend("triton"):
-        actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(actual, expected, **TOL)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_gpt_oss_on_the_kernel_path_matches_eager(device):
-    # The sinks through the kernels: in the normalizer of the sliding layer's dense mask and of the
-    # global layer's padding with the causal rule.
-    model = _gpt_oss().to(device)
-    ids, mask = (t.to(device) for t in _batch("right"))
-    expected = _run(model, "eager", input_ids=ids, attention_mask=mask).logits
+@pytest.mark.parametrize("make, padding_side, peer", [(_llama, "left", "sdpa"), (_gpt_oss, "right", "eager")],
+                         ids=["llama", "gpt_oss_sinks"])
+def test_kernel_path_matches_the_models_peer(device, make, padding_side, peer):
+    model = make().to(device)
+    ids, mask = (t.to(device) for t in _batch(padding_side))
+    expected = _run(model, peer, input_ids=ids, attention_mask=mask).logits
     with attn_ops.use_backend("triton"):
         actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(actual, expected, **TOL)

@@ -3,9 +3,9 @@ dispatch picks for it (the fused kernels, or the reference)."""
 
 from .checks import OP_NAMES
 from .dispatch import choose, use_backend
-from .problem import describe
+from .problem import describe, describe_varlen
 
-__all__ = ["attention", "use_backend"]
+__all__ = ["attention", "use_backend", "varlen_attention"]
 
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, softcap=None,
@@ -69,3 +69,41 @@ def attention_as(q, k, v, *, names, backend="auto", **rules):
     problem = describe(q, k, v, names=names, **rules)
     out, lse = choose(problem, backend).run(q, k, v, problem)
     return (out, lse) if problem.return_lse else out
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
+                     window=None, align=None, scale=None, softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0,
+                     seed=None, return_lse=False, backend="auto"):
+    """`attention` over B sequences of different lengths packed end to end (flash-attn's varlen layout)::
+
+        q: [total_q, Hq, D]      k: [total_k, Hkv, D]      v: [total_k, Hkv, Dv]
+        cu_seqlens_q = [0, 3, 3, 8]  ->  queries 0..2 are sequence 0, sequence 1 is empty, 3..7 sequence 2
+
+    Sequence b's queries ``q[cu_seqlens_q[b] : cu_seqlens_q[b + 1]]`` attend to its keys
+    ``k[cu_seqlens_k[b] : cu_seqlens_k[b + 1]]`` only. The kernels visit only tiles of real (query,
+    key) pairs: the work is ``sum_b Lq_b * Lk_b``, nothing for padding.
+
+    Args:
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` on q's device: 0, then each sequence's end
+            (non-decreasing; the last entry is total_q / total_k). Checked in eager mode (one
+            device-to-host copy of both), trusted under torch.compile.
+        max_seqlen_q, max_seqlen_k: optional hints (the kernels do not need them); checked, when
+            given, to be no shorter than the longest sequence.
+        causal, window, align: as in `attention`, within each sequence and with its own lengths
+            (``"bottom_right"`` puts sequence b's diagonal at ``i + Lk_b - Lq_b``).
+        alibi_slopes: float32 ``[Hq]`` or ``[B, Hq]`` (B sequences). Distances are within the sequence.
+        dropout_p, seed: as in `attention`, keyed by (seed, query head, packed query row, packed key
+            row): a one-sequence batch draws `attention`'s pattern for batch 1.
+        scale, softcap, sinks, return_lse, backend: as in `attention`.
+
+    Returns:
+        ``out`` ``[total_q, Hq, Dv]`` (contiguous, q's dtype), or ``(out, lse)`` with ``lse``
+        ``[Hq, total_q]`` float32. Empty sequences and rows that see no key give zeros (lse -inf, or
+        the sink), never NaN. Differentiable in q, k, v and sinks.
+    """
+    problem = describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                              max_seqlen_k=max_seqlen_k, causal=causal, window=window, align=align, scale=scale,
+                              softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed,
+                              return_lse=return_lse)
+    out, lse = choose(problem, backend).run(q, k, v, problem)
+    return (out, lse) if return_lse else out

@@ -17,41 +17,79 @@ BACKENDS = ("auto", "triton", "reference")
 # How `attn_ops.attention` names its arguments; the drop-ins pass their own spellings.
 OP_NAMES = {name: name for name in ("q", "k", "v", "mask", "causal", "window", "align", "scale", "softcap",
                                     "alibi_slopes", "sinks", "dropout_p", "seed", "return_lse", "backend")}
+VARLEN_NAMES = {**OP_NAMES, **{name: name for name in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")}}
 
 
 def _shape(t):
     return tuple(t.shape)
 
 
-def check_qkv(q, k, v, names=OP_NAMES):
+def check_qkv(q, k, v, names=OP_NAMES, packed=False):
+    """q, k, v: ``[B, H, L, D]`` each, or with `packed` ``[total, H, D]`` (sequences end to end)."""
     nq, nk, nv = names["q"], names["k"], names["v"]
+    rank, layout = (3, "[total, H, D] (sequences packed end to end)") if packed else (4, "[B, H, L, D]")
     for name, t in ((nq, q), (nk, k), (nv, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.layout != torch.strided:
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {_shape(t)}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {_shape(t)}")
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; expected one of {', '.join(str(d) for d in DTYPES)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{nq}, {nk}, {nv} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
-    (b, hq, _, d), (bk, hkv, lk, dk), (bv, hv, lv, dv) = q.shape, k.shape, v.shape
-    if not (b == bk == bv):
+    if not packed and not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"batch sizes differ: {nq} {_shape(q)}, {nk} {_shape(k)}, {nv} {_shape(v)}")
+    length = 0 if packed else 2
+    hq, hkv, hv = q.shape[1], k.shape[1], v.shape[1]
     if hkv != hv:
         raise ValueError(f"{nk} and {nv} must have the same number of heads, got {nk} {_shape(k)}, {nv} {_shape(v)}")
     if hq == 0 or hkv == 0 or hq % hkv:
         raise ValueError(f"{nq} heads ({hq}) must be a multiple of {nk}/{nv} heads ({hkv}); {nq} {_shape(q)}, "
                          f"{nk} {_shape(k)}")
-    if lk != lv:
+    if k.shape[length] != v.shape[length]:
         raise ValueError(f"{nk} and {nv} must have the same length, got {nk} {_shape(k)}, {nv} {_shape(v)}")
-    if dk != d:
+    if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"{nk}'s head dim must equal {nq}'s: {nq} {_shape(q)}, {nk} {_shape(k)}")
-    if d < 1 or dv < 1:
+    if q.shape[-1] < 1 or v.shape[-1] < 1:
         raise ValueError(f"head dims must be at least 1, got {nq} {_shape(q)}, {nv} {_shape(v)}")
+
+
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k, names=VARLEN_NAMES):
+    """int32 [B + 1] each (the same B), on q's device; in eager mode also their values: starting at
+    0, non-decreasing, ending at the number of packed rows, and the `max_seqlen` hints (None or an
+    int) no shorter than the longest sequence. Reading the values is one device-to-host copy;
+    under torch.compile they are trusted (reading them would break the graph)."""
+    given = ((names["cu_seqlens_q"], cu_seqlens_q, q, names["q"], names["max_seqlen_q"], max_seqlen_q),
+             (names["cu_seqlens_k"], cu_seqlens_k, k, names["k"], names["max_seqlen_k"], max_seqlen_k))
+    for name, cu, _, _, hint_name, hint in given:
+        _check_tensor(cu, name, (torch.int32,), q, names, " (torch.cumsum gives int64: pass .int())")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be 1-D [B + 1] (each sequence's first row, then the total), got shape "
+                             f"{_shape(cu)}")
+        if hint is not None and (not isinstance(hint, numbers.Integral) or isinstance(hint, bool) or hint < 0):
+            raise ValueError(f"{hint_name} must be None or an int >= 0, got {hint!r}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(f"{given[0][0]} and {given[1][0]} must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.shape[0] - 1} and {cu_seqlens_k.shape[0] - 1} (shapes "
+                         f"{_shape(cu_seqlens_q)}, {_shape(cu_seqlens_k)})")
+    if torch.compiler.is_compiling():
+        return
+    for (name, _, t, tensor_name, hint_name, hint), cu in zip(given, torch.stack((cu_seqlens_q, cu_seqlens_k)).tolist()):
+        if cu[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {cu[0]} ({name} = {cu})")
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        if any(n < 0 for n in lengths):
+            i = next(i for i, n in enumerate(lengths) if n < 0)
+            raise ValueError(f"{name} must be non-decreasing, but entry {i + 1} ({cu[i + 1]}) < entry {i} ({cu[i]})")
+        if cu[-1] != t.shape[0]:
+            raise ValueError(f"{name} must end at the number of packed rows of {tensor_name} ({t.shape[0]}), got "
+                             f"{cu[-1]}")
+        if hint is not None and hint < max(lengths, default=0):
+            raise ValueError(f"{hint_name}={hint}, but {name} has a sequence of {max(lengths)} rows")
 
 
 def _check_tensor(t, name, dtypes, q, names, hint=""):
@@ -139,13 +177,13 @@ def check_softcap(softcap, names=OP_NAMES):
     return float(softcap)
 
 
-def check_alibi_slopes(slopes, q, names=OP_NAMES):
+def check_alibi_slopes(slopes, q, batch, names=OP_NAMES):
     """float32 [Hq] or [B, Hq] on q's device, not requiring grad (ALiBi's slopes are fixed)."""
     name = names["alibi_slopes"]
     if slopes is None:
         return
     _check_tensor(slopes, name, (torch.float32,), q, names)
-    batch, heads = q.shape[0], q.shape[1]
+    heads = q.shape[1]
     if tuple(slopes.shape) not in ((heads,), (batch, heads)):
         raise ValueError(f"{name} must be [Hq] = [{heads}] or [B, Hq] = [{batch}, {heads}], got {_shape(slopes)}")
     if slopes.requires_grad:

@@ -4,8 +4,9 @@
 An implementation is a module with ``NAME``, ``not_supported_reasons(problem) -> list[str]`` and
 ``run(q, k, v, problem) -> (out, lse)``. The fused ones are imported only when a call may use them,
 so `import attn_ops` loads none of the kernels (torch's own `torch.nn.attention` imports Triton
-where installed). Later variants (split-KV decoding, paged KV, varlen, Hopper kernels) join
-`_fused()` ahead of the generic kernels they specialise.
+where installed). Later variants (split-KV decoding, paged KV, Hopper kernels) join `_fused()`
+ahead of the generic kernels they specialise. Packed sequences are a `Problem` too (`cu_seqlens_q`
+set): the generic kernels and the reference each take them.
 """
 
 import contextlib

@@ -1,5 +1,6 @@
 """The generic fused implementation: the Triton kernels as torch.library custom ops (with fake
-implementations, so torch.compile traces through them) behind a torch.autograd.Function.
+implementations, so torch.compile traces through them) behind a torch.autograd.Function. Dense
+and packed (varlen) calls share the ops: `KernelArgs.cu_seqlens_q` picks the launchers.
 
 The ops' schemas are derived from `KernelArgs`: a field added there reaches the ops, the fakes and
 the autograd.Function without another signature to edit. Every LSE at the op boundary is in log2
@@ -17,6 +18,7 @@ from torch import Tensor
 from .kernels.attn_bwd import attn_bwd
 from .kernels.attn_fwd import attn_fwd
 from .kernels.attn_launch import KERNEL_ARG_NAMES, KernelArgs
+from .kernels.attn_varlen import varlen_bwd, varlen_fwd
 from .kernels.config import INTERPRETED, MAX_HEAD_DIM
 from .kernels.layout import empty_like_q
 
@@ -35,15 +37,21 @@ def _schema(leading, returns):
 
 
 def _fwd(q, k, v, *flat):
-    return attn_fwd(q, k, v, KernelArgs(*flat))
+    args = KernelArgs(*flat)
+    return (attn_fwd if args.cu_seqlens_q is None else varlen_fwd)(q, k, v, args)
 
 
 def _fwd_fake(q, k, v, *flat):
+    if KernelArgs(*flat).cu_seqlens_q is not None:  # packed: out [total_q, Hq, Dv], lse [Hq, total_q]
+        return q.new_empty(*q.shape[:2], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     return empty_like_q(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
-    return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2, KernelArgs(*flat), mask_grad=mask_grad)
+    args = KernelArgs(*flat)
+    if args.cu_seqlens_q is not None:
+        return varlen_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args)
+    return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args, mask_grad=mask_grad)
 
 
 def _bwd_fake(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):

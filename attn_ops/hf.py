@@ -16,13 +16,23 @@ Two functions are registered under one name, as transformers needs both:
   It takes the score modifiers models pass: ``softcap`` (Gemma 2), ``s_aux`` as the per-head sinks
   (gpt-oss) and ``position_bias`` (T5) as a float mask, its gradient flowing back to the bias.
   transformers' paged ``cache`` (continuous batching) is refused.
+
+Packed batches (one row of several sequences, ``position_ids`` restarting at 0 as
+`DataCollatorWithFlattening` makes, or flash-attn's ``cu_seq_lens_q``/``cu_seq_lens_k`` keywords) run
+through `varlen_attention`, each sequence attending to itself alone: work proportional to the sum
+of the sequences' squared lengths, not the row's. transformers still builds its dense
+block-diagonal mask for such a row; the varlen path is taken only where that mask says exactly
+"each token sees its own sequence's tokens (the earlier ones, for a causal module)", checked once
+per forward (the layers share the mask object). Any other mask (a sliding window, say) takes the
+dense path.
 """
 
 import inspect
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .api import attention
+from .api import attention, varlen_attention
 
 _REQUIREMENT = "Hugging Face transformers >= 5.4"
 
@@ -101,6 +111,13 @@ def attention_forward(
         mask, causal = attention_mask, False
     if position_bias is not None:
         mask = _with_bias(mask, position_bias)
+    cu_seqlens = None if position_bias is not None else _packed_sequences(query, key, attention_mask, is_causal, kwargs)
+    if cu_seqlens is not None:
+        out = varlen_attention(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_seqlens, cu_seqlens,
+            causal=bool(is_causal), scale=scaling, softcap=softcap, sinks=s_aux, dropout_p=dropout,
+        )
+        return out[None], None
     out = attention(
         query, key, value, mask=mask, causal=causal, scale=scaling, softcap=softcap, sinks=s_aux, dropout_p=dropout
     )
@@ -118,3 +135,50 @@ def _with_bias(mask, bias):
     if mask.dtype == torch.bool:
         return bias.where(mask, float("-inf"))
     return bias + mask
+
+
+# Each mask transformers built for a packed row -> (the position_ids it was checked with, cu_seqlens or None).
+_checked_masks = WeakIdKeyDictionary()
+
+
+def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
+    """int32 cu_seqlens of a packed row, or None when the call is not one (or its mask says more)."""
+    length = query.shape[2]
+    if query.shape[0] != 1 or key.shape[2] != length or length < 2:
+        return None
+    position_ids = kwargs.get("position_ids")
+    if kwargs.get("cu_seq_lens_q") is not None:
+        cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
+        if cu_k is None or not torch.equal(cu_q, cu_k):
+            return None
+        cu_seqlens = cu_q.to(torch.int32)
+    elif position_ids is not None and position_ids.numel() == length:
+        # Each sequence starts where the position equals the row's first (0, or 2 in RoBERTa-like models).
+        positions = position_ids.reshape(-1)
+        starts = (positions == positions[0]).nonzero().view(-1)
+        if starts.numel() < 2:
+            return None  # a single sequence: the dense call is the same work
+        cu_seqlens = torch.cat([starts, starts.new_tensor([length])]).to(torch.int32)
+    else:
+        return None
+    if attention_mask is None:
+        return cu_seqlens
+    checked = _checked_masks.get(attention_mask)
+    if checked is None or checked[0] is not position_ids:
+        checked = (position_ids, cu_seqlens if _is_within_sequences(attention_mask, cu_seqlens, is_causal) else None)
+        _checked_masks[attention_mask] = checked
+    return checked[1]
+
+
+def _is_within_sequences(mask, cu_seqlens, causal):
+    """Whether a bool [1, 1, L, L] mask lets each token see exactly its own sequence's tokens (the
+    earlier ones where `causal`)."""
+    length = cu_seqlens[-1].item()
+    if mask.dtype != torch.bool or tuple(mask.shape) != (1, 1, length, length):
+        return False
+    ids = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=mask.device),
+                                  (cu_seqlens[1:] - cu_seqlens[:-1]).to(mask.device))
+    expected = ids[:, None] == ids[None, :]
+    if causal:
+        expected = expected.tril()
+    return torch.equal(mask[0, 0], expected)

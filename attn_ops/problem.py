@@ -11,12 +11,16 @@ from typing import Mapping, Optional
 import torch
 
 from .band import band_rules
-from .checks import (OP_NAMES, check_alibi_slopes, check_dropout, check_mask, check_qkv, check_return_lse, check_scale,
-                     check_sinks, check_softcap)
+from .checks import (OP_NAMES, VARLEN_NAMES, check_alibi_slopes, check_cu_seqlens, check_dropout, check_mask,
+                     check_qkv, check_return_lse, check_scale, check_sinks, check_softcap)
 
 
 @dataclass(frozen=True)
 class Problem:
+    """A dense call (q [B, Hq, Lq, D]) or a packed one (`cu_seqlens_q` set; q [total_q, Hq, D]: then
+    batch counts sequences, len_q and len_k are the totals, and the band is relative to each
+    sequence's own diagonal, where `align` puts it)."""
+
     batch: int
     heads_q: int
     heads_kv: int
@@ -42,11 +46,19 @@ class Problem:
     seed: Optional[torch.Tensor]  # int64 [1] on q's device when dropout_p > 0, drawn once here
     return_lse: bool
     names: Mapping[str, str]  # each argument as the caller spelled it, for error messages
+    cu_seqlens_q: Optional[torch.Tensor] = None  # packed: int32 [B + 1], sequence b's rows cu[b]:cu[b + 1]
+    cu_seqlens_k: Optional[torch.Tensor] = None
 
     @property
     def diagonal_shift(self):
-        """i' - i: where each query's diagonal sits (0 top-left, Lk - Lq bottom-right), for ALiBi."""
-        return self.len_k - self.len_q if self.align == "bottom_right" else 0
+        """i' - i: where each query's diagonal sits (0 top-left, Lk - Lq bottom-right), for ALiBi.
+        Packed: 0, each sequence's own shift is added by the kernels (`bottom_right`)."""
+        return self.len_k - self.len_q if self.align == "bottom_right" and not self.bottom_right else 0
+
+    @property
+    def bottom_right(self):
+        """Packed and aligned bottom-right: the band and ALiBi move by each sequence's Lk - Lq."""
+        return self.cu_seqlens_q is not None and self.align == "bottom_right"
 
 
 def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, softcap=None,
@@ -54,20 +66,42 @@ def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale
     """Checks every argument (errors name them as `names` spells them) and returns the `Problem`."""
     check_qkv(q, k, v, names)
     check_mask(mask, q, k, names)
-    check_alibi_slopes(alibi_slopes, q, names)
+    (batch, _, len_q, _), len_k = q.shape, k.shape[2]
+    return _problem(q, k, v, batch, len_q, len_k, band_rules(len_q, len_k, causal, window, align, names),
+                    mask=mask, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                    dropout_p=dropout_p, seed=seed, return_lse=return_lse, names=names)
+
+
+def describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
+                    window=None, align=None, scale=None, softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0,
+                    seed=None, return_lse=False, names=VARLEN_NAMES):
+    """`describe` for packed sequences (`attn_ops.varlen_attention`)."""
+    check_qkv(q, k, v, names, packed=True)
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k, names)
+    # Lq = Lk = 0: the band relative to each sequence's own diagonal, wherever `align` puts it.
+    return _problem(q, k, v, cu_seqlens_q.shape[0] - 1, q.shape[0], k.shape[0],
+                    band_rules(0, 0, causal, window, align, names), scale=scale, softcap=softcap,
+                    alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse,
+                    names=names, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
+def _problem(q, k, v, batch, len_q, len_k, band, *, scale, softcap, alibi_slopes, sinks, dropout_p, seed, return_lse,
+             names, mask=None, cu_seqlens_q=None, cu_seqlens_k=None):
+    """The checks and fields a dense and a packed call share; `band` is `band_rules`'s result."""
+    check_alibi_slopes(alibi_slopes, q, batch, names)
     check_sinks(sinks, q, names)
     check_dropout(dropout_p, seed, names)
     check_return_lse(return_lse, names)
-    (batch, heads_q, len_q, head_dim), (_, heads_kv, len_k, _), head_dim_v = q.shape, k.shape, v.shape[-1]
-    causal, window, align, band_lo, band_hi = band_rules(len_q, len_k, causal, window, align, names)
+    causal, window, align, band_lo, band_hi = band
     return Problem(
-        batch=batch, heads_q=heads_q, heads_kv=heads_kv, len_q=len_q, len_k=len_k, head_dim=head_dim,
-        head_dim_v=head_dim_v, dtype=q.dtype, device=q.device,
+        batch=batch, heads_q=q.shape[1], heads_kv=k.shape[1], len_q=len_q, len_k=len_k, head_dim=q.shape[-1],
+        head_dim_v=v.shape[-1], dtype=q.dtype, device=q.device,
         requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask, sinks)),
         mask=mask, causal=causal, window=window, align=align, band_lo=band_lo, band_hi=band_hi,
-        scale=check_scale(scale, head_dim, names), softcap=check_softcap(softcap, names), alibi_slopes=alibi_slopes,
+        scale=check_scale(scale, q.shape[-1], names), softcap=check_softcap(softcap, names), alibi_slopes=alibi_slopes,
         sinks=sinks, dropout_p=float(dropout_p),
         seed=dropout_seed(seed, q.device) if dropout_p > 0 else None, return_lse=return_lse, names=names,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
     )
 
 

@@ -56,7 +56,10 @@ def masked_scores(q, k, *, mask=None, causal=False, window=None, align=None, sca
 
 
 def run(q, k, v, problem):
-    """(out laid out like q, natural-log lse [B, Hq, Lq] in the compute dtype)."""
+    """(out laid out like q, natural-log lse [B, Hq, Lq] in the compute dtype); packed: (out
+    [total_q, Hq, Dv], lse [Hq, total_q])."""
+    if problem.cu_seqlens_q is not None:
+        return _run_packed(q, k, v, problem)
     dtype = _compute_dtype(q.dtype)
     batch, heads, len_q, len_k = problem.batch, problem.heads_q, problem.len_q, problem.len_k
     if len_q == 0 or len_k == 0:  # nothing to compute; with no key every row is fully masked
@@ -89,6 +92,28 @@ def run(q, k, v, problem):
         result = empty_like_q(q, problem.head_dim_v).copy_(result)
     lse = None if not problem.return_lse else lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
     return result, lse
+
+
+def _run_packed(q, k, v, problem):
+    """Packed sequences one at a time, each a dense call of batch 1 with its own lengths."""
+    cu_q, cu_k = torch.stack((problem.cu_seqlens_q, problem.cu_seqlens_k)).tolist()
+    seed = int(problem.seed.item()) if problem.dropout_p > 0 else None
+    outs = [q.new_zeros(0, problem.heads_q, problem.head_dim_v)]
+    lses = [torch.zeros(problem.heads_q, 0, dtype=_compute_dtype(q.dtype), device=q.device)]
+    for b in range(problem.batch):
+        q_b, k_b, v_b = (t[cu[b]:cu[b + 1]].transpose(0, 1)[None] for t, cu in ((q, cu_q), (k, cu_k), (v, cu_k)))
+        slopes = problem.alibi_slopes
+        sequence = describe(
+            q_b, k_b, v_b, causal=problem.causal or False, window=problem.window, align=problem.align,
+            scale=problem.scale, softcap=problem.softcap, sinks=problem.sinks, return_lse=problem.return_lse,
+            alibi_slopes=slopes[b] if slopes is not None and slopes.dim() == 2 else slopes,
+            # Each sequence's stream keyed by the packed position of its first query, as the kernels key theirs.
+            dropout_p=problem.dropout_p, seed=None if seed is None else (seed + cu_q[b]) % 2**63,
+        )
+        out, lse = run(q_b, k_b, v_b, sequence)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(None if lse is None else lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1) if problem.return_lse else None
 
 
 # One block of keys at a time, for ring attention (`attn_ops.ring`): partial results in the compute

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from bench import demo, report
-from bench.cases import CPU_CASES, GPU_QUICK, GPU_SWEEP, MASKS, MODES, MODIFIERS
+from bench.cases import CPU_CASES, GPU_QUICK, GPU_SWEEP, MASKS, MODES, MODIFIERS, VARLEN
 from bench.measure import CPU_ROUNDS, CPU_TIMER, GPU_TIMER, sweep
 from bench.providers import CPU_PROVIDERS, GPU_PROVIDERS
 
@@ -25,8 +25,8 @@ def parse_args(argv):
     p.add_argument("--no-demo", action="store_true", help="skip the demo")
     p.add_argument("--providers", type=comma_list({**GPU_PROVIDERS, **CPU_PROVIDERS}),
                    help="comma-separated: only these providers")
-    p.add_argument("--masks", type=comma_list(MASKS + MODIFIERS),
-                   help="comma-separated: only these mask kinds and score modifiers")
+    p.add_argument("--masks", type=comma_list(MASKS + MODIFIERS + (VARLEN,)),
+                   help="comma-separated: only these mask kinds, score modifiers and varlen")
     p.add_argument("--modes", type=comma_list(MODES), help="comma-separated: only these modes")
     return p.parse_args(argv)
 

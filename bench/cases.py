@@ -6,6 +6,8 @@ GPU shapes follow the FlashAttention papers: batch * length = 16k tokens and hea
 
 from dataclasses import dataclass
 
+import torch
+
 MASKS = ("none", "causal", "padding", "random_bool", "window", "block_sparse")
 # Score modifiers over full attention (issue 13). They fill the `mask` column, a row key, like the
 # masks: `bias` is a float [1, Hq, Lq, Lk] additive mask, `bias_grad` the same bias learned (it
@@ -14,6 +16,11 @@ MODIFIERS = ("alibi", "softcap", "bias", "bias_grad")
 # What each modifier is timed against: the same shape without it. GPU targets for attn_ops: alibi
 # and softcap within 1.1x of `none`; bias_grad's backward within 1.5x of `bias`'s.
 PLAIN = {"alibi": "none", "softcap": "none", "bias": "none", "bias_grad": "bias"}
+# Packed variable-length batches (issue 12): `batch` sequences whose lengths (`varlen_lengths`) are
+# drawn from a long-tailed distribution of mean ~len_q / 3, causal within each sequence. attn_ops
+# and flash_attn run them packed; the others (and "attn_ops_padded") padded to len_q with a key
+# padding mask. FLOPs count real (query, key) pairs only.
+VARLEN = "varlen"
 MODES = ("fwd", "bwd", "fwd_bwd")
 
 
@@ -28,7 +35,21 @@ class Case:
     len_q: int
     len_k: int
     head_dim: int
-    mask: str  # one of MASKS or MODIFIERS
+    mask: str  # one of MASKS, MODIFIERS or VARLEN
+
+
+def varlen_lengths(case):
+    """The case's sequence lengths, the same in every run: exponential of mean len_q / 3, clipped to
+    [1, len_q] (most sequences short, a few long: a padded batch is ~70% padding)."""
+    gen = torch.Generator().manual_seed(case.batch * 100003 + case.len_q)
+    lengths = torch.empty(case.batch).exponential_(3.0 / case.len_q, generator=gen)
+    return lengths.ceil().clamp(1, case.len_q).to(torch.int64)
+
+
+def varlen(max_lengths, modes, dtype="bfloat16", head_dim=128, tokens=16384, width=2048):
+    """Packed-batch cases: ~`tokens` real tokens per batch (3 * tokens / max sequences)."""
+    return [Case(mode, dtype, 3 * tokens // n, width // head_dim, width // head_dim, n, n, head_dim, VARLEN)
+            for mode in modes for n in max_lengths]
 
 
 def self_attention(lengths, head_dims, masks, modes, dtype="bfloat16", group=1, tokens=16384, width=2048):
@@ -57,6 +78,7 @@ GPU_SWEEP = (
     # bwd too, for the backward's target; bias_grad's forward would be bias's.
     + self_attention(BIAS_LENGTHS, (128,), ("bias",), MODES)
     + self_attention(BIAS_LENGTHS, (128,), ("bias_grad",), ("bwd", "fwd_bwd"))
+    + varlen((2048, 4096, 8192), MODES)
     # Cross attention: 1k queries against longer keys (e.g. an encoder's output).
     + [
         Case(mode, "bfloat16", 16384 // n, 16, 16, 1024, n, 128, mask)
@@ -72,7 +94,7 @@ GPU_SWEEP = (
     ]
 )
 
-GPU_QUICK = self_attention((1024, 4096), (128,), MASKS, ("fwd", "fwd_bwd")) + [
+GPU_QUICK = self_attention((1024, 4096), (128,), MASKS, ("fwd", "fwd_bwd")) + varlen((4096,), ("fwd", "fwd_bwd")) + [
     Case("fwd", "bfloat16", 8, 32, 8, 1, 16384, 128, "none")
 ]
 
@@ -85,4 +107,5 @@ CPU_CASES = (
     + self_attention((256, 1024), (64,), ("none", "causal"), ("fwd_bwd",),
                      dtype="float32", tokens=2048, width=512)
     + self_attention((256,), (64,), MODIFIERS, ("fwd_bwd",), dtype="float32", tokens=2048, width=512)
+    + varlen((512,), ("fwd_bwd",), dtype="float32", head_dim=64, tokens=2048, width=512)
 )

@@ -22,6 +22,7 @@ from triton.compiler import ASTSource
 
 from attn_ops.kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dmask, _attn_bwd_dq, _attn_bwd_preprocess
 from attn_ops.kernels.attn_fwd import _attn_fwd
+from attn_ops.kernels.attn_varlen import _varlen_bwd_dkdv, _varlen_bwd_dq, _varlen_fwd
 from attn_ops.kernels.config import (ADD_MASK, BOOL_MASK, INTERPRETED, MASK_KIND_NAMES, NO_MASK, head_dim_pad,
                                      tile_for)
 
@@ -32,7 +33,8 @@ TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 MASK_POINTER = {NO_MASK.value: "*u8", BOOL_MASK.value: "*u8", ADD_MASK.value: "*fp32"}
 FLOAT_ARGS = {"qk_scale", "softcap_log2", "scale", "dropout_p", "dropout_scale"}
 INT_ARGS = {"num_heads_q", "group_size", "len_q", "len_k", "band_lo", "band_hi", "diagonal_shift", "batch", "mask_batch",
-            "mask_heads"}
+            "mask_heads", "num_seqs", "total_q", "bottom_right"}
+INT32_POINTERS = {"CuQ", "CuK", "TileSeq", "TileFirst"}  # the packed kernels' sequence tables
 UNIT_STRIDE = re.compile(r"stride_d?[qkvo]d|stride_mn")
 FP32_POINTERS = {"Lse", "Delta", "Alibi", "Sinks"}
 
@@ -52,6 +54,8 @@ def signature(kernel, dtype, mask_kind, constexprs):
             sig[name] = "*i64"
         elif name in FP32_POINTERS:
             sig[name] = "*fp32"
+        elif name in INT32_POINTERS:
+            sig[name] = "*i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
         elif name in INT_ARGS or name.startswith("stride_"):
@@ -114,6 +118,16 @@ def variants(major):
             yield (f"{name}+softcap+alibi", kernel, dtype, 128, ADD_MASK.value, False,
                    dict(common, **extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n),
                    dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+        # Packed sequences (varlen) at D = 128: plain, and with every modifier and dropout.
+        for modified in (False, True):
+            flags = dict(SOFTCAP=modified, ALIBI=modified, DROPOUT=modified, INTERPRETED_BF16=False,
+                         INPUT_PRECISION="ieee", HEAD_DIM=128, HEAD_DIM_PAD=128, HEAD_DIM_V=128, HEAD_DIM_V_PAD=128)
+            for name, kernel, extra in (("varlen fwd", _varlen_fwd, dict(SINKS=modified)),
+                                        ("varlen dkdv", _varlen_bwd_dkdv, {}), ("varlen dq", _varlen_bwd_dq, {})):
+                tile = tile_for(size, name.split()[1], 128, major)
+                yield (name + ("+softcap+alibi+dropout" if modified else ""), kernel, dtype, 128, NO_MASK.value,
+                       modified, dict(flags, **extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n),
+                       dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
         yield ("preprocess", _attn_bwd_preprocess, dtype, 128, NO_MASK.value, False,
                dict(HEAD_DIM=128, HEAD_DIM_PAD=head_dim_pad(128), BLOCK_M=tile_for(size, "dq", 128, major).block_m),
                dict(num_warps=4))

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from bench.cases import MASKS, MODIFIERS
+from bench.cases import MASKS, MODIFIERS, VARLEN, varlen_lengths
 
 WINDOW = 512  # sliding window: each query sees itself and the 512 keys before it
 BLOCK = 128  # block_sparse: the mask is made of BLOCK x BLOCK tiles
@@ -33,10 +33,25 @@ class Masking:
     # it), for a modifier the others compute on the fly.
     sdpa_bias: Optional[Callable] = None
     learned: tuple = ()  # tensors beyond q, k, v whose gradient the backward computes
+    # VARLEN: the padded batch's real rows packed end to end ([total, H, D] leaves), and the
+    # sequences' int32 cu_seqlens and longest length, for the providers that take packed input.
+    packed: Optional[tuple] = None
 
 
-def make_masking(case, device):
+def make_masking(case, device, q=None, k=None, v=None):
+    """The case's masking; VARLEN packs the real rows of q, k, v (the padded inputs)."""
     kind, batch, heads, lq, lk = case.mask, case.batch, case.heads_q, case.len_q, case.len_k
+    if kind == VARLEN:
+        lengths = varlen_lengths(case).to(device)
+        real = torch.arange(lq, device=device) < lengths[:, None]  # [B, L]
+        # [B, H, L, D] -> [B, L, H, D] -> the real rows, in batch order: [total, H, D] leaves.
+        packed = [t.detach().transpose(1, 2)[real].requires_grad_(t.requires_grad) for t in (q, k, v)]
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return Masking(
+            {"mask": real[:, None, None, :], "causal": True}, {"attn_mask": real[:, None, None, :] & _tril(lq, device)},
+            lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (kv_idx < lengths[b]),
+            mask_mod_batched=True, packed=(*packed, cu_seqlens, int(lengths.max())),
+        )
     if kind == "none":
         return Masking({}, {}, flash_attn={"causal": False})
 
@@ -114,4 +129,8 @@ def make_masking(case, device):
             learned=learned,
         )
 
-    raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(MASKS + MODIFIERS)}")
+    raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(MASKS + MODIFIERS + (VARLEN,))}")
+
+
+def _tril(length, device):
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()

@@ -8,13 +8,14 @@ import warnings
 import torch
 
 from attn_ops.band import diagonal_band
+from bench.cases import VARLEN, varlen_lengths
 from bench.masks import WINDOW, make_masking
-from bench.providers import Unsupported
+from bench.providers import PACKED, Unsupported
 
 FLOP_RULE = (
     "4*B*Hq*Lq*Lk*D fwd over the live part of the causal/window rule: /2 for 'causal', the visible "
-    "band's fraction of Lq*Lk for 'window'; the other masks and the score modifiers count dense "
-    "FLOPs; x2.5 bwd, x3.5 fwd_bwd"
+    "band's fraction of Lq*Lk for 'window', the real causal pairs sum_b L_b*(L_b+1)/2 for 'varlen'; "
+    "the other masks and the score modifiers count dense FLOPs; x2.5 bwd, x3.5 fwd_bwd"
 )
 MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
@@ -44,6 +45,9 @@ def live_fraction(case):
     """The anchors' rule: causal counts half; a sliding window counts the (query, key) pairs it shows."""
     if case.mask == "causal":
         return 0.5
+    if case.mask == VARLEN:
+        lengths = varlen_lengths(case)
+        return (lengths * (lengths + 1) // 2).sum().item() / (case.batch * case.len_q * case.len_k)
     if case.mask != "window":
         return 1.0
     lo, hi = diagonal_band(case.len_q, case.len_k, "top_left", (WINDOW, 0))
@@ -143,6 +147,8 @@ def _describe(error, caught):
 
 def run_row(case, provider, prepare, q, k, v, masking, timer):
     """One BENCH.md row: the numbers, or `ms: null` and why."""
+    if masking.packed is not None and provider in PACKED:
+        q, k, v = masking.packed[:3]
     row = {"provider": provider, **vars(case), "ms": None, "tflops": None, "peak_mem_mb": None, "error": None}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -165,7 +171,7 @@ def sweep(cases, providers, device, progress):
     rows = []
     for case in cases:
         q, k, v = make_inputs(case, device)
-        masking = make_masking(case, device)
+        masking = make_masking(case, device, q, k, v)
         tries = {name: [] for name in providers}
         for _ in range(rounds):
             for name, prepare in providers.items():

@@ -22,9 +22,26 @@ class Unsupported(Exception):
     pass
 
 
+# Providers that take a VARLEN case's packed rows (`Masking.packed`) instead of the padded batch.
+PACKED = ("attn_ops", "attn_ops (reference)", "flash_attn")
+
+
+def _backend(q):
+    return "triton" if q.is_cuda else "reference"  # the CPU has no fused path to measure
+
+
 def _attn_ops(q, k, v, m):
-    backend = "triton" if q.is_cuda else "reference"  # the CPU has no fused path to measure
-    return lambda: attn_ops.attention(q, k, v, backend=backend, **m.attn_ops)
+    if m.packed is not None:
+        cu_seqlens, longest = m.packed[3:]
+        return lambda: attn_ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen_q=longest,
+                                                 max_seqlen_k=longest, causal=True, backend=_backend(q))
+    return lambda: attn_ops.attention(q, k, v, backend=_backend(q), **m.attn_ops)
+
+
+def _attn_ops_padded(q, k, v, m):
+    if m.packed is None:
+        raise Unsupported("the padded form of a packed (varlen) case; elsewhere see attn_ops")
+    return lambda: attn_ops.attention(q, k, v, backend=_backend(q), **m.attn_ops)
 
 
 def _naive(q, k, v, m):
@@ -75,8 +92,11 @@ def _flex(q, k, v, m):
 
 
 def _flash_attn(q, k, v, m):
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 
+    if m.packed is not None:
+        cu_seqlens, longest = m.packed[3:]
+        return lambda: flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=True)
     if m.flash_attn is None:
         raise Unsupported("flash_attn_func takes no mask tensor")
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -89,6 +109,7 @@ def _flash_attn(q, k, v, m):
 
 GPU_PROVIDERS = {
     "attn_ops": _attn_ops,
+    "attn_ops_padded": _attn_ops_padded,
     "naive": _naive,
     "sdpa_flash": _sdpa("FLASH_ATTENTION"),
     "sdpa_efficient": _sdpa("EFFICIENT_ATTENTION"),
@@ -103,6 +124,7 @@ if importlib.util.find_spec("flash_attn") is not None:
 # kernels are FLASH_ATTENTION (a tiled C++ kernel) and MATH, the plain math as ours is.
 CPU_PROVIDERS = {
     "attn_ops (reference)": _attn_ops,
+    "attn_ops_padded": _attn_ops_padded,
     "sdpa_flash": _sdpa("FLASH_ATTENTION"),
     "sdpa_math": _sdpa("MATH"),
 }

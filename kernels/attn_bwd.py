@@ -9,7 +9,7 @@ import triton.language as tl
 from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores,
                           _program_block, _rounded, _row_stats, _segment, _store_tile, _visible_blocks, _wide)
 from .attn_launch import launch_args
-from .config import tile_config
+from .config import head_dim_pad, tile_config
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _score_grads(s, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, drop
 
 @triton.jit
 def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, alibi_log2, seed, offs_n, offs_d, offs_dv,
-                         head_index, start, stop,
+                         drop_head, drop_q0, drop_k0, start, stop,
                          stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
                          len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
                          dropout_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -69,13 +69,57 @@ def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, ali
         dp = _dot(do, v_t, INTERPRETED_BF16, INPUT_PRECISION)
         p_out = p
         if DROPOUT:  # O used the kept, rescaled probabilities: dV and dP see the same pattern
-            keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
+            keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p)
             p_out = tl.where(keep, p * dropout_scale, 0.0)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         dv += _dot(tl.trans(_rounded(p_out, INTERPRETED_BF16).to(do.dtype)), do, INTERPRETED_BF16, INPUT_PRECISION)
         ds = p * (dp - delta[:, None]) * cap_slope  # cap_slope: through the softcap's tanh
         dk += _dot(tl.trans(_rounded(ds, INTERPRETED_BF16).to(q.dtype)), q, INTERPRETED_BF16, INPUT_PRECISION)
     return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, start_n, h_kv, group_size, drop_head0,
+                        drop_q0, drop_k0,
+                        stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                        stride_mh, stride_mm, stride_mn, stride_ah, stride_doh, stride_dom, stride_dod, stride_lse_h,
+                        stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                        len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, scale, dropout_p,
+                        dropout_scale,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                        HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                        INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dK, dV of keys [start_n, start_n + BLOCK_N) of one (sequence, kv head h_kv): K, V, dK, dV point at
+    its first key row; Q, dO, Mask, Alibi, Lse and Delta at the sequence's first row of query head 0
+    (head h is ``stride_*h`` further on). The dropout key of head h is ``drop_head0 + h``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
+    v_t = _load_tile(V, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, len_k)
+    seed = tl.load(Seed) if DROPOUT else 0
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
+    # Query j - hi <= i <= j - lo sees key j: the same band, seen from the key side.
+    lo, full_lo, full_hi, hi = _visible_blocks(start_n, len_k, len_q, -band_hi, -band_lo, BLOCK_N, BLOCK_M)
+    # GQA: the query heads sharing this kv head are summed here, in order, instead of with atomics.
+    for g in range(group_size):
+        h = h_kv * group_size + g
+        mask_col_ptrs = Mask + h * stride_mh + _wide(offs_n)[None, :] * stride_mn
+        alibi_log2 = _alibi_log2(Alibi, 0, h, 0, stride_ah, ALIBI)
+        for segment in tl.static_range(3):
+            start, stop = _segment(segment, lo, full_lo, full_hi, hi)
+            dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q + h * stride_qh, dO + h * stride_doh,
+                                          Lse + h * stride_lse_h, Delta + h * stride_lse_h, mask_col_ptrs, alibi_log2,
+                                          seed, offs_n, offs_d, offs_dv, drop_head0 + h, drop_q0, drop_k0, start, stop,
+                                          stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, len_q, len_k,
+                                          band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
+                                          dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, segment != 1,
+                                          SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+    dk *= scale  # ds is the gradient of the natural-log scores s = scale * q.k
+    _store_tile(dK, dk, offs_n, offs_d, stride_dkn, stride_dkd, len_k, HEAD_DIM, INTERPRETED_BF16)
+    _store_tile(dV, dv, offs_n, offs_dv, stride_dvn, stride_dvd, len_k, HEAD_DIM_V, INTERPRETED_BF16)
 
 
 @triton.jit
@@ -95,45 +139,23 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV,
                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr):
     _, b, h_kv, start_n = _program_block(len_k, num_heads_q // group_size, BLOCK_N)
-
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
-    k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
-    v_t = _load_tile(V, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, len_k)
-    seed = tl.load(Seed) if DROPOUT else 0
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
-    # Query j - hi <= i <= j - lo sees key j: the same band, seen from the key side.
-    lo, full_lo, full_hi, hi = _visible_blocks(start_n, len_k, len_q, -band_hi, -band_lo, BLOCK_N, BLOCK_M)
-    # GQA: the query heads sharing this kv head are summed here, in order, instead of with atomics.
-    for g in range(group_size):
-        h = h_kv * group_size + g
-        head_index = b * num_heads_q + h
-        Q_h = Q + b * stride_qb + h * stride_qh
-        dO_h = dO + b * stride_dob + h * stride_doh
-        Lse_h = _row_stats(Lse, head_index, len_q)
-        Delta_h = _row_stats(Delta, head_index, len_q)
-        mask_col_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_n)[None, :] * stride_mn
-        alibi_log2 = _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI)
-        for segment in tl.static_range(3):
-            start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-            dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q_h, dO_h, Lse_h, Delta_h, mask_col_ptrs, alibi_log2, seed,
-                                          offs_n, offs_d, offs_dv, head_index, start, stop, stride_qm, stride_qd,
-                                          stride_dom, stride_dod, stride_mm, len_q, len_k, band_lo, band_hi,
-                                          diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale, HEAD_DIM,
-                                          HEAD_DIM_V, BLOCK_M, MASK_KIND, segment != 1, SOFTCAP, ALIBI, DROPOUT,
-                                          INTERPRETED_BF16, INPUT_PRECISION)
-    dk *= scale  # ds is the gradient of the natural-log scores s = scale * q.k
     dK, dV = _kv_heads(dK, dV, b, h_kv, stride_dkb, stride_dkh, stride_dvb, stride_dvh)
-    _store_tile(dK, dk, offs_n, offs_d, stride_dkn, stride_dkd, len_k, HEAD_DIM, INTERPRETED_BF16)
-    _store_tile(dV, dv, offs_n, offs_dv, stride_dvn, stride_dvd, len_k, HEAD_DIM_V, INTERPRETED_BF16)
+    # The LSE and delta are [B * Hq, Lq] rows: batch b's heads start at row b * Hq, len_q apart.
+    stats = b * num_heads_q * len_q
+    _attn_bwd_dkdv_cols(Q + b * stride_qb, K, V, Mask + b * stride_mb, Alibi + b * stride_ab, Seed, dO + b * stride_dob,
+                        Lse + stats, Delta + stats, dK, dV, start_n, h_kv, group_size, b * num_heads_q, 0, 0,
+                        stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mh,
+                        stride_mm, stride_mn, stride_ah, stride_doh, stride_dom, stride_dod, len_q, stride_dkn,
+                        stride_dkd, stride_dvn, stride_dvd, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
+                        softcap_log2, scale, dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+                        HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16,
+                        INPUT_PRECISION)
 
 
 @triton.jit
 def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv,
-                       head_index, start, stop,
+                       drop_head, drop_q0, drop_k0, start, stop,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                        len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -147,10 +169,43 @@ def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, 
                                       alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
                                       softcap_log2, MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16,
                                       INPUT_PRECISION)
-        ds = _score_grads(s, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, dropout_p, dropout_scale,
-                          DROPOUT, INTERPRETED_BF16, INPUT_PRECISION) * cap_slope
+        ds = _score_grads(s, lse2, delta, do, v_t, seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p,
+                          dropout_scale, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION) * cap_slope
         dq += _dot(_rounded(ds, INTERPRETED_BF16).to(k_t.dtype), tl.trans(k_t), INTERPRETED_BF16, INPUT_PRECISION)
     return dq
+
+
+@triton.jit
+def _attn_bwd_dq_rows(Q, K, V, Mask, alibi_log2, Seed, dO, Lse, Delta, dQ, start_m, drop_head, drop_q0, drop_k0,
+                      stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                      stride_dom, stride_dod, stride_dqm, stride_dqd,
+                      len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, scale, dropout_p,
+                      dropout_scale,
+                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                      HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                      INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dQ of queries [start_m, start_m + BLOCK_M) of one (sequence, head), every pointer at its first row
+    (as `_attn_fwd_rows`)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
+    do = _load_tile(dO, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V)
+    lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
+    mask_row_ptrs = Mask + _wide(offs_m)[:, None] * stride_mm
+    seed = tl.load(Seed) if DROPOUT else 0
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
+    for segment in tl.static_range(3):
+        start, stop = _segment(segment, lo, full_lo, full_hi, hi)
+        dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv,
+                                drop_head, drop_q0, drop_k0, start, stop, stride_kn, stride_kd, stride_vn, stride_vd,
+                                stride_mn, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
+                                dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1,
+                                SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+    dq *= scale
+    _store_tile(dQ, dq, offs_m, offs_d, stride_dqm, stride_dqd, len_q, HEAD_DIM, INTERPRETED_BF16)
 
 
 @triton.jit
@@ -169,31 +224,15 @@ def _attn_bwd_dq(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dQ,
                  SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr):
     head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
-    h_kv = h // group_size
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
-    do = _load_tile(dO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V)
-    lse2, delta = _load_row_stats(_row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q), offs_m,
-                                  len_q)
-    K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
-    mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
-    alibi_log2 = _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI)
-    seed = tl.load(Seed) if DROPOUT else 0
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
-    for segment in tl.static_range(3):
-        start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-        dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv,
-                                head_index, start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, len_q,
-                                len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
-                                dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1, SOFTCAP, ALIBI,
-                                DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
-    dq *= scale
-    _store_tile(dQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, len_q, HEAD_DIM,
-                INTERPRETED_BF16)
+    K, V = _kv_heads(K, V, b, h // group_size, stride_kb, stride_kh, stride_vb, stride_vh)
+    _attn_bwd_dq_rows(Q + b * stride_qb + h * stride_qh, K, V, Mask + b * stride_mb + h * stride_mh,
+                      _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI), Seed, dO + b * stride_dob + h * stride_doh,
+                      _row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q),
+                      dQ + b * stride_dqb + h * stride_dqh, start_m, head_index, 0, 0, stride_qm, stride_qd, stride_kn,
+                      stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_dom, stride_dod, stride_dqm,
+                      stride_dqd, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, scale,
+                      dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
+                      MASK_KIND, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
 
 
 @triton.jit
@@ -297,7 +336,6 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     dkdv = tile_config(q, "dkdv", max(head_dim, head_dim_v), config)
     dq_tile = tile_config(q, "dq", max(head_dim, head_dim_v), config)
     dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
-    delta = torch.empty_like(lse_log2)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, HEAD_DIM_V=head_dim_v,
                   HEAD_DIM_V_PAD=launch.head_dim_v_pad, MASK_KIND=launch.mask_kind,
                   DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=launch.interpreted_bf16,
@@ -305,12 +343,7 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     common.update(SOFTCAP=args.softcap is not None, ALIBI=args.alibi_slopes is not None)
     rules = (len_q, len_k, launch.band_lo, launch.band_hi, args.diagonal_shift, launch.qk_scale, launch.softcap_log2)
     scalars = (num_heads_q, num_heads_q // num_heads_kv, *rules, args.scale, args.dropout_p, launch.dropout_scale)
-    _attn_bwd_preprocess[(triton.cdiv(len_q, dq_tile.block_m) * batch * num_heads_q,)](
-        out, do, delta, *out.stride(), *do.stride(), num_heads_q, len_q,
-        HEAD_DIM=head_dim_v, HEAD_DIM_PAD=launch.head_dim_v_pad, BLOCK_M=dq_tile.block_m,  # o, do: [.., Dv]
-    )
-    if dlse_log2 is not None:
-        delta -= dlse_log2 * LOG2E.value
+    delta = row_deltas(out, do, dlse_log2, dq_tile.block_m)
     _attn_bwd_dkdv[(triton.cdiv(len_k, dkdv.block_n) * batch * num_heads_kv,)](
         q, k, v, launch.mask, launch.alibi, launch.seed, do, lse_log2, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
@@ -326,12 +359,29 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
         num_stages=dq_tile.num_stages,
     )
     dmask = _mask_grad(q, k, v, do, lse_log2, delta, args, launch, rules, dq_tile, common) if mask_grad else None
-    dsinks = None
-    if args.sinks is not None:
-        p_sink = torch.exp2(args.sinks.float()[None, :, None] * LOG2E.value - lse_log2)
-        # A row with no key and a -inf sink has lse -inf too: p_sink is 0 there, not NaN.
-        dsinks = -(p_sink.nan_to_num(0.0) * delta).sum((0, 2)).to(args.sinks.dtype)
+    dsinks = None if args.sinks is None else sink_grads(args.sinks, lse_log2, delta)
     return dq, dk, dv, dmask, dsinks
+
+
+def row_deltas(out, do, dlse_log2, block_m):
+    """delta = rowsum(dO * O) - dlse (the LSE's gradient folded in, see `attn_bwd`), [B, Hq, L]
+    float32 for out and do [B, Hq, L, Dv] (any strides) and dlse_log2 [B, Hq, L] or None."""
+    batch, num_heads_q, len_q, head_dim_v = out.shape
+    delta = torch.empty((batch, num_heads_q, len_q), device=out.device, dtype=torch.float32)
+    _attn_bwd_preprocess[(triton.cdiv(len_q, block_m) * batch * num_heads_q,)](
+        out, do, delta, *out.stride(), *do.stride(), num_heads_q, len_q,
+        HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_pad(head_dim_v), BLOCK_M=block_m,
+    )
+    if dlse_log2 is not None:
+        delta -= dlse_log2 * LOG2E.value
+    return delta
+
+
+def sink_grads(sinks, lse_log2, delta):
+    """dsinks [Hq] from the forward's lse_log2 and the backward's delta, both [B, Hq, L] (see `attn_bwd`)."""
+    p_sink = torch.exp2(sinks.float()[None, :, None] * LOG2E.value - lse_log2)
+    # A row with no key and a -inf sink has lse -inf too: p_sink is 0 there, not NaN.
+    return -(p_sink.nan_to_num(0.0) * delta).sum((0, 2)).to(sinks.dtype)
 
 
 def _mask_grad(q, k, v, do, lse_log2, delta, args, launch, rules, tile, common):

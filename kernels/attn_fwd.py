@@ -13,8 +13,8 @@ from .layout import empty_like_q
 
 
 @triton.jit
-def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv, head_index,
-                    start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv, drop_head,
+                    drop_q0, drop_k0, start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                     len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                     EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
@@ -33,13 +33,66 @@ def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, off
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             # The normalizer sums every probability; dropout acts on the normalized ones.
-            keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
+            keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p)
             p = tl.where(keep, p * dropout_scale, 0.0)
         v = _load_tile(V, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V)
         acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INTERPRETED_BF16,
                                           INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_rows(Q, K, V, Mask, alibi_log2, Sinks, Seed, Out, Lse, start_m, drop_head, drop_q0, drop_k0,
+                   stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                   stride_om, stride_od,
+                   len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
+                   INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Queries [start_m, start_m + BLOCK_M) of one (sequence, head): Q, K, V, Mask and Out point at
+    its first row, Lse at its first row statistic, Sinks at its head's sink. The dropout pattern is
+    keyed by (drop_head, drop_q0 + query, drop_k0 + key)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
+    mask_row_ptrs = Mask + _wide(offs_m)[:, None] * stride_mm
+    seed = tl.load(Seed) if DROPOUT else 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
+    # Boundary tiles get the element-wise band mask, interior tiles skip it, dead tiles are not visited.
+    for segment in tl.static_range(3):
+        start, stop = _segment(segment, lo, full_lo, full_hi, hi)
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d,
+                                        offs_dv, drop_head, drop_q0, drop_k0, start, stop, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
+                                        diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale, HEAD_DIM,
+                                        HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1, SOFTCAP, ALIBI, DROPOUT,
+                                        INTERPRETED_BF16, INPUT_PRECISION)
+    if SINKS:
+        # The sink is one more logit in the normalizer, with no value: rescale as for a key tile.
+        sink = tl.load(Sinks).to(tl.float32) * LOG2E
+        m_new = tl.maximum(m_i, sink)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+
+    # A row with no visible key (and no sink) has l_i = 0: its output is 0 and its lse -inf, never NaN.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # The LSE stays in log2 units (the scores' domain): the backward's exp2(s - lse) then gives p = 1
+    # exactly for a row's max score, which a round trip through natural-log units would not at
+    # scores of ~1e4 (its relative rounding error times the score).
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    _store_tile(Out, out, offs_m, offs_dv, stride_om, stride_od, len_q, HEAD_DIM_V, INTERPRETED_BF16)
+    tl.store(Lse + offs_m, lse, mask=offs_m < len_q)
 
 
 @triton.jit
@@ -57,50 +110,14 @@ def _attn_fwd(Q, K, V, Mask, Alibi, Sinks, Seed, Out, Lse,
               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
               INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
-    h_kv = h // group_size
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
-    K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
-    mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
-    alibi_log2 = _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI)
-    seed = tl.load(Seed) if DROPOUT else 0
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
-    # Boundary tiles get the element-wise band mask, interior tiles skip it, dead tiles are not visited.
-    for segment in tl.static_range(3):
-        start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d,
-                                        offs_dv, head_index, start, stop, stride_kn, stride_kd, stride_vn, stride_vd,
-                                        stride_mn, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
-                                        softcap_log2, dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
-                                        MASK_KIND, segment != 1, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16,
-                                        INPUT_PRECISION)
-    if SINKS:
-        # The sink is one more logit in the normalizer, with no value: rescale as for a key tile.
-        sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
-        m_new = tl.maximum(m_i, sink)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-
-    # A row with no visible key (and no sink) has l_i = 0: its output is 0 and its lse -inf, never NaN.
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    # The LSE stays in log2 units (the scores' domain): the backward's exp2(s - lse) then gives p = 1
-    # exactly for a row's max score, which a round trip through natural-log units would not at
-    # scores of ~1e4 (its relative rounding error times the score).
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    _store_tile(Out + b * stride_ob + h * stride_oh, out, offs_m, offs_dv, stride_om, stride_od, len_q, HEAD_DIM_V,
-                INTERPRETED_BF16)
-    tl.store(_row_stats(Lse, head_index, len_q) + offs_m, lse, mask=offs_m < len_q)
+    K, V = _kv_heads(K, V, b, h // group_size, stride_kb, stride_kh, stride_vb, stride_vh)
+    _attn_fwd_rows(Q + b * stride_qb + h * stride_qh, K, V, Mask + b * stride_mb + h * stride_mh,
+                   _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI), Sinks + h, Seed,
+                   Out + b * stride_ob + h * stride_oh, _row_stats(Lse, head_index, len_q), start_m, head_index, 0, 0,
+                   stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_om,
+                   stride_od, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
+                   dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, MASK_KIND,
+                   SOFTCAP, ALIBI, SINKS, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
 
 
 def attn_fwd(q, k, v, args, *, config=None, out_dtype=None):

@@ -22,6 +22,11 @@ class KernelArgs:
     ``softcap``: None or the cap of the scaled scores. ``alibi_slopes``: None or float32 [Hq] or
     [B, Hq]. ``sinks``: None or [Hq] logits. ``seed``: an int64 tensor [1] on q's device when
     ``dropout_p > 0``.
+
+    Packed sequences (`kernels.attn_varlen`): ``cu_seqlens_q``/``cu_seqlens_k`` int32 [B + 1], no
+    mask, ``band_lo``/``band_hi`` and ALiBi relative to each sequence's own diagonal: with
+    ``bottom_right`` the kernels add that sequence's Lk - Lq (a dense call folds its shift into the
+    band and ``diagonal_shift`` on the host, and leaves ``bottom_right`` False).
     """
 
     scale: float
@@ -34,6 +39,9 @@ class KernelArgs:
     sinks: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
     seed: Optional[torch.Tensor] = None
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    bottom_right: bool = False
 
     def flat(self):
         """The fields in order, as the custom ops take them."""
@@ -64,14 +72,15 @@ class LaunchArgs(NamedTuple):
 
 def launch_args(q, k, v_head_dim, args):
     """Kernel arguments that every pass derives the same way from the call's `KernelArgs`."""
-    batch, num_heads_q, len_q, head_dim = q.shape
-    len_k = k.shape[2]
+    head_dim = q.shape[-1]
+    # Rows of q and k: one sequence's ([B, H, L, D]), or every sequence's when packed ([total, H, D]).
+    len_q, len_k = (q.shape[0], k.shape[0]) if args.cu_seqlens_q is not None else (q.shape[2], k.shape[2])
     mask = args.mask
     if mask is None:
         mask, mask_strides, mask_kind = q, (0, 0, 0, 0), NO_MASK.value
     else:
         # A broadcast view: size-1 dimensions get stride 0, nothing is copied.
-        mask = mask.expand(batch, num_heads_q, len_q, len_k)
+        mask = mask.expand(*q.shape[:2], len_q, len_k)
         mask_kind = BOOL_MASK.value if mask.dtype == torch.bool else ADD_MASK.value
         if mask_kind == BOOL_MASK.value:
             mask = mask.view(torch.uint8)

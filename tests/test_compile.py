@@ -106,3 +106,44 @@ def test_dropins_compile_without_graph_breaks(device):
             results.append((*outs, *torch.autograd.grad(sum(o.square().sum() for o in outs), (x, q, k, v))))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)
+
+
+def packed_args(device):
+    """Packed q, k, v with cu_seqlens of lengths (5, 0, 30) / (9, 4, 20), and the op's flat arguments."""
+    q, k, v = torch.randn(35, 4, 16, device=device), torch.randn(33, 2, 16, device=device), torch.randn(33, 2, 8, device=device)
+    cu_q = torch.tensor([0, 5, 5, 35], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 9, 13, 33], dtype=torch.int32, device=device)
+    args = KernelArgs(scale=0.25, band_hi=0, softcap=5.0, alibi_slopes=torch.rand(3, 4, device=device),
+                      sinks=torch.randn(4, device=device), dropout_p=0.2, seed=torch.tensor([3], device=device),
+                      cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True)
+    return q, k, v, args
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_packed_sequences(device):
+    q, k, v, args = packed_args(device)
+    opcheck(torch.ops.attn_ops.attention_fwd.default, (q, k, v, *args.flat()))
+    out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *args.flat())
+    assert out.shape == (35, 4, 8) and lse_log2.shape == (4, 35)
+    opcheck(torch.ops.attn_ops.attention_bwd.default,
+            (torch.randn_like(out), torch.randn_like(lse_log2), q, k, v, out, lse_log2, False, *args.flat()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_varlen_and_its_gradients_equal_eager(device):
+    q, k, v, args = packed_args(device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    sinks = args.sinks.requires_grad_()
+
+    def step(q, k, v, sinks):
+        return attn_ops.varlen_attention(q, k, v, args.cu_seqlens_q, args.cu_seqlens_k, causal="bottom_right",
+                                         softcap=5.0, alibi_slopes=args.alibi_slopes, sinks=sinks, dropout_p=0.2,
+                                         seed=3, return_lse=True, backend="triton")
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        out, lse = fn(q, k, v, sinks)
+        results.append((out, lse, *torch.autograd.grad((out.square().sum(), lse.sum()), (q, k, v, sinks))))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)

@@ -106,6 +106,52 @@ def test_bad_keyword_arguments_raise_naming_the_argument(case):
         attn_ops.attention(*qkv(), **kwargs)
 
 
+def packed(lengths=(3, 5), hq=4, hkv=2, d=16):
+    """Packed q, k, v for `lengths` (the same for queries and keys) and their int32 cu_seqlens."""
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return [torch.randn(total, hq, d), torch.randn(total, hkv, d), torch.randn(total, hkv, d), cu, cu.clone()]
+
+
+def packed_with(i, value):
+    args = packed()
+    args[i] = value
+    return args
+
+
+BAD_VARLEN = {
+    "q_rank_4": (ValueError, r"q must be 3-D \[total, H, D\]", packed_with(0, torch.randn(1, 8, 4, 16)), {}),
+    "v_length": (ValueError, "k and v must have the same length", packed_with(2, torch.randn(7, 2, 16)), {}),
+    "cu_int64": (TypeError, r"cu_seqlens_q has dtype torch.int64; expected torch.int32 \(torch.cumsum gives int64",
+                 packed_with(3, torch.tensor([0, 3, 8])), {}),
+    "cu_list": (TypeError, "cu_seqlens_k must be a torch.Tensor", packed_with(4, [0, 3, 8]), {}),
+    "cu_rank_2": (ValueError, r"cu_seqlens_q must be 1-D \[B \+ 1\]",
+                  packed_with(3, torch.tensor([[0, 3, 8]], dtype=torch.int32)), {}),
+    "cu_not_from_0": (ValueError, "cu_seqlens_q must start at 0, got 1",
+                      packed_with(3, torch.tensor([1, 3, 8], dtype=torch.int32)), {}),
+    "cu_decreasing": (ValueError, r"cu_seqlens_k must be non-decreasing, but entry 2 \(8\) < entry 1 \(9\)",
+                      packed_with(4, torch.tensor([0, 9, 8], dtype=torch.int32)), {}),
+    "cu_short_total": (ValueError, r"cu_seqlens_q must end at the number of packed rows of q \(8\), got 7",
+                       packed_with(3, torch.tensor([0, 3, 7], dtype=torch.int32)), {}),
+    "cu_sequence_counts_differ": (ValueError, "cu_seqlens_q and cu_seqlens_k must describe the same number of "
+                                  "sequences, got 2 and 3", packed_with(4, torch.tensor([0, 3, 5, 8], dtype=torch.int32)),
+                                  {}),
+    "max_seqlen_too_small": (ValueError, "max_seqlen_k=4, but cu_seqlens_k has a sequence of 5 rows", packed(),
+                             {"max_seqlen_k": 4}),
+    "max_seqlen_float": (ValueError, "max_seqlen_q must be None or an int >= 0", packed(), {"max_seqlen_q": 5.0}),
+    "alibi_per_token": (ValueError, r"alibi_slopes must be \[Hq\] = \[4\] or \[B, Hq\] = \[2, 4\]", packed(),
+                        {"alibi_slopes": torch.ones(8, 4)}),
+    "window_word": (ValueError, "window must be None or", packed(), {"window": "local"}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VARLEN)
+def test_bad_varlen_inputs_raise_naming_the_argument(case):
+    error, message, args, kwargs = BAD_VARLEN[case]
+    with pytest.raises(error, match=message):
+        attn_ops.varlen_attention(*args, **kwargs)
+
+
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=DEVICES[0].marks), "reference"])
 @pytest.mark.parametrize("mask_shape", [(10,), (8, 10), (4, 8, 10), (2, 1, 1, 10), (1, 4, 1, 10), (2, 4, 8, 10)])
 def test_every_broadcastable_mask_shape_is_accepted(mask_shape, backend):

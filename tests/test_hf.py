@@ -215,6 +215,62 @@ def test_kernel_path_matches_the_models_peer(device, make, padding_side, peer):
     torch.testing.assert_close(actual, expected, **TOL)
 
 
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    """The cu_seqlens of each call our attention function makes to varlen_attention."""
+    seen = []
+
+    def spy(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
+        seen.append(cu_seqlens_q.tolist())
+        return attn_ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
+
+    monkeypatch.setattr(attn_ops.hf, "varlen_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=DEVICES[0].marks), "reference"])
+def test_packed_row_trains_as_the_padded_batch(backend, varlen_calls):
+    # One row of three sequences, position_ids restarting at 0 (DataCollatorWithFlattening's
+    # format), against the same sequences right-padded: equal logits and equal weight gradients.
+    model = _llama()
+    model.set_attn_implementation("attn_ops")
+    lengths = (5, 9, 3)
+    sequences = [torch.randint(0, VOCAB, (n,)) for n in lengths]
+    weights = [torch.randn(n, VOCAB) for n in lengths]
+    padded = torch.zeros(3, max(lengths), dtype=torch.long)
+    mask = torch.zeros(3, max(lengths), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        padded[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+    results = []
+    with attn_ops.use_backend(backend):
+        for inputs in ({"input_ids": torch.cat(sequences)[None],
+                        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]},
+                       {"input_ids": padded, "attention_mask": mask}):
+            logits = model(**inputs).logits
+            rows = list(logits[0].split(lengths)) if logits.shape[0] == 1 else [logits[r, :n] for r, n in enumerate(lengths)]
+            loss = sum((row * w).sum() for row, w in zip(rows, weights))
+            results.append((torch.cat(rows).detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    (packed, packed_grads), (expected, expected_grads) = results
+    torch.testing.assert_close(packed, expected, **TOL)
+    for actual, wanted in zip(packed_grads, expected_grads):
+        torch.testing.assert_close(actual, wanted, atol=1e-4, rtol=1e-4)
+    assert varlen_calls == [[0, 5, 14, 17]] * 2  # both layers, forward only: the backward reuses the graph
+
+
+def test_packed_row_with_a_sliding_window_keeps_the_dense_mask(varlen_calls):
+    # The mask transformers builds for a sliding layer says more than "within each sequence".
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=3,
+    )
+    model = transformers.MistralForCausalLM(config).eval()
+    ids = torch.randint(0, VOCAB, (1, 14))
+    positions = torch.cat([torch.arange(8), torch.arange(6)])[None]
+    expected = _run(model, "sdpa", input_ids=ids, position_ids=positions).logits
+    torch.testing.assert_close(_run(model, "attn_ops", input_ids=ids, position_ids=positions).logits, expected, **TOL)
+    assert varlen_calls == []
+
+
 def test_missing_transformers_raises_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when absent
     with pytest.raises(ImportError, match=r"attn-ops\[hf\]"):

@@ -137,7 +137,8 @@ def _with_bias(mask, bias):
     return bias + mask
 
 
-# Each mask transformers built for a packed row -> (the position_ids it was checked with, cu_seqlens or None).
+# Each mask transformers built for a packed row -> (the position_ids and causality it was checked with,
+# cu_seqlens or None).
 _checked_masks = WeakIdKeyDictionary()
 
 
@@ -162,12 +163,15 @@ def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
     else:
         return None
     if attention_mask is None:
-        return cu_seqlens
+        # transformers detects packing only without a cache, and then always builds a mask: no mask
+        # means one sequence, unless the caller said otherwise through cu_seq_lens.
+        return cu_seqlens if kwargs.get("cu_seq_lens_q") is not None else None
     checked = _checked_masks.get(attention_mask)
-    if checked is None or checked[0] is not position_ids:
-        checked = (position_ids, cu_seqlens if _is_within_sequences(attention_mask, cu_seqlens, is_causal) else None)
+    if checked is None or checked[0] is not position_ids or checked[1] != bool(is_causal):
+        within = _is_within_sequences(attention_mask, cu_seqlens, is_causal)
+        checked = (position_ids, bool(is_causal), cu_seqlens if within else None)
         _checked_masks[attention_mask] = checked
-    return checked[1]
+    return checked[2]
 
 
 def _is_within_sequences(mask, cu_seqlens, causal):

@@ -137,6 +137,11 @@ def tile_schedule(cu_seqlens, block, total):
     return torch.searchsorted(first[1:], programs, right=True).to(torch.int32), first, grid
 
 
+def _cu_seqlens(args):
+    """Both cu_seqlens at unit stride, as the kernels read them (cu[b], cu[b + 1])."""
+    return args.cu_seqlens_q.contiguous(), args.cu_seqlens_k.contiguous()
+
+
 def _flags(args, launch):
     return dict(SOFTCAP=args.softcap is not None, ALIBI=args.alibi_slopes is not None, DROPOUT=args.dropout_p > 0,
                 INTERPRETED_BF16=launch.interpreted_bf16, INPUT_PRECISION=launch.input_precision)
@@ -151,11 +156,11 @@ def varlen_fwd(q, k, v, args, *, config=None):
     lse_log2 = torch.empty(num_heads_q, total_q, device=q.device, dtype=torch.float32)
     launch = launch_args(q, k, head_dim_v, args)
     tile = tile_config(q, "fwd", max(head_dim, head_dim_v), config)
-    tile_seq, tile_first, grid = tile_schedule(args.cu_seqlens_q, tile.block_m, total_q)
+    cu_seqlens = _cu_seqlens(args)
+    tile_seq, tile_first, grid = tile_schedule(cu_seqlens[0], tile.block_m, total_q)
     if grid:
         _varlen_fwd[(grid, num_heads_q)](
-            q, k, v, launch.alibi, launch.sinks, launch.seed, out, lse_log2, args.cu_seqlens_q, args.cu_seqlens_k,
-            tile_seq, tile_first,
+            q, k, v, launch.alibi, launch.sinks, launch.seed, out, lse_log2, *cu_seqlens, tile_seq, tile_first,
             *q.stride(), *k.stride(), *v.stride(), *launch.alibi_strides, *out.stride(),
             len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, total_q, launch.band_lo, launch.band_hi,
             int(args.bottom_right), launch.qk_scale, launch.softcap_log2, args.dropout_p, launch.dropout_scale,
@@ -183,8 +188,8 @@ def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
     scalars = (len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, total_q, launch.band_lo, launch.band_hi,
                int(args.bottom_right), launch.qk_scale, launch.softcap_log2, args.scale, args.dropout_p,
                launch.dropout_scale)
-    cu_seqlens = (args.cu_seqlens_q, args.cu_seqlens_k)
-    tile_seq, tile_first, grid = tile_schedule(args.cu_seqlens_k, dkdv.block_n, total_k)  # tiles of keys
+    cu_seqlens = _cu_seqlens(args)
+    tile_seq, tile_first, grid = tile_schedule(cu_seqlens[1], dkdv.block_n, total_k)  # tiles of keys
     if grid:
         _varlen_bwd_dkdv[(grid, num_heads_kv)](
             q, k, v, launch.alibi, launch.seed, do, lse_log2, delta, dk, dv, *cu_seqlens, tile_seq, tile_first,
@@ -192,7 +197,7 @@ def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
             *scalars, **common, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
             num_stages=dkdv.num_stages,
         )
-    tile_seq, tile_first, grid = tile_schedule(args.cu_seqlens_q, dq_tile.block_m, total_q)
+    tile_seq, tile_first, grid = tile_schedule(cu_seqlens[0], dq_tile.block_m, total_q)
     if grid:
         _varlen_bwd_dq[(grid, num_heads_q)](
             q, k, v, launch.alibi, launch.seed, do, lse_log2, delta, dq, *cu_seqlens, tile_seq, tile_first,

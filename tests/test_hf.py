@@ -243,7 +243,8 @@ def test_packed_row_trains_as_the_padded_batch(backend, varlen_calls):
         padded[row, :len(seq)], mask[row, :len(seq)] = seq, 1
     results = []
     with attn_ops.use_backend(backend):
-        for inputs in ({"input_ids": torch.cat(sequences)[None],
+        # Without a cache, as in training: transformers detects the packing only then.
+        for inputs in ({"input_ids": torch.cat(sequences)[None], "use_cache": False,
                         "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]},
                        {"input_ids": padded, "attention_mask": mask}):
             logits = model(**inputs).logits
@@ -255,6 +256,24 @@ def test_packed_row_trains_as_the_padded_batch(backend, varlen_calls):
     for actual, wanted in zip(packed_grads, expected_grads):
         torch.testing.assert_close(actual, wanted, atol=1e-4, rtol=1e-4)
     assert varlen_calls == [[0, 5, 14, 17]] * 2  # both layers, forward only: the backward reuses the graph
+
+
+def test_restarting_positions_with_a_cache_are_one_sequence_as_in_sdpa(varlen_calls):
+    # With a cache transformers does not detect packing and passes no mask: one causal row, as sdpa
+    # computes it; cu_seq_lens given explicitly still mean packed sequences.
+    model = _llama()
+    ids = torch.randint(0, VOCAB, (1, 14))
+    positions = torch.cat([torch.arange(8), torch.arange(6)])[None]
+    expected = _run(model, "sdpa", input_ids=ids, position_ids=positions, use_cache=True).logits
+    actual = _run(model, "attn_ops", input_ids=ids, position_ids=positions, use_cache=True).logits
+    torch.testing.assert_close(actual, expected, **TOL)
+    assert varlen_calls == []
+    cu = torch.tensor([0, 8, 14], dtype=torch.int32)
+    flash_kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=8, max_length_k=8)
+    packed = _run(model, "attn_ops", input_ids=ids, position_ids=positions, use_cache=True, **flash_kwargs).logits
+    separate = torch.cat([_run(model, "sdpa", input_ids=ids[:, a:b]).logits for a, b in ((0, 8), (8, 14))], dim=1)
+    torch.testing.assert_close(packed, separate, **TOL)
+    assert varlen_calls == [[0, 8, 14]] * 2
 
 
 def test_packed_row_with_a_sliding_window_keeps_the_dense_mask(varlen_calls):

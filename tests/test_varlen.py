@@ -121,6 +121,18 @@ def test_a_sequence_does_not_depend_on_its_neighbours(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_strided_cu_seqlens_and_transposed_inputs(device):
+    # cu_seqlens as every other entry of a longer tensor; q, k, v as [total, H, D] views of [H, total, D].
+    (q, k, v), cu_q, cu_k = pack((9, 40, 2), (30, 7, 25), 2, 1, 16, torch.float32, device)
+    expected = attn_ops.varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend="triton")
+    strided = [torch.stack([cu, torch.full_like(cu, -7)], 1).view(-1)[::2] for cu in (cu_q, cu_k)]
+    views = [t.detach().transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v)]
+    assert not strided[0].is_contiguous() and not views[0].is_contiguous()
+    torch.testing.assert_close(attn_ops.varlen_attention(*views, *strided, causal=True, backend="triton"), expected,
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_one_sequence_is_the_dense_op_dropout_pattern_included(device):
     (q, k, v), cu_q, cu_k = pack((50,), (70,), 4, 2, 16, torch.float32, device)
     dense = [t.detach().transpose(0, 1)[None] for t in (q, k, v)]
@@ -184,6 +196,7 @@ def test_reference_backend_and_empty_batch():
     (q, k, v), cu_q, cu_k = pack((0, 0), (3, 0), 2, 2, 8, torch.float64, "cpu")
     out, lse = attn_ops.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True)
     assert out.shape == (0, 2, 8) and lse.shape == (2, 0) and lse.dtype == torch.float64
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(out.sum(), (q, k, v)))
     (q, k, v), cu_q, cu_k = pack((6,), (0,), 2, 2, 8, torch.float64, "cpu")
     out = attn_ops.varlen_attention(q, k, v, cu_q, cu_k)
     assert torch.equal(out, torch.zeros_like(out))

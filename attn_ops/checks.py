@@ -82,8 +82,8 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_
         if cu[0] != 0:
             raise ValueError(f"{name} must start at 0, got {cu[0]} ({name} = {cu})")
         lengths = [b - a for a, b in zip(cu, cu[1:])]
-        if any(n < 0 for n in lengths):
-            i = next(i for i, n in enumerate(lengths) if n < 0)
+        i = next((i for i, n in enumerate(lengths) if n < 0), None)
+        if i is not None:
             raise ValueError(f"{name} must be non-decreasing, but entry {i + 1} ({cu[i + 1]}) < entry {i} ({cu[i]})")
         if cu[-1] != t.shape[0]:
             raise ValueError(f"{name} must end at the number of packed rows of {tensor_name} ({t.shape[0]}), got "

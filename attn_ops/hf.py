@@ -148,7 +148,8 @@ def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
     if query.shape[0] != 1 or key.shape[2] != length or length < 2:
         return None
     position_ids = kwargs.get("position_ids")
-    if kwargs.get("cu_seq_lens_q") is not None:
+    explicit = kwargs.get("cu_seq_lens_q") is not None  # flash-attn's keywords, from the caller
+    if explicit:
         cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
         if cu_k is None or not torch.equal(cu_q, cu_k):
             return None
@@ -165,7 +166,7 @@ def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
     if attention_mask is None:
         # transformers detects packing only without a cache, and then always builds a mask: no mask
         # means one sequence, unless the caller said otherwise through cu_seq_lens.
-        return cu_seqlens if kwargs.get("cu_seq_lens_q") is not None else None
+        return cu_seqlens if explicit else None
     checked = _checked_masks.get(attention_mask)
     if checked is None or checked[0] is not position_ids or checked[1] != bool(is_causal):
         within = _is_within_sequences(attention_mask, cu_seqlens, is_causal)

@@ -336,11 +336,7 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     dkdv = tile_config(q, "dkdv", max(head_dim, head_dim_v), config)
     dq_tile = tile_config(q, "dq", max(head_dim, head_dim_v), config)
     dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, HEAD_DIM_V=head_dim_v,
-                  HEAD_DIM_V_PAD=launch.head_dim_v_pad, MASK_KIND=launch.mask_kind,
-                  DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=launch.interpreted_bf16,
-                  INPUT_PRECISION=launch.input_precision)
-    common.update(SOFTCAP=args.softcap is not None, ALIBI=args.alibi_slopes is not None)
+    common = dict(launch.constexprs, MASK_KIND=launch.mask_kind)
     rules = (len_q, len_k, launch.band_lo, launch.band_hi, args.diagonal_shift, launch.qk_scale, launch.softcap_log2)
     scalars = (num_heads_q, num_heads_q // num_heads_kv, *rules, args.scale, args.dropout_p, launch.dropout_scale)
     delta = row_deltas(out, do, dlse_log2, dq_tile.block_m)

@@ -140,10 +140,7 @@ def attn_fwd(q, k, v, args, *, config=None, out_dtype=None):
         *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *out.stride(),
         num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], launch.band_lo, launch.band_hi,
         args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.dropout_p, launch.dropout_scale,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PAD=launch.head_dim_v_pad,
-        BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=launch.mask_kind, SOFTCAP=args.softcap is not None,
-        ALIBI=args.alibi_slopes is not None, SINKS=args.sinks is not None, DROPOUT=args.dropout_p > 0,
-        INTERPRETED_BF16=launch.interpreted_bf16,
-        INPUT_PRECISION=launch.input_precision, num_warps=num_warps, num_stages=num_stages,
+        **launch.constexprs, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=launch.mask_kind,
+        SINKS=args.sinks is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse_log2

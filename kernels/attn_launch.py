@@ -64,15 +64,15 @@ class LaunchArgs(NamedTuple):
     alibi_strides: tuple
     sinks: torch.Tensor
     dropout_scale: float
-    head_dim_pad: int
-    head_dim_v_pad: int
-    interpreted_bf16: bool
-    input_precision: str
+    # The compile-time switches every pass takes: head dims (and their tile padding), which score
+    # modifiers and dropout run, and how the dot runs (fp32's TF32 switch, the interpreter's bf16).
+    constexprs: dict
 
 
 def launch_args(q, k, v_head_dim, args):
     """Kernel arguments that every pass derives the same way from the call's `KernelArgs`."""
     head_dim = q.shape[-1]
+    interpreted_bf16 = INTERPRETED and q.dtype == torch.bfloat16
     # Rows of q and k: one sequence's ([B, H, L, D]), or every sequence's when packed ([total, H, D]).
     len_q, len_k = (q.shape[0], k.shape[0]) if args.cu_seqlens_q is not None else (q.shape[2], k.shape[2])
     mask = args.mask
@@ -108,9 +108,11 @@ def launch_args(q, k, v_head_dim, args):
         sinks=q if args.sinks is None else args.sinks.contiguous(),  # read as sinks[h]: [Hq], unit stride
         # dropout_p = 1 keeps nothing: a scale of 0, not 1 / 0.
         dropout_scale=1.0 / (1.0 - args.dropout_p) if args.dropout_p < 1 else 0.0,
-        head_dim_pad=head_dim_pad(head_dim),
-        head_dim_v_pad=head_dim_pad(v_head_dim),
-        interpreted_bf16=INTERPRETED and q.dtype == torch.bfloat16,
-        input_precision="tf32" if tf32 else "ieee",
+        constexprs=dict(
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), HEAD_DIM_V=v_head_dim,
+            HEAD_DIM_V_PAD=head_dim_pad(v_head_dim), SOFTCAP=args.softcap is not None,
+            ALIBI=args.alibi_slopes is not None, DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=interpreted_bf16,
+            INPUT_PRECISION="tf32" if tf32 else "ieee",
+        ),
     )
 

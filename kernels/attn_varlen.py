@@ -142,11 +142,6 @@ def _cu_seqlens(args):
     return args.cu_seqlens_q.contiguous(), args.cu_seqlens_k.contiguous()
 
 
-def _flags(args, launch):
-    return dict(SOFTCAP=args.softcap is not None, ALIBI=args.alibi_slopes is not None, DROPOUT=args.dropout_p > 0,
-                INTERPRETED_BF16=launch.interpreted_bf16, INPUT_PRECISION=launch.input_precision)
-
-
 def varlen_fwd(q, k, v, args, *, config=None):
     """Launches the packed forward for `args` (a `KernelArgs` with cu_seqlens); returns (out
     ``[total_q, Hq, Dv]`` contiguous in q's dtype, lse_log2 ``[Hq, total_q]`` float32 in log2 units)."""
@@ -164,9 +159,8 @@ def varlen_fwd(q, k, v, args, *, config=None):
             *q.stride(), *k.stride(), *v.stride(), *launch.alibi_strides, *out.stride(),
             len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, total_q, launch.band_lo, launch.band_hi,
             int(args.bottom_right), launch.qk_scale, launch.softcap_log2, args.dropout_p, launch.dropout_scale,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, HEAD_DIM_V=head_dim_v,
-            HEAD_DIM_V_PAD=launch.head_dim_v_pad, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            SINKS=args.sinks is not None, **_flags(args, launch), num_warps=tile.num_warps, num_stages=tile.num_stages,
+            **launch.constexprs, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SINKS=args.sinks is not None,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
     return out, lse_log2
 
@@ -183,8 +177,6 @@ def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
     # delta over [1, Hq, total_q] rows: the packed rows seen as one long sequence.
     delta = row_deltas(out.permute(1, 0, 2)[None], do.permute(1, 0, 2)[None],
                        None if dlse_log2 is None else dlse_log2[None], dq_tile.block_m)[0]
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=launch.head_dim_pad, HEAD_DIM_V=head_dim_v,
-                  HEAD_DIM_V_PAD=launch.head_dim_v_pad, **_flags(args, launch))
     scalars = (len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, total_q, launch.band_lo, launch.band_hi,
                int(args.bottom_right), launch.qk_scale, launch.softcap_log2, args.scale, args.dropout_p,
                launch.dropout_scale)
@@ -194,7 +186,7 @@ def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
         _varlen_bwd_dkdv[(grid, num_heads_kv)](
             q, k, v, launch.alibi, launch.seed, do, lse_log2, delta, dk, dv, *cu_seqlens, tile_seq, tile_first,
             *q.stride(), *k.stride(), *v.stride(), *launch.alibi_strides, *do.stride(), *dk.stride(), *dv.stride(),
-            *scalars, **common, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
+            *scalars, **launch.constexprs, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
             num_stages=dkdv.num_stages,
         )
     tile_seq, tile_first, grid = tile_schedule(cu_seqlens[0], dq_tile.block_m, total_q)
@@ -202,7 +194,7 @@ def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
         _varlen_bwd_dq[(grid, num_heads_q)](
             q, k, v, launch.alibi, launch.seed, do, lse_log2, delta, dq, *cu_seqlens, tile_seq, tile_first,
             *q.stride(), *k.stride(), *v.stride(), *launch.alibi_strides, *do.stride(), *dq.stride(),
-            *scalars, **common, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, num_warps=dq_tile.num_warps,
+            *scalars, **launch.constexprs, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, num_warps=dq_tile.num_warps,
             num_stages=dq_tile.num_stages,
         )
     dsinks = None if args.sinks is None else sink_grads(args.sinks, lse_log2[None], delta[None])

@@ -193,10 +193,11 @@ def test_tile_schedule_covers_only_real_tiles():
 
 
 def test_reference_backend_and_empty_batch():
-    (q, k, v), cu_q, cu_k = pack((0, 0), (3, 0), 2, 2, 8, torch.float64, "cpu")
-    out, lse = attn_ops.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True)
-    assert out.shape == (0, 2, 8) and lse.shape == (2, 0) and lse.dtype == torch.float64
-    assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(out.sum(), (q, k, v)))
+    for lengths_q, lengths_k in (((0, 0), (3, 0)), ((), ())):  # two empty query sides; no sequence at all
+        (q, k, v), cu_q, cu_k = pack(lengths_q, lengths_k, 2, 2, 8, torch.float64, "cpu")
+        out, lse = attn_ops.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True)
+        assert out.shape == (0, 2, 8) and lse.shape == (2, 0) and lse.dtype == torch.float64
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(out.sum(), (q, k, v)))
     (q, k, v), cu_q, cu_k = pack((6,), (0,), 2, 2, 8, torch.float64, "cpu")
     out = attn_ops.varlen_attention(q, k, v, cu_q, cu_k)
     assert torch.equal(out, torch.zeros_like(out))

@@ -2,10 +2,11 @@
 dispatch picks for it (the fused kernels, or the reference)."""
 
 from .checks import OP_NAMES
-from .dispatch import choose, use_backend
-from .problem import describe, describe_varlen
+from .cache import append
+from .dispatch import choose, fused_cache, use_backend
+from .problem import describe, describe_cache, describe_varlen
 
-__all__ = ["attention", "use_backend", "varlen_attention"]
+__all__ = ["attention", "attention_with_kvcache", "use_backend", "varlen_attention"]
 
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, softcap=None,
@@ -106,4 +107,53 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
                               softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed,
                               return_lse=return_lse)
     out, lse = choose(problem, backend).run(q, k, v, problem)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None,
+                           causal=False, window=None, scale=None, softcap=None, alibi_slopes=None, sinks=None,
+                           return_lse=False, num_splits=None, backend="auto"):
+    """Decoding attention against a KV cache (flash-attn's ``flash_attn_with_kvcache``), inference only.
+
+    Sequence b attends to its first ``n_b = cache_seqlens[b] + L_new`` cached keys. With ``causal`` its
+    queries are the last Lq positions of those (bottom-right), e.g. n_b = 5, Lq = 2::
+
+        keys:  0 1 2 3 4 | 5 ...  (unused capacity)
+        q0     x x x x .
+        q1     x x x x x
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` (Lq = 1 for plain decoding, a few for speculative or chunked decoding).
+        k_cache, v_cache: dense ``[B, Hkv, L_max, D]`` / ``[B, Hkv, L_max, Dv]``, or with `block_table`
+            paged pools ``[num_blocks, Hkv, block_size, D]`` (any strides: a ``[num_blocks, block_size,
+            Hkv, D]`` pool passed as ``.transpose(1, 2)`` is read in place). q's dtype.
+        cache_seqlens: int32 ``[B]`` on q's device, or an int: tokens already in each sequence's cache.
+            Not modified. Checked against the capacity in eager mode (one device-to-host copy; none
+            for an int and a dense cache), trusted under torch.compile.
+        k_new, v_new: None or ``[B, Hkv, L_new, D / Dv]``: written into the caches in place at positions
+            ``cache_seqlens[b] ...`` (through the block table when paged), then attended.
+        block_table: None (dense) or int32 ``[B, max_blocks]``: sequence b's token t is row
+            ``t % block_size`` of block ``block_table[b, t // block_size]``. Any block size.
+        causal: False, or True / ``"bottom_right"``: query i sits at position ``n_b - Lq + i``.
+        window: None or ``(left, right)`` around each query's position (a side None or -1: unbounded).
+        scale, softcap, alibi_slopes (``[Hq]`` or ``[B, Hq]``, distances from each query's position),
+        sinks, return_lse, backend: as in `attention`.
+        num_splits: None (chosen from the GPU's multiprocessors, B * Hkv and the cache's capacity) or
+            the number of ranges each sequence's keys are split into, merged through their LSEs
+            (1: one program per (sequence, kv head) reads all its keys).
+
+    Returns:
+        ``out`` ``[B, Hq, Lq, Dv]`` in q's dtype and layout, or ``(out, lse)`` with ``lse``
+        ``[B, Hq, Lq]`` float32 (natural log; -inf for a row that sees no key, the sink with `sinks`).
+        A row that sees no key (an empty cache, say) gives zeros.
+
+    Inference only: q, the caches, k_new, v_new or sinks requiring grad (with grad mode on) is an error.
+    """
+    problem = describe_cache(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, block_table=block_table,
+                             causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                             sinks=sinks, return_lse=return_lse, num_splits=num_splits)
+    implementation = choose(problem, backend, fused=fused_cache)
+    if problem.len_new:
+        append(k_cache, v_cache, k_new, v_new, problem)
+    out, lse = implementation.run_cache(q, k_cache, v_cache, problem)
     return (out, lse) if return_lse else out

@@ -17,15 +17,21 @@ BACKENDS = ("auto", "triton", "reference")
 # How `attn_ops.attention` names its arguments; the drop-ins pass their own spellings.
 OP_NAMES = {name: name for name in ("q", "k", "v", "mask", "causal", "window", "align", "scale", "softcap",
                                     "alibi_slopes", "sinks", "dropout_p", "seed", "return_lse", "backend")}
+# An int, or one torch.compile traces symbolically (a cache length taken from a tensor's shape).
+INTS = (numbers.Integral, torch.SymInt)
 VARLEN_NAMES = {**OP_NAMES, **{name: name for name in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")}}
+KVCACHE_NAMES = {**OP_NAMES, "k": "k_cache", "v": "v_cache",
+                 **{name: name for name in ("cache_seqlens", "k_new", "v_new", "block_table", "num_splits")}}
 
 
 def _shape(t):
     return tuple(t.shape)
 
 
-def check_qkv(q, k, v, names=OP_NAMES, packed=False):
-    """q, k, v: ``[B, H, L, D]`` each, or with `packed` ``[total, H, D]`` (sequences end to end)."""
+def check_qkv(q, k, v, names=OP_NAMES, packed=False, paged=False):
+    """q, k, v: ``[B, H, L, D]`` each, or with `packed` ``[total, H, D]`` (sequences end to end);
+    with `paged`, k and v are ``[num_blocks, H, block_size, D]`` pools (their first dimension is
+    not q's batch)."""
     nq, nk, nv = names["q"], names["k"], names["v"]
     rank, layout = (3, "[total, H, D] (sequences packed end to end)") if packed else (4, "[B, H, L, D]")
     for name, t in ((nq, q), (nk, k), (nv, v)):
@@ -41,7 +47,9 @@ def check_qkv(q, k, v, names=OP_NAMES, packed=False):
         raise TypeError(f"{nq}, {nk}, {nv} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not packed and not (q.shape[0] == k.shape[0] == v.shape[0]):
+    if paged and k.shape[0] != v.shape[0]:
+        raise ValueError(f"{nk} and {nv} must have the same number of blocks, got {nk} {_shape(k)}, {nv} {_shape(v)}")
+    if not (packed or paged) and not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"batch sizes differ: {nq} {_shape(q)}, {nk} {_shape(k)}, {nv} {_shape(v)}")
     length = 0 if packed else 2
     hq, hkv, hv = q.shape[1], k.shape[1], v.shape[1]
@@ -90,6 +98,88 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_
                              f"{cu[-1]}")
         if hint is not None and hint < max(lengths, default=0):
             raise ValueError(f"{hint_name}={hint}, but {name} has a sequence of {max(lengths)} rows")
+
+
+def check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, causal, num_splits,
+                       names=KVCACHE_NAMES):
+    """The shapes, dtypes and devices of `attention_with_kvcache`'s cache arguments (their values:
+    `check_cache_lengths`). Returns the number of new tokens."""
+    check_qkv(q, k_cache, v_cache, names, paged=block_table is not None)
+    if block_table is not None:
+        name = names["block_table"]
+        _check_tensor(block_table, name, (torch.int32,), q, names, " (pass .int())")
+        if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} must be [B, max_blocks] = [{q.shape[0]}, max_blocks] (sequence b's token t in "
+                             f"block {name}[b, t // block_size]), got shape {_shape(block_table)}")
+    if isinstance(cache_seqlens, torch.Tensor):
+        name = names["cache_seqlens"]
+        _check_tensor(cache_seqlens, name, (torch.int32,), q, names, " (pass .int())")
+        if tuple(cache_seqlens.shape) != (q.shape[0],):
+            raise ValueError(f"{name} must be [B] = [{q.shape[0]}] (or an int), got shape {_shape(cache_seqlens)}")
+    elif not isinstance(cache_seqlens, INTS) or isinstance(cache_seqlens, bool) or cache_seqlens < 0:
+        raise ValueError(f"{names['cache_seqlens']} must be an int32 tensor [B] or an int >= 0, got {cache_seqlens!r}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{names['k_new']} and {names['v_new']} go together: got only "
+                         f"{names['k_new'] if v_new is None else names['v_new']}")
+    if k_new is not None:
+        for name, new, cache in ((names["k_new"], k_new, k_cache), (names["v_new"], v_new, v_cache)):
+            _check_tensor(new, name, (cache.dtype,), q, names, " (the cache's: nothing is cast)")
+            expected = (q.shape[0], cache.shape[1], k_new.shape[2] if k_new.dim() == 4 else "L_new", cache.shape[3])
+            if new.dim() != 4 or tuple(new.shape) != expected:
+                raise ValueError(f"{name} must be [B, Hkv, L_new, D] = {list(expected)} (B of {names['q']}, Hkv and "
+                                 f"D of the cache, one L_new for both), got {_shape(new)}")
+    if causal not in (False, True, "bottom_right"):
+        raise ValueError(f"{names['causal']} must be False, True or 'bottom_right' (a cache aligns each query at the "
+                         f"end of its sequence), got {causal!r}")
+    if num_splits is not None and (not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool)
+                                   or num_splits < 1):
+        raise ValueError(f"{names['num_splits']} must be None (chosen from the GPU and the shapes) or an int >= 1, "
+                         f"got {num_splits!r}")
+    for name, t in (("q", q), ("k", k_cache), ("v", v_cache), ("k_new", k_new), ("v_new", v_new), ("sinks", sinks)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{names[name]} requires grad, but attention_with_kvcache is inference only (no backward): "
+                             f"pass {names[name]}.detach() or call it under torch.no_grad()")
+    return 0 if k_new is None else k_new.shape[2]
+
+
+def check_cache_lengths(cache_seqlens, len_new, block_table, k_cache, names=KVCACHE_NAMES):
+    """In eager mode: each sequence's ``cache_seqlens[b] + len_new`` keys fit in its cache, and the
+    blocks they occupy are valid indices of the pool. One device-to-host copy (none for an int
+    `cache_seqlens` and a dense cache); under torch.compile the values are trusted."""
+    page = k_cache.shape[2]
+    capacity = page * block_table.shape[1] if block_table is not None else page
+    where = (f"{names['block_table']} {_shape(block_table)} of blocks of {page}" if block_table is not None
+             else f"{names['k']} {_shape(k_cache)}")
+    if isinstance(cache_seqlens, INTS):
+        if cache_seqlens + len_new > capacity:
+            raise ValueError(f"{names['cache_seqlens']} = {cache_seqlens} plus {len_new} new tokens exceeds the cache's "
+                             f"capacity of {capacity} ({where})")
+        if block_table is None:
+            return
+    if torch.compiler.is_compiling():
+        return
+    lengths = cache_seqlens + len_new if isinstance(cache_seqlens, torch.Tensor) else None
+    bad_blocks = None
+    if block_table is not None:
+        if lengths is None:
+            lengths = torch.full(block_table.shape[:1], cache_seqlens + len_new, device=block_table.device)
+        starts = torch.arange(block_table.shape[1], device=block_table.device) * page
+        used = starts[None, :] < lengths[:, None]
+        bad_blocks = (used & ((block_table < 0) | (block_table >= k_cache.shape[0]))).any(1)
+    rows = [t.int() for t in (cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None, bad_blocks)
+            if t is not None]
+    values = torch.stack(rows).tolist()
+    if isinstance(cache_seqlens, torch.Tensor):
+        seqlens = values.pop(0)
+        for b, n in enumerate(seqlens):
+            if n < 0 or n + len_new > capacity:
+                raise ValueError(f"{names['cache_seqlens']}[{b}] = {n}: with {len_new} new tokens it must lie in "
+                                 f"[0, {capacity - len_new}], the cache's capacity of {capacity} ({where})")
+    if block_table is not None:
+        b = next((b for b, bad in enumerate(values[0]) if bad), None)
+        if b is not None:
+            raise ValueError(f"{names['block_table']}[{b}] names a block outside the pool of {k_cache.shape[0]} blocks "
+                             f"({names['k']} {_shape(k_cache)}) among the blocks sequence {b} uses")
 
 
 def _check_tensor(t, name, dtypes, q, names, hint=""):

@@ -4,9 +4,10 @@
 An implementation is a module with ``NAME``, ``not_supported_reasons(problem) -> list[str]`` and
 ``run(q, k, v, problem) -> (out, lse)``. The fused ones are imported only when a call may use them,
 so `import attn_ops` loads none of the kernels (torch's own `torch.nn.attention` imports Triton
-where installed). Later variants (split-KV decoding, paged KV, Hopper kernels) join `_fused()`
-ahead of the generic kernels they specialise. Packed sequences are a `Problem` too (`cu_seqlens_q`
-set): the generic kernels and the reference each take them.
+where installed). Later variants (Hopper kernels) join `_fused()` ahead of the generic kernels
+they specialise. Packed sequences are a `Problem` too (`cu_seqlens_q`
+set): the generic kernels and the reference each take them. Decoding against a KV cache is a
+`CacheProblem`, run by `run_cache` of the implementations `fused_cache()` lists, or the reference's.
 """
 
 import contextlib
@@ -31,13 +32,13 @@ def use_backend(name):
         _auto_backend = previous
 
 
-def choose(problem, backend):
+def choose(problem, backend, fused=None):
     """The implementation module that runs `problem` for `backend`, or a ValueError with every reason.
 
     ``"reference"``: the plain PyTorch path. ``"triton"``: the first fused implementation that
-    supports the call. ``"auto"``: what `use_backend` set, else the fused kernels on CUDA and the
-    reference elsewhere; on CUDA it never falls back to the reference silently, except for float64,
-    which only the reference computes.
+    supports the call, among `fused()` (by default the attention kernels, `_fused`). ``"auto"``: what
+    `use_backend` set, else the fused kernels on CUDA and the reference elsewhere; on CUDA it never
+    falls back to the reference silently, except for float64, which only the reference computes.
     """
     check_backend(backend, problem.names)
     asked = f"{problem.names['backend']}={backend!r}"
@@ -50,7 +51,7 @@ def choose(problem, backend):
     if backend == "reference":
         return reference
     reasons = {}
-    for implementation in _fused():
+    for implementation in (fused or _fused)():
         why = implementation.not_supported_reasons(problem)
         if not why:
             return implementation
@@ -66,3 +67,10 @@ def _fused():
     from . import fused
 
     return (fused,)
+
+
+def fused_cache():
+    """The fused implementations of `attention_with_kvcache` (`CacheProblem`s), in order of preference."""
+    from . import decode
+
+    return (decode,)

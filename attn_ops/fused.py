@@ -30,7 +30,8 @@ _SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", O
                  float: "float", Optional[float]: "float?", bool: "bool"}
 
 
-def _schema(leading, returns):
+def kernel_args_schema(leading, returns):
+    """A custom op schema: the `leading` arguments, then every `KernelArgs` field, typed."""
     hints = get_type_hints(KernelArgs)
     rest = ", ".join(f"{_SCHEMA_TYPES[hints[name]]} {name}" for name in KERNEL_ARG_NAMES)
     return f"({leading}, {rest}) -> {returns}"
@@ -64,13 +65,13 @@ def _bwd_fake(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
 
 attention_fwd = torch.library.custom_op(
     "attn_ops::attention_fwd", _fwd, mutates_args=(),
-    schema=_schema("Tensor q, Tensor k, Tensor v", "(Tensor, Tensor)"),
+    schema=kernel_args_schema("Tensor q, Tensor k, Tensor v", "(Tensor, Tensor)"),
 )
 attention_fwd.register_fake(_fwd_fake)
 attention_bwd = torch.library.custom_op(
     "attn_ops::attention_bwd", _bwd, mutates_args=(),
-    schema=_schema("Tensor dout, Tensor? dlse_log2, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse_log2, "
-                   "bool mask_grad", "(Tensor, Tensor, Tensor, Tensor?, Tensor?)"),
+    schema=kernel_args_schema("Tensor dout, Tensor? dlse_log2, Tensor q, Tensor k, Tensor v, Tensor out, "
+                              "Tensor lse_log2, bool mask_grad", "(Tensor, Tensor, Tensor, Tensor?, Tensor?)"),
 )
 attention_bwd.register_fake(_bwd_fake)
 

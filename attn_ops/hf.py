@@ -15,7 +15,13 @@ Two functions are registered under one name, as transformers needs both:
   (top-left causal for a causal module given more than one query). GQA runs without repeating k/v.
   It takes the score modifiers models pass: ``softcap`` (Gemma 2), ``s_aux`` as the per-head sinks
   (gpt-oss) and ``position_bias`` (T5) as a float mask, its gradient flowing back to the bias.
-  transformers' paged ``cache`` (continuous batching) is refused.
+  transformers' paged ``cache`` (continuous batching) is refused: transformers 5.23 lets only its
+  own eager, sdpa and flash names drive continuous batching.
+
+Decoding steps (one new token per row, after transformers has written it into its cache) run
+through `attention_with_kvcache`, the split-KV kernels: the layer's keys are a dense cache, and each
+row sees a prefix of them (all of a dynamic cache's; a static cache's filled part, which its mask
+says). A step whose rows are not prefixes (left padding) takes the dense path with its mask.
 
 Packed batches (one row of several sequences, ``position_ids`` restarting at 0 as
 `DataCollatorWithFlattening` makes, or flash-attn's ``cu_seq_lens_q``/``cu_seq_lens_k`` keywords) run
@@ -32,7 +38,7 @@ import inspect
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .api import attention, varlen_attention
+from .api import attention, attention_with_kvcache, varlen_attention
 
 _REQUIREMENT = "Hugging Face transformers >= 5.4"
 
@@ -75,8 +81,10 @@ def padding_or_dense_mask(
     if kv_offset == 0 and covers_keys and causal and aligned:
         if attention_mask is not None:
             return attention_mask[:, :kv_length]
-        if q_offset == 0:
-            return None  # read as SDPA reads it: top-left causal, exact when q_length == kv_length
+        if q_offset == 0 or q_length == 1:
+            # Read as SDPA reads it: top-left causal, exact when q_length == kv_length; a single query
+            # sees every key (a decoding step, which then takes the KV-cache path).
+            return None
         return torch.ones(batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
     return sdpa_mask(
         batch_size,
@@ -111,6 +119,11 @@ def attention_forward(
         mask, causal = attention_mask, False
     if position_bias is not None:
         mask = _with_bias(mask, position_bias)
+    cache_seqlens = None if position_bias is not None else _decoding_lengths(query, key, value, s_aux, attention_mask,
+                                                                           dropout)
+    if cache_seqlens is not None:
+        out = attention_with_kvcache(query, key, value, cache_seqlens, scale=scaling, softcap=softcap, sinks=s_aux)
+        return out.transpose(1, 2).contiguous(), None
     cu_seqlens = None if position_bias is not None else _packed_sequences(query, key, attention_mask, is_causal, kwargs)
     if cu_seqlens is not None:
         out = varlen_attention(
@@ -135,6 +148,36 @@ def _with_bias(mask, bias):
     if mask.dtype == torch.bool:
         return bias.where(mask, float("-inf"))
     return bias + mask
+
+
+# Each key mask of a decoding step -> the number of keys each row sees, or None where they are not a prefix.
+_checked_prefixes = WeakIdKeyDictionary()
+
+
+def _decoding_lengths(query, key, value, sinks, attention_mask, dropout):
+    """For a decoding step (one query per row, no dropout, nothing needing a gradient) whose rows each
+    see a prefix of the cache: how many keys (an int when all of them, else int32 [B]); else None.
+
+    Without a mask every key is seen (a dynamic cache with no padding). A bool key mask (``[B, Lk]``
+    or ``[B, 1, 1, Lk]``: a static cache's unused tail is masked) is checked once per decoding step
+    (the layers share it), in eager mode only: left padding is not a prefix, and takes the dense path,
+    as does every mask under torch.compile, where the check would break the graph.
+    """
+    batch, _, len_q, _ = query.shape
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, sinks))
+    if len_q != 1 or dropout or needs_grad:
+        return None
+    if attention_mask is None:
+        return key.shape[2]
+    if (attention_mask.dtype != torch.bool or attention_mask.numel() != batch * key.shape[2]
+            or torch.compiler.is_compiling()):
+        return None
+    if attention_mask not in _checked_prefixes:
+        keys = attention_mask.reshape(batch, key.shape[2])
+        lengths = keys.sum(-1)
+        prefix = torch.equal(keys, torch.arange(keys.shape[1], device=keys.device) < lengths[:, None])
+        _checked_prefixes[attention_mask] = lengths.int() if prefix else None
+    return _checked_prefixes[attention_mask]
 
 
 # Each mask transformers built for a packed row -> (the position_ids and causality it was checked with,

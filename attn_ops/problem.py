@@ -11,8 +11,9 @@ from typing import Mapping, Optional
 import torch
 
 from .band import band_rules
-from .checks import (OP_NAMES, VARLEN_NAMES, check_alibi_slopes, check_cu_seqlens, check_dropout, check_mask,
-                     check_qkv, check_return_lse, check_scale, check_sinks, check_softcap)
+from .checks import (KVCACHE_NAMES, OP_NAMES, VARLEN_NAMES, check_alibi_slopes, check_cache_inputs,
+                     check_cache_lengths, check_cu_seqlens, check_dropout, check_mask, check_qkv, check_return_lse,
+                     check_scale, check_sinks, check_softcap)
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,55 @@ def dropout_seed(seed, device):
     if seed is None:
         return torch.randint(2**62, (1,), device=device)
     return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+@dataclass(frozen=True)
+class CacheProblem:
+    """A decoding call against a KV cache (`attn_ops.attention_with_kvcache`): q ``[B, Hq, Lq, D]``;
+    sequence b sees its first ``cache_seqlens[b] + len_new`` keys, query i sitting at position
+    ``cache_seqlens[b] + len_new - Lq + i`` (bottom-right), where the band is measured from."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    len_q: int
+    len_new: int  # rows of k_new / v_new, written at cache_seqlens[b] ... before attending
+    head_dim: int
+    head_dim_v: int
+    dtype: torch.dtype
+    device: torch.device
+    cache_seqlens: torch.Tensor  # int32 [B] on q's device (an int argument becomes one)
+    block_table: Optional[torch.Tensor]  # None: a dense cache [B, Hkv, L_max, D]; else int32 [B, max_blocks]
+    causal: bool
+    window: Optional[tuple]  # None or (left, right), a side None where unbounded
+    band_lo: Optional[int]  # relative to each query's position: it sees key j iff pos + lo <= j <= pos + hi
+    band_hi: Optional[int]
+    scale: float
+    softcap: Optional[float]
+    alibi_slopes: Optional[torch.Tensor]  # float32 [Hq] or [B, Hq]: adds -slope * |pos - j|
+    sinks: Optional[torch.Tensor]  # [Hq]
+    return_lse: bool
+    num_splits: Optional[int]  # None: chosen from the GPU, the batch, the heads and the capacity
+    names: Mapping[str, str]
+
+
+def describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None, causal=False,
+                   window=None, scale=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False,
+                   num_splits=None, names=KVCACHE_NAMES):
+    """Checks every argument of `attn_ops.attention_with_kvcache` and returns its `CacheProblem`."""
+    len_new = check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, causal,
+                                 num_splits, names)
+    check_cache_lengths(cache_seqlens, len_new, block_table, k_cache, names)
+    check_alibi_slopes(alibi_slopes, q, q.shape[0], names)
+    check_sinks(sinks, q, names)
+    check_return_lse(return_lse, names)
+    _, window, _, band_lo, band_hi = band_rules(0, 0, bool(causal), window, "bottom_right", names)
+    if not isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    return CacheProblem(
+        batch=q.shape[0], heads_q=q.shape[1], heads_kv=k_cache.shape[1], len_q=q.shape[2], len_new=len_new,
+        head_dim=q.shape[-1], head_dim_v=v_cache.shape[-1], dtype=q.dtype, device=q.device,
+        cache_seqlens=cache_seqlens, block_table=block_table, causal=bool(causal), window=window, band_lo=band_lo,
+        band_hi=band_hi, scale=check_scale(scale, q.shape[-1], names), softcap=check_softcap(softcap, names),
+        alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, num_splits=num_splits, names=names,
+    )

@@ -13,6 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .band import band_rules
+from .cache import sequence_rows
 from .checks import check_scale
 from .kernels.layout import empty_like_q, memory_order
 from .problem import describe
@@ -117,6 +118,28 @@ def _run_packed(q, k, v, problem):
     if problem.batch == 0 and problem.requires_grad:  # zero gradients, not None
         out = out + 0 * sum(t.sum() for t in (q, k, v, problem.sinks) if t is not None)
     return out, torch.cat(lses, dim=1) if problem.return_lse else None
+
+
+def run_cache(q, k_cache, v_cache, problem):
+    """A `CacheProblem` one sequence at a time: its keys read out of the cache (`cache.sequence_rows`),
+    then a dense call of batch 1 aligned bottom-right. (out, natural-log lse)."""
+    lengths = (problem.cache_seqlens + problem.len_new).tolist()
+    outs, lses = [], []
+    for b, length in enumerate(lengths):
+        k_b, v_b = (sequence_rows(cache, b, length, problem.block_table) for cache in (k_cache, v_cache))
+        slopes = problem.alibi_slopes
+        sequence = describe(
+            q[b : b + 1], k_b, v_b, causal="bottom_right" if problem.causal else False, window=problem.window,
+            align="bottom_right", scale=problem.scale, softcap=problem.softcap, sinks=problem.sinks,
+            alibi_slopes=slopes[b] if slopes is not None and slopes.dim() == 2 else slopes, return_lse=True,
+        )
+        out, lse = run(q[b : b + 1], k_b, v_b, sequence)
+        outs.append(out)
+        lses.append(lse)
+    out = empty_like_q(q, problem.head_dim_v)
+    if not outs:  # an empty batch
+        return out, q.new_empty(q.shape[:3], dtype=_compute_dtype(q.dtype))
+    return out.copy_(torch.cat(outs)), torch.cat(lses)
 
 
 # One block of keys at a time, for ring attention (`attn_ops.ring`): partial results in the compute

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from bench import demo, report
-from bench.cases import CPU_CASES, GPU_QUICK, GPU_SWEEP, MASKS, MODES, MODIFIERS, VARLEN
+from bench.cases import CACHES, CPU_CASES, GPU_QUICK, GPU_SWEEP, MASKS, MODES, MODIFIERS, VARLEN
 from bench.measure import CPU_ROUNDS, CPU_TIMER, GPU_TIMER, sweep
 from bench.providers import CPU_PROVIDERS, GPU_PROVIDERS
 
@@ -25,8 +25,8 @@ def parse_args(argv):
     p.add_argument("--no-demo", action="store_true", help="skip the demo")
     p.add_argument("--providers", type=comma_list({**GPU_PROVIDERS, **CPU_PROVIDERS}),
                    help="comma-separated: only these providers")
-    p.add_argument("--masks", type=comma_list(MASKS + MODIFIERS + (VARLEN,)),
-                   help="comma-separated: only these mask kinds, score modifiers and varlen")
+    p.add_argument("--masks", type=comma_list(MASKS + MODIFIERS + (VARLEN, *CACHES)),
+                   help="comma-separated: only these mask kinds, score modifiers, varlen and KV-cache layouts")
     p.add_argument("--modes", type=comma_list(MODES), help="comma-separated: only these modes")
     return p.parse_args(argv)
 
@@ -64,9 +64,9 @@ def main(argv=None):
     now = datetime.datetime.now(datetime.timezone.utc)
 
     rounds = 1 if gpu else CPU_ROUNDS
-    rows = sweep(cases, providers, device, report.Progress(len(cases) * len(providers) * rounds))
+    rows, copy_gbps = sweep(cases, providers, device, report.Progress(len(cases) * len(providers) * rounds))
 
-    meta = report.meta(device, timer, now)
+    meta = report.meta(device, timer, now, copy_gbps)
     table = report.markdown(meta, rows)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / report.file_stem(device, what, now)

@@ -21,7 +21,12 @@ PLAIN = {"alibi": "none", "softcap": "none", "bias": "none", "bias_grad": "bias"
 # and flash_attn run them packed; the others (and "attn_ops_padded") padded to len_q with a key
 # padding mask. FLOPs count real (query, key) pairs only.
 VARLEN = "varlen"
-MODES = ("fwd", "bwd", "fwd_bwd")
+# Decoding against a KV cache (issue 11), mode "decode": one new query per sequence (Lq = 1) against
+# len_k cached tokens each, through attn_ops.attention_with_kvcache; the mask names the cache's
+# layout: dense, or paged in blocks of 16 or 256 rows (shuffled). Timed as K/V bytes read per second.
+DECODE = "decode"
+CACHES = {"kvcache": 0, "kvcache_paged16": 16, "kvcache_paged256": 256}  # mask -> block size (0: dense)
+MODES = ("fwd", "bwd", "fwd_bwd", DECODE)
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class Case:
     len_q: int
     len_k: int
     head_dim: int
-    mask: str  # one of MASKS, MODIFIERS or VARLEN
+    mask: str  # one of MASKS, MODIFIERS, VARLEN or CACHES
 
 
 def varlen_lengths(case):
@@ -50,6 +55,11 @@ def varlen(max_lengths, modes, dtype="bfloat16", head_dim=128, tokens=16384, wid
     """Packed-batch cases: ~`tokens` real tokens per batch (3 * tokens / max sequences)."""
     return [Case(mode, dtype, 3 * tokens // n, width // head_dim, width // head_dim, n, n, head_dim, VARLEN)
             for mode in modes for n in max_lengths]
+
+
+def decode(batches, lengths, caches=tuple(CACHES), dtype="bfloat16", heads=(32, 8), head_dim=128):
+    """Decoding steps: B sequences of one query (Hq / Hkv query / kv heads) against caches of each length."""
+    return [Case(DECODE, dtype, b, *heads, 1, n, head_dim, cache) for cache in caches for b in batches for n in lengths]
 
 
 def self_attention(lengths, head_dims, masks, modes, dtype="bfloat16", group=1, tokens=16384, width=2048):
@@ -87,16 +97,11 @@ GPU_SWEEP = (
         for n in LENGTHS[2:]
     ]
     # Decoding: one new query per sequence against a long KV cache, GQA as in current LLMs.
-    + [
-        Case("fwd", "bfloat16", 8, 32, 8, 1, n, 128, mask)
-        for mask in ("none", "padding")
-        for n in (1024, 4096, 16384, 65536, 131072)
-    ]
+    + decode((1, 8, 32), (1024, 4096, 16384, 65536, 131072))
 )
 
-GPU_QUICK = self_attention((1024, 4096), (128,), MASKS, ("fwd", "fwd_bwd")) + varlen((4096,), ("fwd", "fwd_bwd")) + [
-    Case("fwd", "bfloat16", 8, 32, 8, 1, 16384, 128, "none")
-]
+GPU_QUICK = (self_attention((1024, 4096), (128,), MASKS, ("fwd", "fwd_bwd")) + varlen((4096,), ("fwd", "fwd_bwd"))
+             + decode((1, 8), (16384,), ("kvcache", "kvcache_paged16")))
 
 # Sized to finish in about 3 minutes on 2 cores, demo included (2 min 43 s measured).
 CPU_CASES = (
@@ -108,4 +113,5 @@ CPU_CASES = (
                      dtype="float32", tokens=2048, width=512)
     + self_attention((256,), (64,), MODIFIERS, ("fwd_bwd",), dtype="float32", tokens=2048, width=512)
     + varlen((512,), ("fwd_bwd",), dtype="float32", head_dim=64, tokens=2048, width=512)
+    + decode((4,), (1024, 8192), ("kvcache", "kvcache_paged16"), dtype="float32", heads=(8, 2), head_dim=64)
 )

@@ -20,11 +20,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from attn_ops.kernels.attn_decode import _decode_combine, _decode_split
 from attn_ops.kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dmask, _attn_bwd_dq, _attn_bwd_preprocess
 from attn_ops.kernels.attn_fwd import _attn_fwd
 from attn_ops.kernels.attn_varlen import _varlen_bwd_dkdv, _varlen_bwd_dq, _varlen_fwd
-from attn_ops.kernels.config import (ADD_MASK, BOOL_MASK, INTERPRETED, MASK_KIND_NAMES, NO_MASK, head_dim_pad,
-                                     tile_for)
+from attn_ops.kernels.config import (ADD_MASK, BOOL_MASK, DECODE_TILES, INTERPRETED, MASK_KIND_NAMES, NO_MASK,
+                                     decode_tile, head_dim_pad, tile_for)
 
 # The most shared memory one block may use (bytes), by compute capability: above it a launch fails.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -33,10 +34,11 @@ TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 MASK_POINTER = {NO_MASK.value: "*u8", BOOL_MASK.value: "*u8", ADD_MASK.value: "*fp32"}
 FLOAT_ARGS = {"qk_scale", "softcap_log2", "scale", "dropout_p", "dropout_scale"}
 INT_ARGS = {"num_heads_q", "group_size", "len_q", "len_k", "band_lo", "band_hi", "diagonal_shift", "batch", "mask_batch",
-            "mask_heads", "num_seqs", "total_q", "bottom_right"}
-INT32_POINTERS = {"CuQ", "CuK", "TileSeq", "TileFirst"}  # the packed kernels' sequence tables
+            "mask_heads", "num_seqs", "total_q", "bottom_right", "num_heads_kv", "len_new", "num_splits", "page_size"}
+# The packed kernels' sequence tables; the decoding kernel's cache lengths and block table.
+INT32_POINTERS = {"CuQ", "CuK", "TileSeq", "TileFirst", "Seqlens", "Table"}
 UNIT_STRIDE = re.compile(r"stride_d?[qkvo]d|stride_mn")
-FP32_POINTERS = {"Lse", "Delta", "Alibi", "Sinks"}
+FP32_POINTERS = {"Lse", "Delta", "Alibi", "Sinks", "Partial", "PartialLse"}
 
 
 def signature(kernel, dtype, mask_kind, constexprs):
@@ -52,7 +54,7 @@ def signature(kernel, dtype, mask_kind, constexprs):
             sig[name] = MASK_POINTER[mask_kind]
         elif name == "Seed":
             sig[name] = "*i64"
-        elif name in FP32_POINTERS:
+        elif name in FP32_POINTERS or name == "Out" and constexprs.get("SPLIT"):  # split-KV partials
             sig[name] = "*fp32"
         elif name in INT32_POINTERS:
             sig[name] = "*i32"
@@ -128,6 +130,22 @@ def variants(major):
                 yield (name + ("+softcap+alibi+dropout" if modified else ""), kernel, dtype, 128, NO_MASK.value,
                        modified, dict(flags, **extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n),
                        dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+        # Decoding against a KV cache: split-KV over a dense and a paged cache, and the merge.
+        # Rows: a GQA group of 4 to 8 heads decoding one token each (16), and the most a program takes.
+        for head_dim in (64, 128, 256):
+            q = torch.empty(0, dtype=dtype)
+            for rows in dict.fromkeys((16, DECODE_TILES[size][max(64, head_dim)].block_m)):
+                tile = decode_tile(q, head_dim, rows)
+                for paged in (False, True):
+                    yield (f"decode {'paged' if paged else 'dense'}", _decode_split, dtype, head_dim, NO_MASK.value,
+                           False, dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, HEAD_DIM_V=head_dim,
+                                       HEAD_DIM_V_PAD=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                       SPLIT=True, PAGED=paged, SOFTCAP=False, ALIBI=False, SINKS=False,
+                                       INTERPRETED_BF16=False, INPUT_PRECISION="ieee"),
+                           dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+            yield ("decode combine", _decode_combine, dtype, head_dim, NO_MASK.value, False,
+                   dict(HEAD_DIM_V=head_dim, HEAD_DIM_V_PAD=head_dim, BLOCK_S=16, SINKS=True, INTERPRETED_BF16=False),
+                   dict(num_warps=4 if head_dim > 64 else 2))
         yield ("preprocess", _attn_bwd_preprocess, dtype, 128, NO_MASK.value, False,
                dict(HEAD_DIM=128, HEAD_DIM_PAD=head_dim_pad(128), BLOCK_M=tile_for(size, "dq", 128, major).block_m),
                dict(num_warps=4))
@@ -139,6 +157,7 @@ def main(argv=None):
     parser.add_argument("--out", help="also write the table to this Markdown file")
     parser.add_argument("--dtypes", help="comma-separated: only these (fp16, bf16, fp32)")
     parser.add_argument("--head-dims", help="comma-separated: only these (e.g. 128,192/128)")
+    parser.add_argument("--kernels", help="comma-separated: only the variants whose name starts so (e.g. decode)")
     args = parser.parse_args(argv)
     if INTERPRETED:
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
@@ -157,14 +176,15 @@ def main(argv=None):
     emit("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options in variants(args.arch // 10):
         if (args.dtypes and TRITON_DTYPE[dtype] not in args.dtypes.split(",")
-                or args.head_dims and str(head_dim) not in args.head_dims.split(",")):
+                or args.head_dims and str(head_dim) not in args.head_dims.split(",")
+                or args.kernels and not name.startswith(tuple(args.kernels.split(",")))):
             continue
         sig = signature(kernel, dtype, mask_kind, constexprs)
         index = list(sig)
         src = ASTSource(fn=kernel, signature=sig, constexprs={(index.index(k),): v for k, v in constexprs.items()},
                         attrs=divisibility(sig))
         row = (f"| {name} | {TRITON_DTYPE[dtype]} | {head_dim} | {MASK_KIND_NAMES[mask_kind]} | {dropout} "
-               f"| {constexprs['BLOCK_M']} x {constexprs.get('BLOCK_N', '-')} | {options['num_warps']} "
+               f"| {constexprs.get('BLOCK_M', '-')} x {constexprs.get('BLOCK_N', '-')} | {options['num_warps']} "
                f"| {options.get('num_stages', '-')} |")
         try:
             compiled = triton.compile(src, target=target, options=options)

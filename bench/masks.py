@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from bench.cases import MASKS, MODIFIERS, VARLEN, varlen_lengths
+from bench.cases import CACHES, MASKS, MODIFIERS, VARLEN, varlen_lengths
 
 WINDOW = 512  # sliding window: each query sees itself and the 512 keys before it
 BLOCK = 128  # block_sparse: the mask is made of BLOCK x BLOCK tiles
@@ -36,6 +36,13 @@ class Masking:
     # VARLEN: the padded batch's real rows packed end to end ([total, H, D] leaves), and the
     # sequences' int32 cu_seqlens and longest length, for the providers that take packed input.
     packed: Optional[tuple] = None
+    # CACHES: (k_cache, v_cache, cache_seqlens, block_table or None) holding k and v (the dense
+    # inputs, every row of them) for attn_ops.attention_with_kvcache.
+    kvcache: Optional[tuple] = None
+
+    @property
+    def paged(self):
+        return self.kvcache is not None and self.kvcache[3] is not None
 
 
 def make_masking(case, device, q=None, k=None, v=None):
@@ -54,6 +61,11 @@ def make_masking(case, device, q=None, k=None, v=None):
         )
     if kind == "none":
         return Masking({}, {}, flash_attn={"causal": False})
+
+    if kind in CACHES:
+        seqlens = torch.full((batch,), lk, dtype=torch.int32, device=device)
+        k_cache, v_cache, table = (k, v, None) if CACHES[kind] == 0 else paged_cache(k, v, CACHES[kind])
+        return Masking({}, {}, flash_attn={"causal": False}, kvcache=(k_cache, v_cache, seqlens, table))
 
     if kind == "causal":
         # flash_attn aligns causal bottom-right, the others top-left: the same rule only if Lq = Lk.
@@ -129,7 +141,23 @@ def make_masking(case, device, q=None, k=None, v=None):
             learned=learned,
         )
 
-    raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(MASKS + MODIFIERS + (VARLEN,))}")
+    raise ValueError(f"unknown mask kind {kind!r}; expected one of "
+                     f"{', '.join(MASKS + MODIFIERS + (VARLEN, *CACHES))}")
+
+
+def paged_cache(k, v, page):
+    """k and v ([B, Hkv, L, D], L a multiple of `page`) in pools of blocks of `page` rows stored
+    [num_blocks, page, Hkv, D] (vLLM's layout) and seen as [num_blocks, Hkv, page, D], each
+    sequence's blocks in shuffled places; and the int32 block table."""
+    batch, heads, length, _ = k.shape
+    per_sequence = length // page
+    table = torch.randperm(batch * per_sequence, device=k.device).view(batch, per_sequence)
+    pools = []
+    for t in (k, v):
+        pool = t.new_empty(batch * per_sequence, page, heads, t.shape[-1])
+        pool[table] = t.detach().view(batch, heads, per_sequence, page, t.shape[-1]).permute(0, 2, 3, 1, 4)
+        pools.append(pool.transpose(1, 2))
+    return *pools, table.int()
 
 
 def _tril(length, device):

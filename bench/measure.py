@@ -8,16 +8,18 @@ import warnings
 import torch
 
 from attn_ops.band import diagonal_band
-from bench.cases import VARLEN, varlen_lengths
+from bench.cases import CACHES, DECODE, VARLEN, varlen_lengths
 from bench.masks import WINDOW, make_masking
 from bench.providers import PACKED, Unsupported
 
 FLOP_RULE = (
     "4*B*Hq*Lq*Lk*D fwd over the live part of the causal/window rule: /2 for 'causal', the visible "
     "band's fraction of Lq*Lk for 'window', the real causal pairs sum_b L_b*(L_b+1)/2 for 'varlen'; "
-    "the other masks and the score modifiers count dense FLOPs; x2.5 bwd, x3.5 fwd_bwd"
+    "the other masks and the score modifiers count dense FLOPs; x2.5 bwd, x3.5 fwd_bwd. decode rows: "
+    "gbps = K and V bytes of the cache read (2*B*Hkv*Lk*D*bytes) / time, bw_fraction = gbps / meta.copy_gbps"
 )
-MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5, DECODE: 1.0}
+COPY_BYTES = 2**28  # the copy decoding rows are measured against: 256 MiB read and written, far beyond any cache
 
 DO_BENCH = {"warmup": 25, "rep": 100}  # milliseconds, as triton.testing.do_bench counts them
 GPU_TIMER = (
@@ -56,10 +58,23 @@ def live_fraction(case):
     return visible.sum().item() / (case.len_q * case.len_k)
 
 
+def cache_bytes(case):
+    """The K and V bytes a decoding step reads: every cached row of every kv head."""
+    return 2 * case.batch * case.heads_kv * case.len_k * case.head_dim * getattr(torch, case.dtype).itemsize
+
+
+def copy_bandwidth(device, timer):
+    """GB/s (1e9) of a device-to-device copy of COPY_BYTES (read plus written), timed as the rows are."""
+    source = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device).random_()
+    target = torch.empty_like(source)
+    ms, _ = timer(lambda: target.copy_(source))
+    return 2 * COPY_BYTES / ms / 1e6
+
+
 def make_inputs(case, device):
     """Fresh randn q, k, v (never zeros: they hide unwritten outputs and can run faster)."""
     dtype = getattr(torch, case.dtype)
-    grad = case.mode != "fwd"
+    grad = case.mode in ("bwd", "fwd_bwd")
 
     def t(heads, length):
         shape = (case.batch, heads, length, case.head_dim)
@@ -71,7 +86,7 @@ def make_inputs(case, device):
 def timed_step(run, q, k, v, mode, learned):
     """The call to time for `mode`; autograd.grad, not .backward, so no .grad accumulates. The
     backward differentiates q, k, v and `learned` (a learned bias)."""
-    if mode == "fwd":
+    if mode in ("fwd", DECODE):
         return run
     dout = torch.randn_like(q)  # out has q's shape (Dv = D)
     inputs = (q, k, v, *learned)
@@ -145,8 +160,9 @@ def _describe(error, caught):
     return text[:MAX_ERROR_CHARS]
 
 
-def run_row(case, provider, prepare, q, k, v, masking, timer):
-    """One BENCH.md row: the numbers, or `ms: null` and why."""
+def run_row(case, provider, prepare, q, k, v, masking, timer, copy_gbps=None):
+    """One BENCH.md row: the numbers, or `ms: null` and why; a decoding row adds its bandwidth and,
+    in `extra`, the cache's length and block size (null: dense)."""
     if masking.packed is not None and provider in PACKED:
         q, k, v = masking.packed[:3]
     row = {"provider": provider, **vars(case), "ms": None, "tflops": None, "peak_mem_mb": None, "error": None}
@@ -156,18 +172,25 @@ def run_row(case, provider, prepare, q, k, v, masking, timer):
             ms, peak_mb = timer(timed_step(prepare(q, k, v, masking), q, k, v, case.mode, masking.learned))
             tflops = flops(case) / ms / 1e9
             row.update(ms=_round(ms), tflops=_round(tflops), peak_mem_mb=_round(peak_mb))
+            if case.mode == DECODE:
+                gbps = cache_bytes(case) / ms / 1e6
+                row.update(gbps=_round(gbps), bw_fraction=_round(gbps / copy_gbps))
         except Exception as e:  # any failure is this row's result, not the sweep's end
             row["error"] = _describe(e, caught)
+    if case.mode == DECODE:
+        row["extra"] = {"cache_len": case.len_k, "block_size": CACHES[case.mask] or None}
     if q.is_cuda:
         torch.cuda.empty_cache()  # a failed row's leftovers must not crowd the next
     return row
 
 
 def sweep(cases, providers, device, progress):
-    """One row per (case, provider). On the CPU, whose timings drift with whatever else the two
+    """(rows, copy GB/s or None): one row per (case, provider), and with decoding cases the copy
+    bandwidth they are measured against. On the CPU, whose timings drift with whatever else the two
     cores do, each case's providers are timed in turn for CPU_ROUNDS rounds and each keeps its
     median round, so a slow moment cannot decide a ratio."""
     timer, rounds = (time_gpu, 1) if device == "cuda" else (time_cpu, CPU_ROUNDS)
+    copy_gbps = copy_bandwidth(device, timer) if any(case.mode == DECODE for case in cases) else None
     rows = []
     for case in cases:
         q, k, v = make_inputs(case, device)
@@ -176,10 +199,10 @@ def sweep(cases, providers, device, progress):
         for _ in range(rounds):
             for name, prepare in providers.items():
                 progress.step(f"{name} {label(case)}")
-                tries[name].append(run_row(case, name, prepare, q, k, v, masking, timer))
+                tries[name].append(run_row(case, name, prepare, q, k, v, masking, timer, copy_gbps))
         rows.extend(_median_row(rows_of_one) for rows_of_one in tries.values())
     progress.close()
-    return rows
+    return rows, copy_gbps
 
 
 def _median_row(rows):

@@ -31,6 +31,8 @@ def _backend(q):
 
 
 def _attn_ops(q, k, v, m):
+    if m.kvcache is not None:
+        return lambda: attn_ops.attention_with_kvcache(q, *m.kvcache[:3], block_table=m.kvcache[3], backend=_backend(q))
     if m.packed is not None:
         cu_seqlens, longest = m.packed[3:]
         return lambda: attn_ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen_q=longest,
@@ -44,7 +46,22 @@ def _attn_ops_padded(q, k, v, m):
     return lambda: attn_ops.attention(q, k, v, backend=_backend(q), **m.attn_ops)
 
 
+def _attn_ops_unsplit(q, k, v, m):
+    if m.kvcache is None:
+        raise Unsupported("the one-split form of a decoding (KV-cache) case; elsewhere see attn_ops")
+    return lambda: attn_ops.attention_with_kvcache(q, *m.kvcache[:3], block_table=m.kvcache[3], num_splits=1,
+                                                   backend=_backend(q))
+
+
+def _no_paged_cache(m, who):
+    if m.paged:
+        raise Unsupported(f"{who} reads no paged KV cache (see the dense cache's row)")
+
+
 def _naive(q, k, v, m):
+    if m.kvcache is not None:  # the op's own reference path, through the same (paged) cache
+        return lambda: attn_ops.attention_with_kvcache(q, *m.kvcache[:3], block_table=m.kvcache[3],
+                                                       backend="reference")
     return lambda: attn_ops.reference.attention(q, k, v, **m.attn_ops)
 
 
@@ -56,6 +73,7 @@ def _sdpa(backend_name):
             raise Unsupported(f"torch {torch.__version__} has no SDPBackend.{backend_name}")
         if m.sdpa is None:
             raise Unsupported("scaled_dot_product_attention has no form of this score modifier")
+        _no_paged_cache(m, "scaled_dot_product_attention")
         gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
         kwargs = m.sdpa
         if m.sdpa_bias is not None:
@@ -79,6 +97,7 @@ def _flex(q, k, v, m):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
         raise Unsupported(f"no flex_attention in torch {torch.__version__}: {e}") from None
+    _no_paged_cache(m, "flex_attention (as benchmarked here)")
     # Each case compiles anew (static shapes, its own mask_mod); starting from a clean slate keeps
     # dynamo's recompile limits, past which it would quietly run flex_attention eagerly, out of play.
     torch._dynamo.reset()
@@ -94,6 +113,7 @@ def _flex(q, k, v, m):
 def _flash_attn(q, k, v, m):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
+    _no_paged_cache(m, "flash_attn_func")
     if m.packed is not None:
         cu_seqlens, longest = m.packed[3:]
         return lambda: flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=True)
@@ -110,6 +130,7 @@ def _flash_attn(q, k, v, m):
 GPU_PROVIDERS = {
     "attn_ops": _attn_ops,
     "attn_ops_padded": _attn_ops_padded,
+    "attn_ops_unsplit": _attn_ops_unsplit,
     "naive": _naive,
     "sdpa_flash": _sdpa("FLASH_ATTENTION"),
     "sdpa_efficient": _sdpa("EFFICIENT_ATTENTION"),

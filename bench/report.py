@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cases import PLAIN, Case
+from bench.cases import DECODE, PLAIN, Case
 from bench.measure import FLOP_RULE
 
 CASE_KEYS = tuple(f.name for f in fields(Case))
@@ -82,7 +82,7 @@ def _git_commit():
         return None
 
 
-def meta(device, timer, now):
+def meta(device, timer, now, copy_gbps=None):
     try:
         import triton
 
@@ -98,6 +98,7 @@ def meta(device, timer, now):
         "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "timer": timer,
         "flop_rule": FLOP_RULE,
+        "copy_gbps": None if copy_gbps is None else float(f"{copy_gbps:.4g}"),
     }
 
 
@@ -119,7 +120,56 @@ def _cell(row):
 def markdown(meta_, rows):
     """One line per case, one TFLOP/s column per provider, then attn_ops over the best SDPA backend
     (and over SDPA's math backend, the plain-math peer of the CPU reference, where it ran; and, on a
-    score modifier's row, attn_ops's time over its time without the modifier)."""
+    score modifier's row, attn_ops's time over its time without the modifier). Decoding rows get
+    their own table, in GB/s (`decode_markdown`)."""
+    decoding = [r for r in rows if r["mode"] == DECODE]
+    rows = [r for r in rows if r["mode"] != DECODE]
+    text = _flops_markdown(meta_, rows) if rows else f"# attn_ops vs peers on {meta_['device']}\n"
+    return text + (decode_markdown(meta_, decoding) if decoding else "")
+
+
+def _cells(key, by_provider, providers, value):
+    return [str(x) for x in key] + [value(by_provider[p]) if p in by_provider else "-" for p in providers]
+
+
+def decode_markdown(meta_, rows):
+    """Decoding steps: GB/s of K/V read per provider, attn_ops's fraction of the copy bandwidth, and
+    its speed over the unsplit path and the best SDPA backend."""
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    ours_name = next((p for p in providers if p.startswith("attn_ops")), "attn_ops")
+    cases = {}
+    for r in rows:
+        cases.setdefault(tuple(r[key] for key in CASE_KEYS), {})[r["provider"]] = r
+    lines = [
+        "",
+        f"## Decoding against a KV cache: GB/s of K/V read on {meta_['device']}",
+        "",
+        f"Copy bandwidth measured in the same run: {meta_['copy_gbps']} GB/s (read + written). "
+        "mask: the cache's layout (kvcache: dense; kvcache_pagedN: blocks of N rows, shuffled).",
+        "",
+        "| " + " | ".join(HEADER + tuple(providers) + ("attn_ops / copy bw", "attn_ops / unsplit",
+                                                       "attn_ops / best SDPA")) + " |",
+        "|" + "---|" * (len(HEADER) + len(providers) + 3),
+    ]
+    for key, by_provider in cases.items():
+        ours = by_provider.get(ours_name, {})
+        unsplit = by_provider.get("attn_ops_unsplit", {}).get("ms")
+        sdpa = [r["ms"] for p, r in by_provider.items() if p.startswith("sdpa_") and r["ms"]]
+        ratios = [f"{ours['bw_fraction']:.2f}" if ours.get("bw_fraction") else "-",
+                  f"{unsplit / ours['ms']:.3g}x" if unsplit and ours.get("ms") else "-",
+                  f"{min(sdpa) / ours['ms']:.3g}x" if sdpa and ours.get("ms") else "-"]
+        lines.append("| " + " | ".join(_cells(key, by_provider, providers, _gbps_cell) + ratios) + " |")
+    lines += ["", "Ratios of speed (time over attn_ops's time). n/a: the provider cannot run this case (a paged "
+              "cache, say); the JSON says why. GPU targets: >= 0.8 of the copy bandwidth for Lk >= 16k at "
+              "B = 8; >= 3x the unsplit path at B = 1."]
+    return "\n".join(lines) + "\n"
+
+
+def _gbps_cell(row):
+    return f"{row['gbps']:.3g}" if row.get("gbps") is not None else _cell(row)
+
+
+def _flops_markdown(meta_, rows):
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     ours_name = next((p for p in providers if p.startswith("attn_ops")), "attn_ops")
     versus_math = "sdpa_math" in providers
@@ -149,8 +199,7 @@ def markdown(meta_, rows):
             ratios.append(f"{ours / math_tflops:.3g}x" if ours and math_tflops else "-")
         if versus_plain:
             ratios.append(_over_plain(key, cases, ours_name))
-        cells = [str(x) for x in key] + [_cell(by_provider[p]) if p in by_provider else "-" for p in providers]
-        lines.append("| " + " | ".join(cells + ratios) + " |")
+        lines.append("| " + " | ".join(_cells(key, by_provider, providers, _cell) + ratios) + " |")
     lines += ["", "OOM: out of memory; n/a: the provider cannot run this case; err: it failed. "
               "The JSON beside this table says why."]
     if versus_plain:
@@ -191,16 +240,18 @@ def plot(rows, stem):
                 series.setdefault(f"{r['mode']} {r['dtype']} {heads} D={r['head_dim']} {lq}", []).append(r)
         size = (11, 3.2 * len(series) + 0.6)
         fig, axes = plt.subplots(len(series), 2, figsize=size, squeeze=False)
-        fig.suptitle(f"mask '{mask}': TFLOP/s and peak memory against length")
+        fig.suptitle(f"mask '{mask}': speed and peak memory against length")
         for (title, group), (ax_t, ax_m) in zip(series.items(), axes):
+            # Decoding is bound by reading the cache: its speed is in GB/s.
+            metric, label = ("gbps", "GB/s of K/V read") if group[0]["mode"] == DECODE else ("tflops", "TFLOP/s")
             for provider in dict.fromkeys(r["provider"] for r in group):
                 ok = [r for r in group if r["provider"] == provider and r["ms"] is not None]
                 xs = [r["len_k"] for r in ok]
                 mem = [float("nan") if r["peak_mem_mb"] is None else r["peak_mem_mb"] for r in ok]
-                ax_t.plot(xs, [r["tflops"] for r in ok], marker="o", label=provider)
+                ax_t.plot(xs, [r[metric] for r in ok], marker="o", label=provider)
                 ax_m.plot(xs, mem, marker="o", label=provider)
             lengths = sorted({r["len_k"] for r in group})
-            for ax, ylabel in ((ax_t, "TFLOP/s"), (ax_m, "peak memory (MB)")):
+            for ax, ylabel in ((ax_t, label), (ax_m, "peak memory (MB)")):
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
                 ax.minorticks_off()

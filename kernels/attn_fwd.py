@@ -13,6 +13,40 @@ from .layout import empty_like_q
 
 
 @triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One tile of log2-domain scores `s` into a row's running max `m_i` and sum `l_i`: returns the
+    tile's unnormalized probabilities, the factor that rescales what was accumulated so far, and the
+    new sum and max."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Until a row has seen a visible key its max is -inf; shift by 0 then, so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _with_sink(acc, l_i, m_i, sink):
+    """The sink logit (natural log; a scalar or one per row) joins each row's normalizer with no
+    value: rescaled as one more key."""
+    sink_log2 = (sink.to(tl.float32) * LOG2E) + tl.zeros_like(m_i)
+    _, alpha, l_i, m_i = _online_softmax(sink_log2[:, None], m_i, l_i)
+    return acc * alpha[:, None], l_i, m_i
+
+
+@triton.jit
+def _normalized(acc, l_i, m_i):
+    """(output rows, log2-domain LSE) of a finished online softmax. A row with no visible key (and no
+    sink) has l_i = 0: its output is 0 and its lse -inf, never NaN."""
+    empty = l_i == 0.0
+    # The LSE stays in log2 units (the scores' domain): the backward's exp2(s - lse) then gives p = 1
+    # exactly for a row's max score, which a round trip through natural-log units would not at
+    # scores of ~1e4 (its relative rounding error times the score).
+    l_safe = tl.where(empty, 1.0, l_i)
+    return acc / l_safe[:, None], tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+
+
+@triton.jit
 def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv, drop_head,
                     drop_q0, drop_k0, start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                     len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
@@ -25,12 +59,7 @@ def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, off
         s, _ = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, alibi_log2,
                               len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, MASK_KIND, EDGE,
                               SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Until a row has seen a visible key its max is -inf; shift by 0 then, so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i)
         if DROPOUT:
             # The normalizer sums every probability; dropout acts on the normalized ones.
             keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p)
@@ -75,22 +104,8 @@ def _attn_fwd_rows(Q, K, V, Mask, alibi_log2, Sinks, Seed, Out, Lse, start_m, dr
                                         HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1, SOFTCAP, ALIBI, DROPOUT,
                                         INTERPRETED_BF16, INPUT_PRECISION)
     if SINKS:
-        # The sink is one more logit in the normalizer, with no value: rescale as for a key tile.
-        sink = tl.load(Sinks).to(tl.float32) * LOG2E
-        m_new = tl.maximum(m_i, sink)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-
-    # A row with no visible key (and no sink) has l_i = 0: its output is 0 and its lse -inf, never NaN.
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    # The LSE stays in log2 units (the scores' domain): the backward's exp2(s - lse) then gives p = 1
-    # exactly for a row's max score, which a round trip through natural-log units would not at
-    # scores of ~1e4 (its relative rounding error times the score).
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        acc, l_i, m_i = _with_sink(acc, l_i, m_i, tl.load(Sinks))
+    out, lse = _normalized(acc, l_i, m_i)
     _store_tile(Out, out, offs_m, offs_dv, stride_om, stride_od, len_q, HEAD_DIM_V, INTERPRETED_BF16)
     tl.store(Lse + offs_m, lse, mask=offs_m < len_q)
 

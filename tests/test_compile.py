@@ -147,3 +147,65 @@ def test_compiled_varlen_and_its_gradients_equal_eager(device):
         results.append((out, lse, *torch.autograd.grad((out.square().sum(), lse.sum()), (q, k, v, sinks))))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)
+
+
+def cache_args(device, paged):
+    """A decoding call's tensors: GQA 4:2, two queries, caches of 3 and 40 tokens (dense capacity 48,
+    or a shuffled pool of pages of 16), two new tokens each."""
+    q = torch.randn(2, 4, 2, 16, device=device)
+    if paged:
+        k_cache, v_cache = (torch.randn(7, 2, 16, 16, device=device) for _ in range(2))
+        table = torch.tensor([[5, 0, 2], [1, 6, 3]], dtype=torch.int32, device=device)
+    else:
+        k_cache, v_cache = (torch.randn(2, 2, 48, 16, device=device) for _ in range(2))
+        table = None
+    k_new, v_new = (torch.randn(2, 2, 2, 16, device=device) for _ in range(2))
+    return q, k_cache, v_cache, torch.tensor([3, 40], dtype=torch.int32, device=device), table, k_new, v_new
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True])
+def test_opcheck_decoding(device, paged):
+    import attn_ops.decode  # noqa: F401  (registers the op)
+
+    q, k_cache, v_cache, seqlens, table, _, _ = cache_args(device, paged)
+    args = KernelArgs(scale=0.25, band_hi=0, softcap=4.0, alibi_slopes=torch.rand(4, device=device),
+                      sinks=torch.randn(4, device=device))
+    for num_splits in (None, 3):
+        opcheck(torch.ops.attn_ops.attention_decode.default,
+                (q, k_cache, v_cache, seqlens, table, 0, num_splits, *args.flat()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True])
+def test_compiled_decoding_step_equals_eager_and_appends_alike(device, paged):
+    q, k_cache, v_cache, seqlens, table, k_new, v_new = cache_args(device, paged)
+    sinks = torch.randn(4, device=device)
+
+    def step(q, k_cache, v_cache, seqlens, k_new, v_new):
+        return attn_ops.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new,
+                                               block_table=table, causal=True, softcap=5.0, sinks=sinks,
+                                               num_splits=2, return_lse=True, backend="triton")
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        caches = (k_cache.clone(), v_cache.clone())
+        results.append((*fn(q, *caches, seqlens, k_new, v_new), *caches))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_decoding_takes_a_symbolic_cache_length(device):
+    """A cache length read off a tensor's shape (as the HF path passes a dynamic cache's) is a SymInt
+    under dynamic shapes: taken as the int it stands for, without a graph break."""
+    def step(q, k, v):
+        return attn_ops.attention_with_kvcache(q, k, v, k.shape[2], causal=True, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for length in (5, 9):
+        q = torch.randn(2, 4, 1, 16, device=device)
+        k, v = (torch.randn(2, 2, length, 16, device=device) for _ in range(2))
+        torch.testing.assert_close(compiled(q, k, v), step(q, k, v), atol=1e-6, rtol=0)

@@ -152,6 +152,77 @@ def test_bad_varlen_inputs_raise_naming_the_argument(case):
         attn_ops.varlen_attention(*args, **kwargs)
 
 
+def cache_call(**changes):
+    """The arguments of a valid attention_with_kvcache call (paged with `table=True`), with `changes`."""
+    paged = changes.pop("table", False)
+    args = dict(q=torch.randn(2, 4, 1, 16), k_cache=torch.randn(2, 2, 32, 16), v_cache=torch.randn(2, 2, 32, 16),
+                cache_seqlens=torch.tensor([3, 30], dtype=torch.int32))
+    if paged:  # two sequences of up to 2 blocks of 16 in a pool of 5
+        args.update(k_cache=torch.randn(5, 2, 16, 16), v_cache=torch.randn(5, 2, 16, 16),
+                    block_table=torch.tensor([[4, 0], [1, 2]], dtype=torch.int32))
+    return {**args, **changes}
+
+
+NEW = dict(k_new=torch.randn(2, 2, 3, 16), v_new=torch.randn(2, 2, 3, 16))
+BAD_KVCACHE = {
+    "q_rank_3": (ValueError, "q must be 4-D", cache_call(q=torch.randn(2, 4, 16))),
+    "cache_dtype": (TypeError, "q, k_cache, v_cache must share one dtype",
+                    cache_call(k_cache=torch.randn(2, 2, 32, 16, dtype=torch.float16))),
+    "cache_batch": (ValueError, "batch sizes differ", cache_call(k_cache=torch.randn(3, 2, 32, 16))),
+    "pool_blocks_differ": (ValueError, "k_cache and v_cache must have the same number of blocks",
+                           cache_call(table=True, v_cache=torch.randn(4, 2, 16, 16))),
+    "seqlens_int64": (TypeError, r"cache_seqlens has dtype torch.int64; expected torch.int32 \(pass .int\(\)\)",
+                      cache_call(cache_seqlens=torch.tensor([3, 30]))),
+    "seqlens_shape": (ValueError, r"cache_seqlens must be \[B\] = \[2\] \(or an int\)",
+                      cache_call(cache_seqlens=torch.tensor([3], dtype=torch.int32))),
+    "seqlens_negative_int": (ValueError, "cache_seqlens must be an int32 tensor \\[B\\] or an int >= 0",
+                             cache_call(cache_seqlens=-1)),
+    "seqlens_past_capacity": (ValueError, r"cache_seqlens\[1\] = 30: with 3 new tokens it must lie in \[0, 29\]",
+                              cache_call(**NEW)),
+    "int_seqlens_past_capacity": (ValueError, "cache_seqlens = 33 plus 0 new tokens exceeds the cache's capacity of 32",
+                                  cache_call(cache_seqlens=33)),
+    "paged_past_capacity": (ValueError, r"cache_seqlens\[1\] = 33: .* capacity of 32 \(block_table \(2, 2\) of blocks",
+                            cache_call(table=True, cache_seqlens=torch.tensor([3, 33], dtype=torch.int32))),
+    "table_int64": (TypeError, "block_table has dtype torch.int64",
+                    cache_call(table=True, block_table=torch.zeros(2, 2, dtype=torch.long))),
+    "table_shape": (ValueError, r"block_table must be \[B, max_blocks\] = \[2, max_blocks\]",
+                    cache_call(table=True, block_table=torch.zeros(2, dtype=torch.int32))),
+    "table_block_out_of_pool": (ValueError, r"block_table\[1\] names a block outside the pool of 5 blocks",
+                                cache_call(table=True, block_table=torch.tensor([[4, 0], [1, 5]], dtype=torch.int32))),
+    "k_new_alone": (ValueError, "k_new and v_new go together: got only k_new", cache_call(k_new=NEW["k_new"])),
+    "k_new_heads": (ValueError, r"k_new must be \[B, Hkv, L_new, D\] = \[2, 2, 3, 16\]",
+                    cache_call(k_new=torch.randn(2, 4, 3, 16), v_new=NEW["v_new"])),
+    "v_new_length": (ValueError, r"v_new must be \[B, Hkv, L_new, D\] = \[2, 2, 3, 16\]",
+                     cache_call(k_new=NEW["k_new"], v_new=torch.randn(2, 2, 2, 16))),
+    "k_new_dtype": (TypeError, "k_new has dtype torch.float16; expected torch.float32 \\(the cache's",
+                    cache_call(k_new=NEW["k_new"].half(), v_new=NEW["v_new"])),
+    "causal_top_left": (ValueError, "causal must be False, True or 'bottom_right'", cache_call(causal="top_left")),
+    "num_splits_zero": (ValueError, "num_splits must be None .* or an int >= 1, got 0", cache_call(num_splits=0)),
+    "num_splits_float": (ValueError, "num_splits must be None .* or an int >= 1, got 2.0", cache_call(num_splits=2.0)),
+    "q_requires_grad": (ValueError, "q requires grad, but attention_with_kvcache is inference only",
+                        cache_call(q=torch.randn(2, 4, 1, 16, requires_grad=True))),
+    "sinks_require_grad": (ValueError, "sinks requires grad, but attention_with_kvcache is inference only",
+                           cache_call(sinks=torch.zeros(4, requires_grad=True))),
+    "alibi_shape": (ValueError, r"alibi_slopes must be \[Hq\] = \[4\] or \[B, Hq\] = \[2, 4\]",
+                    cache_call(alibi_slopes=torch.ones(2))),
+}
+
+
+@pytest.mark.parametrize("case", BAD_KVCACHE)
+def test_bad_kvcache_inputs_raise_naming_the_argument(case):
+    error, message, kwargs = BAD_KVCACHE[case]
+    kwargs = dict(kwargs)
+    with pytest.raises(error, match=message):
+        attn_ops.attention_with_kvcache(kwargs.pop("q"), kwargs.pop("k_cache"), kwargs.pop("v_cache"),
+                                        kwargs.pop("cache_seqlens"), **kwargs)
+
+
+def test_kvcache_takes_parameters_that_require_grad_under_no_grad():
+    """Generation runs under torch.no_grad with parameters (the sinks, say) that require grad."""
+    with torch.no_grad():
+        attn_ops.attention_with_kvcache(**cache_call(sinks=torch.zeros(4, requires_grad=True)))
+
+
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=DEVICES[0].marks), "reference"])
 @pytest.mark.parametrize("mask_shape", [(10,), (8, 10), (4, 8, 10), (2, 1, 1, 10), (1, 4, 1, 10), (2, 4, 8, 10)])
 def test_every_broadcastable_mask_shape_is_accepted(mask_shape, backend):

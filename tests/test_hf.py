@@ -86,8 +86,21 @@ def test_llama_without_padding_matches_sdpa(calls):
     assert calls and all(m is None for m in calls)
 
 
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """The cache lengths of each call our attention function makes to attention_with_kvcache."""
+    seen = []
+
+    def spy(q, k_cache, v_cache, cache_seqlens, **kwargs):
+        seen.append(cache_seqlens if isinstance(cache_seqlens, int) else cache_seqlens.tolist())
+        return attn_ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, **kwargs)
+
+    monkeypatch.setattr(attn_ops.hf, "attention_with_kvcache", spy)
+    return seen
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])  # static: the dense-mask path, tensor offsets
-def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache, calls):
+def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache, calls, decode_calls):
     model = _llama()
     ids, mask = _batch("left")
     outputs = {}
@@ -105,6 +118,29 @@ def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache, calls):
     assert len(calls) == 2 * 4
     expected_mask_dims = {"dynamic": 2, "static": 4}[cache]
     assert all(m.dim() == expected_mask_dims for m in calls)
+    assert not decode_calls  # left padding: a row's keys are not a prefix of its cache
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=DEVICES[0].marks)])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decoding_steps_take_the_kv_cache_path_with_sdpa_tokens_and_logits(cache, backend, decode_calls):
+    model = _llama()
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    outputs = {}
+    for implementation in ("sdpa", "attn_ops"):
+        model.set_attn_implementation(implementation)
+        with attn_ops.use_backend(backend if implementation == "attn_ops" else "auto"):
+            outputs[implementation] = model.generate(
+                input_ids=ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                pad_token_id=0, cache_implementation=cache,
+            )
+    assert torch.equal(outputs["attn_ops"].sequences, outputs["sdpa"].sequences)
+    for actual, expected in zip(outputs["attn_ops"].logits, outputs["sdpa"].logits):
+        torch.testing.assert_close(actual, expected, **TOL)
+    # 3 one-token steps x 2 layers, each row seeing the prompt and the tokens so far: all of a dynamic
+    # cache's keys (an int, no host sync), the filled part of the static cache's buffer.
+    lengths = [SEQ + step for step in (1, 2, 3) for _layer in range(2)]
+    assert decode_calls == (lengths if cache == "dynamic" else [[n, n] for n in lengths])
 
 
 def test_bert_encoder_with_padding_matches_sdpa(calls):

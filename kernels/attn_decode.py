@@ -1,0 +1,270 @@
+"""Decoding against a KV cache (`attn_ops.attention_with_kvcache`): split-KV ("flash-decoding"),
+dense or paged caches, the query heads of a GQA group in one program.
+
+A decoding step has few queries (Lq = 1, or a few for speculative decoding) and a long cache, so a
+program per (batch, query head) leaves most of the GPU idle and reads each kv head's cache once per
+query head of its group. Here one program owns a (batch, kv head) and a range of its keys:
+
+- **GQA packing**: its rows are every (query, query head) pair of the group, queries outermost
+  (row r is query ``r // G`` of head ``h_kv * G + r % G``), so each K/V tile is loaded once for
+  the whole group and the row count fills the tensor cores' M >= 16.
+- **Split-KV**: the keys a sequence's rows can see are cut into ``num_splits`` ranges of whole
+  tiles (from the sequence's own length, read on the device: no host sync); each program writes
+  its range's normalized partial output and log2-domain LSE, and `_decode_combine` merges them
+  exactly: ``out = sum_s 2**(lse_s - lse) out_s``, ``lse = log2 sum_s 2**lse_s``, the sink joining
+  that sum once. A range with no visible key has lse -inf and weighs 0. With one split the program
+  finishes the rows itself (the unsplit path).
+- **Paged caches**: key t of sequence b is row ``t % page_size`` of block ``table[b, t // page_size]``;
+  a tile's rows are gathered through the table per key, so any page size and any strides work.
+
+Query i of sequence b sits at position ``L_b - Lq + i`` (bottom-right, the KV-cache convention),
+where L_b = cache_seqlens[b] + L_new keys are visible; the band, ALiBi's distances and the bounds
+are those of `_masked_scores`, with that shift.
+"""
+
+
+import torch
+import triton
+import triton.language as tl
+
+from .attn_common import LOG2E, _alibi_log2, _dot, _masked_scores, _rounded, _segment, _store_tile, _visible_blocks, _wide
+from .attn_fwd import _normalized, _online_softmax, _with_sink
+from .attn_launch import launch_args
+from .config import NO_MASK, decode_tile, head_dim_pad
+from .layout import empty_like_q
+
+LN2 = tl.constexpr(0.6931471805599453)
+MAX_SPLITS = 128  # num_splits=None never picks more: each split adds a partial row to merge
+MIN_KEYS_PER_SPLIT = 256  # ... nor splits shorter than this, whose few tiles would not pay for the merge
+
+
+@triton.jit
+def _cache_rows(Table, offs_n, in_cache, stride_block, stride_n, page_size, PAGED: tl.constexpr):
+    """int64 offsets of keys `offs_n` of one sequence: from its cache's first row (dense), or from the
+    pool's start through its row of the block table (paged)."""
+    if PAGED:
+        block = tl.load(Table + offs_n // page_size, mask=in_cache, other=0).to(tl.int64)
+        return block * stride_block + _wide(offs_n % page_size) * stride_n
+    return _wide(offs_n) * stride_n
+
+
+@triton.jit
+def _decode_tiles(acc, l_i, m_i, q, K, V, Table, alibi_log2, offs_i, offs_d, offs_dv, start, stop,
+                  stride_kblock, stride_kn, stride_kd, stride_vblock, stride_vn, stride_vd, page_size, len_q, len_k,
+                  band_lo, band_hi, shift, qk_scale, softcap_log2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                  BLOCK_N: tl.constexpr, EDGE: tl.constexpr, PAGED: tl.constexpr, SOFTCAP: tl.constexpr,
+                  ALIBI: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_cache = offs_n < len_k
+        k_rows = _cache_rows(Table, offs_n, in_cache, stride_kblock, stride_kn, page_size, PAGED)
+        k_t = tl.load(K + k_rows[None, :] + _wide(offs_d)[:, None] * stride_kd,
+                      mask=(offs_d[:, None] < HEAD_DIM) & in_cache[None, :], other=0.0)
+        # K stands in for the mask pointer, which NO_MASK never reads.
+        s, _ = _masked_scores(q, k_t, offs_i, offs_n, K, alibi_log2, len_q, len_k, band_lo, band_hi, shift, qk_scale,
+                              softcap_log2, NO_MASK, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
+        p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
+        v_rows = _cache_rows(Table, offs_n, in_cache, stride_vblock, stride_vn, page_size, PAGED)
+        v = tl.load(V + v_rows[:, None] + _wide(offs_dv)[None, :] * stride_vd,
+                    mask=in_cache[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INTERPRETED_BF16,
+                                          INPUT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _decode_split(Q, K, V, Table, Seqlens, Alibi, Sinks, Out, Lse,
+                  stride_qb, stride_qh, stride_qm, stride_qd,
+                  stride_kb, stride_kh, stride_kn, stride_kd,
+                  stride_vb, stride_vh, stride_vn, stride_vd,
+                  stride_tb,
+                  stride_ab, stride_ah,
+                  stride_ob, stride_oh, stride_om, stride_os, stride_od,
+                  num_heads_kv, group_size, len_q, len_new, num_splits, page_size, band_lo, band_hi, qk_scale,
+                  softcap_log2,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                  PAGED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
+                  INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Grid (B * Hkv, row blocks, splits). Dense: K/V strides b, h, n, d of [B, Hkv, L_max, D];
+    paged: of [num_blocks, Hkv, page_size, D] (stride_kb steps a block). With SPLIT, Out is the float32
+    partial output [B, Hq, Lq, splits, Dv] and Lse [B, Hq, Lq, splits] in log2 units; without, Out is
+    the output [B, Hq, Lq, Dv] and Lse [B, Hq, Lq] the natural-log LSE."""
+    pid = tl.program_id(0)
+    b = (pid // num_heads_kv).to(tl.int64)
+    h_kv = (pid % num_heads_kv).to(tl.int64)
+    split = tl.program_id(2)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = rows < len_q * group_size
+    offs_i = rows // group_size
+    heads = h_kv * group_size + rows % group_size
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+
+    len_k = tl.load(Seqlens + b) + len_new
+    shift = len_k - len_q  # query i sits at position i + shift
+    q = tl.load(Q + b * stride_qb + _wide(heads)[:, None] * stride_qh + _wide(offs_i)[:, None] * stride_qm
+                + _wide(offs_d)[None, :] * stride_qd, mask=live[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    alibi_log2 = _alibi_log2(Alibi, b, heads, stride_ab, stride_ah, ALIBI)
+    if ALIBI:
+        alibi_log2 = alibi_log2[:, None]  # one slope per row (its query head)
+    if PAGED:
+        K += h_kv * stride_kh
+        V += h_kv * stride_vh
+    else:
+        K += b * stride_kb + h_kv * stride_kh
+        V += b * stride_vb + h_kv * stride_vh
+
+    # The keys this block's queries can see, cut into num_splits ranges of whole tiles.
+    first_query = tl.program_id(1) * BLOCK_M // group_size
+    last_row = tl.minimum((tl.program_id(1) + 1) * BLOCK_M, len_q * group_size) - 1
+    lo, full_lo, full_hi, hi = _visible_blocks(first_query, last_row // group_size + 1, len_k, band_lo + shift,
+                                               band_hi + shift, BLOCK_M, BLOCK_N)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+    split_lo = lo + split * per_split
+    split_hi = tl.minimum(split_lo + per_split, hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    # Boundary tiles get the element-wise band mask, interior tiles skip it (see _attn_fwd_rows).
+    for segment in tl.static_range(3):
+        start, stop = _segment(segment, lo, full_lo, full_hi, hi)
+        acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, K, V, Table + b * stride_tb, alibi_log2, offs_i, offs_d,
+                                      offs_dv, tl.maximum(start, split_lo), tl.minimum(stop, split_hi), stride_kb,
+                                      stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, page_size, len_q, len_k,
+                                      band_lo + shift, band_hi + shift, shift, qk_scale, softcap_log2, HEAD_DIM,
+                                      HEAD_DIM_V, BLOCK_N, segment != 1, PAGED, SOFTCAP, ALIBI, INTERPRETED_BF16,
+                                      INPUT_PRECISION)
+    if SINKS and not SPLIT:  # with splits the sink joins once, in the merge
+        acc, l_i, m_i = _with_sink(acc, l_i, m_i, tl.load(Sinks + heads))
+    out, lse = _normalized(acc, l_i, m_i)
+    stat_rows = (b * num_heads_kv * group_size + heads) * len_q + offs_i
+    if SPLIT:
+        Out += split * stride_os
+        lse_at = Lse + stat_rows * num_splits + split
+    else:
+        lse, lse_at = lse * LN2, Lse + stat_rows
+    out_at = Out + b * stride_ob + _wide(heads)[:, None] * stride_oh + _wide(offs_i)[:, None] * stride_om
+    _store_tile(out_at, out, rows, offs_dv, 0, stride_od, len_q * group_size, HEAD_DIM_V, INTERPRETED_BF16)
+    tl.store(lse_at, lse, mask=live)
+
+
+@triton.jit
+def _decode_combine(Partial, PartialLse, Sinks, Out, Lse,
+                    stride_ob, stride_oh, stride_om, stride_od,
+                    num_heads_q, len_q, num_splits,
+                    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                    SINKS: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """One row (b, h, i) per program: its splits' partial outputs (contiguous float32
+    [rows, splits, Dv]) and LSEs merged into the output and the natural-log LSE."""
+    row = tl.program_id(0).to(tl.int64)
+    i = row % len_q
+    h = (row // len_q) % num_heads_q
+    b = row // len_q // num_heads_q
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    m_s = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        lse_s = tl.load(PartialLse + row * num_splits + s0 + offs_s, mask=s0 + offs_s < num_splits,
+                        other=float("-inf"))
+        m_s = tl.maximum(m_s, lse_s)
+    m = tl.max(m_s, 0)
+    if SINKS:  # the sink is one more term of the normalizer, with no value
+        sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
+        m = tl.maximum(m, sink)
+    m_shift = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, not NaN
+    acc = tl.zeros([BLOCK_S, HEAD_DIM_V_PAD], dtype=tl.float32)
+    l_s = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        splits = s0 + offs_s
+        lse_s = tl.load(PartialLse + row * num_splits + splits, mask=splits < num_splits, other=float("-inf"))
+        weight = tl.math.exp2(lse_s - m_shift)
+        part = tl.load(Partial + (row * num_splits + splits)[:, None] * HEAD_DIM_V + offs_dv[None, :],
+                       mask=(splits[:, None] < num_splits) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        acc += weight[:, None] * part
+        l_s += weight
+    l_i = tl.sum(l_s, 0)
+    if SINKS:
+        l_i += tl.math.exp2(sink - m_shift)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.sum(acc, 0) / l_safe
+    lse = tl.where(empty, float("-inf"), m + tl.math.log2(l_safe))
+    _store_tile(Out + b * stride_ob + h * stride_oh + i * stride_om, out[None, :], tl.arange(0, 1), offs_dv, 0,
+                stride_od, 1, HEAD_DIM_V, INTERPRETED_BF16)
+    tl.store(Lse + row, lse * LN2)
+
+
+def split_count(programs, max_keys, multiprocessors):
+    """flash-decoding's choice of splits for `num_splits=None`: enough programs for about two waves
+    of the GPU's `multiprocessors`, but no split shorter than MIN_KEYS_PER_SPLIT of the cache's
+    `max_keys` capacity (the lengths are on the device; reading them would cost a host sync)."""
+    if programs >= multiprocessors:
+        return 1
+    return max(1, min(triton.cdiv(2 * multiprocessors, programs), triton.cdiv(max_keys, MIN_KEYS_PER_SPLIT),
+                      MAX_SPLITS))
+
+
+def _multiprocessors(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter: a small stand-in GPU, so that num_splits=None splits there too.
+    return 8
+
+
+def decode_fwd(q, k_cache, v_cache, seqlens, table, len_new, num_splits, args, *, config=None):
+    """Launches the decoding kernels; returns (out ``[B, Hq, Lq, Dv]`` laid out like q, natural-log
+    lse ``[B, Hq, Lq]`` float32).
+
+    `seqlens` int32 [B]: keys already in each cache (the new ones are at ``seqlens[b] ...``, `len_new`
+    of them); `table`: None (dense cache) or the int32 block table; `num_splits`: None or >= 1;
+    `args`: a `KernelArgs` (scale, band relative to each query's bottom-right diagonal, softcap,
+    ALiBi, sinks).
+    """
+    batch, heads_q, len_q, head_dim = q.shape
+    heads_kv, head_dim_v = k_cache.shape[1], v_cache.shape[-1]
+    group = heads_q // heads_kv
+    out = empty_like_q(q, head_dim_v)
+    lse = torch.empty(batch, heads_q, len_q, device=q.device, dtype=torch.float32)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    paged = table is not None
+    capacity = table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
+    tile = decode_tile(q, max(head_dim, head_dim_v), group * len_q, config)
+    block_m = tile.block_m
+    row_blocks = triton.cdiv(group * len_q, block_m)
+    if num_splits is None:
+        num_splits = split_count(batch * heads_kv * row_blocks, capacity, _multiprocessors(q.device))
+    launch = launch_args(q, k_cache, head_dim_v, args)
+    # launch_args bounds an unbounded band by q's and k_cache's lengths; a paged k_cache's length is
+    # one page, so bound it here by the capacity.
+    reach = capacity + len_q
+    band_lo = -reach if args.band_lo is None else args.band_lo
+    band_hi = reach if args.band_hi is None else args.band_hi
+    split = num_splits > 1
+    if split:
+        partial = q.new_empty(batch, heads_q, len_q, num_splits, head_dim_v, dtype=torch.float32)
+        partial_lse = q.new_empty(batch, heads_q, len_q, num_splits, dtype=torch.float32)
+        out_strides = (*partial.stride()[:3], partial.stride(3), partial.stride(4))
+        split_out, split_lse = partial, partial_lse
+    else:
+        out_strides = (*out.stride()[:3], 0, out.stride(3))
+        split_out, split_lse = out, lse
+    _decode_split[(batch * heads_kv, row_blocks, num_splits)](
+        q, k_cache, v_cache, q if table is None else table, seqlens, launch.alibi, launch.sinks, split_out, split_lse,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), 0 if table is None else table.stride(0),
+        *launch.alibi_strides, *out_strides,
+        heads_kv, group, len_q, len_new, num_splits, k_cache.shape[2] if paged else 1, band_lo, band_hi,
+        launch.qk_scale, launch.softcap_log2,
+        **{name: value for name, value in launch.constexprs.items() if name != "DROPOUT"}, BLOCK_M=block_m, BLOCK_N=tile.block_n, SPLIT=split, PAGED=paged,
+        SINKS=args.sinks is not None, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    if split:
+        _decode_combine[(batch * heads_q * len_q,)](
+            partial, partial_lse, launch.sinks, out, lse, *out.stride(), heads_q, len_q, num_splits,
+            HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PAD=head_dim_pad(head_dim_v), BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
+            SINKS=args.sinks is not None, INTERPRETED_BF16=launch.constexprs["INTERPRETED_BF16"],
+            num_warps=4 if head_dim_v > 64 else 2,
+        )
+    return out, lse

@@ -1,0 +1,223 @@
+"""attn_ops.attention_with_kvcache through the kernels: each sequence against float64 math on the keys
+its cache holds, dense and paged caches, split counts, appending."""
+
+import pytest
+import torch
+
+import attn_ops
+from attn_ops.kernels.attn_decode import MAX_SPLITS, MIN_KEYS_PER_SPLIT, split_count
+from truth import DEVICES, check_against_float64
+
+
+def make_cache(lengths, capacity, heads_kv, head_dim, dtype, device, head_dim_v=None):
+    """A dense cache [B, Hkv, capacity, D] (and V's) holding random rows up to each sequence's length
+    and NaN after: a kernel that reads past a length returns NaN."""
+    shape = (len(lengths), heads_kv, capacity)
+    k, v = torch.randn(*shape, head_dim, device=device), torch.randn(*shape, head_dim_v or head_dim, device=device)
+    for b, n in enumerate(lengths):
+        k[b, :, n:] = v[b, :, n:] = float("nan")
+    return k.to(dtype), v.to(dtype)
+
+
+def paged(k_cache, v_cache, page):
+    """The same rows in pools of pages of `page` rows, stored [num_blocks, page, Hkv, D] and returned
+    as [num_blocks, Hkv, page, D] views, each sequence's blocks in random places (NaN in the spare
+    ones); and the int32 block table they share."""
+    batch, _, capacity, _ = k_cache.shape
+    per_sequence = capacity // page
+    num_blocks = batch * per_sequence + 3
+    table = torch.randperm(num_blocks, device=k_cache.device)[: batch * per_sequence].view(batch, per_sequence)
+    pools = []
+    for cache in (k_cache, v_cache):
+        heads, dim = cache.shape[1], cache.shape[3]
+        pool = torch.full((num_blocks, page, heads, dim), float("nan"), dtype=cache.dtype, device=cache.device)
+        pool[table] = cache.view(batch, heads, per_sequence, page, dim).permute(0, 2, 3, 1, 4)
+        pools.append(pool.transpose(1, 2))
+    return *pools, table.int()
+
+
+def cached_rows(cache, b, n):
+    """Sequence b's first n rows of a dense cache as [1, Hkv, n, D]."""
+    return cache[b : b + 1, :, :n]
+
+
+def check_each_sequence(q, k_cache, v_cache, lengths, out, lse, causal=False, window=None, alibi_slopes=None,
+                        **kw):
+    """Each sequence's output and LSE against float64 math over the keys it sees (2x rule); a sequence
+    that sees no key gives zeros (lse -inf, or the sink)."""
+    rules = dict(causal="bottom_right" if causal else False, window=window, align="bottom_right", **kw)
+    for b, n in enumerate(lengths):
+        k, v = cached_rows(k_cache, b, n), cached_rows(v_cache, b, n)
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        if n == 0 and kw.get("sinks") is None:
+            assert torch.equal(out[b], torch.zeros_like(out[b])) and torch.all(lse[b] == float("-inf"))
+            continue
+        check_against_float64(q[b : b + 1], k, v, out[b : b + 1], alibi_slopes=slopes, **rules)
+        truth = attn_ops.reference.attention(*(t.double() for t in (q[b : b + 1], k, v)), alibi_slopes=slopes,
+                                             return_lse=True, **rules)[1][0]
+        seen = truth > float("-inf")
+        assert torch.equal(seen, lse[b] > float("-inf"))
+        assert (lse[b][seen].double() - truth[seen]).abs().max() <= 1e-5 * (1 + truth[seen].abs().max())
+
+
+LENGTHS = (0, 1, 17, 64, 100)  # empty, one key, odd, a whole number of tiles and of 16-row blocks, across blocks
+QUERIES = {"1": (1, False), "4_causal": (4, True), "4": (4, False)}
+HEADS = {"gqa8": (8, 1), "mha": (4, 4)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+@pytest.mark.parametrize("queries", QUERIES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("num_splits", [1, 2, 7, None])
+def test_each_sequence_matches_float64(device, layout, queries, heads, num_splits):
+    (len_q, causal), (heads_q, heads_kv) = QUERIES[queries], HEADS[heads]
+    k_cache, v_cache = make_cache(LENGTHS, 128, heads_kv, 32, torch.float32, device, head_dim_v=16)
+    q = torch.randn(len(LENGTHS), heads_q, len_q, 32, device=device)
+    k_in, v_in, table = paged(k_cache, v_cache, 16) if layout == "paged" else (k_cache, v_cache, None)
+    seqlens = torch.tensor(LENGTHS, dtype=torch.int32, device=device)
+    out, lse = attn_ops.attention_with_kvcache(q, k_in, v_in, seqlens, block_table=table, causal=causal,
+                                               num_splits=num_splits, return_lse=True, backend="triton")
+    assert out.shape == (len(LENGTHS), heads_q, len_q, 16) and lse.shape == (len(LENGTHS), heads_q, len_q)
+    check_each_sequence(q, k_cache, v_cache, LENGTHS, out, lse, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page", [16, 48])
+def test_a_paged_cache_gives_the_dense_result_bitwise(device, page):
+    """The same logical cache through shuffled blocks of 16 or 48 rows (a page that is not a power of
+    two, nor a multiple of the key tile): the same tiles in the same order, so the same bits."""
+    lengths = (5, 96, 0, 61)
+    k_cache, v_cache = make_cache(lengths, 96, 2, 32, torch.float16, device)
+    q = torch.randn(4, 4, 2, 32, device=device, dtype=torch.float16)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    dense = attn_ops.attention_with_kvcache(q, k_cache, v_cache, seqlens, causal=True, num_splits=2, backend="triton")
+    k_pool, v_pool, table = paged(k_cache, v_cache, page)
+    assert not k_pool.is_contiguous()  # a [num_blocks, page, Hkv, D] pool read in place
+    out = attn_ops.attention_with_kvcache(q, k_pool, v_pool, seqlens, block_table=table, causal=True, num_splits=2,
+                                         backend="triton")
+    assert torch.equal(out, dense)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+def test_appending_writes_exactly_the_new_rows_then_attends_to_them(device, layout):
+    lengths, len_new = (0, 5, 16, 29), 3  # the last ones cross a 16-row block
+    k_cache, v_cache = make_cache(lengths, 32, 2, 16, torch.float32, device)
+    logical = [torch.cat([cached_rows(c, b, n) for b, n in enumerate(lengths)], 2) for c in (k_cache, v_cache)]
+    k_new, v_new = (torch.randn(4, 2, len_new, 16, device=device) for _ in range(2))
+    q = torch.randn(4, 4, len_new, 16, device=device)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    k_in, v_in, table = paged(k_cache, v_cache, 16) if layout == "paged" else (k_cache, v_cache, None)
+    before = [t.clone() for t in (k_in, v_in)]
+    out = attn_ops.attention_with_kvcache(q, k_in, v_in, seqlens, k_new=k_new, v_new=v_new, block_table=table,
+                                         causal=True, backend="triton")
+    assert torch.equal(seqlens, torch.tensor(lengths, dtype=torch.int32, device=device))  # not modified
+    for cache, old, new in zip((k_in, v_in), before, (k_new, v_new)):
+        written = torch.zeros(cache.shape[0], cache.shape[2], dtype=torch.bool, device=device)  # (block or b, row)
+        for b, n in enumerate(lengths):
+            for t in range(n, n + len_new):
+                where = (int(table[b, t // 16]), t % 16) if table is not None else (b, t)
+                written[where] = True
+                assert torch.equal(cache[where[0], :, where[1]], new[b, :, t - n])
+        # Everything else, NaN included, is as it was.
+        keep = ~written[:, None, :, None].expand_as(cache)
+        assert torch.equal(cache[keep].isnan(), old[keep].isnan())
+        assert torch.equal(cache[keep].nan_to_num(), old[keep].nan_to_num())
+    for b, n in enumerate(lengths):
+        k = torch.cat([logical[0][:, :, sum(lengths[:b]):sum(lengths[: b + 1])], k_new[b : b + 1]], 2)
+        v = torch.cat([logical[1][:, :, sum(lengths[:b]):sum(lengths[: b + 1])], v_new[b : b + 1]], 2)
+        check_against_float64(q[b : b + 1], k, v, out[b : b + 1], causal="bottom_right")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_empty_caches_give_zeros_and_the_sink(device, num_splits):
+    k_cache, v_cache = make_cache((0, 0), 64, 2, 16, torch.float32, device)
+    q = torch.randn(2, 4, 3, 16, device=device)
+    out, lse = attn_ops.attention_with_kvcache(q, k_cache, v_cache, 0, causal=True, num_splits=num_splits,
+                                               return_lse=True, backend="triton")
+    assert torch.equal(out, torch.zeros_like(out)) and torch.all(lse == float("-inf"))
+    sinks = torch.randn(4, device=device)
+    out, lse = attn_ops.attention_with_kvcache(q, k_cache, v_cache, 0, sinks=sinks, num_splits=num_splits,
+                                               return_lse=True, backend="triton")
+    assert torch.equal(out, torch.zeros_like(out))
+    torch.testing.assert_close(lse, sinks[None, :, None].expand_as(lse))
+
+
+MODIFIERS = {
+    "window": {"window": (20, 0)},
+    "window_unbounded_left": {"window": (-1, 2)},
+    "softcap_alibi_sinks": {"softcap": 2.0, "alibi_slopes": "per_head", "sinks": True},
+    "alibi_per_sequence": {"alibi_slopes": "per_sequence"},
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("modifier", MODIFIERS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_score_modifiers_match_float64(device, modifier, num_splits):
+    lengths = (70, 0, 9)
+    kw = dict(MODIFIERS[modifier])
+    if kw.get("alibi_slopes") == "per_head":
+        kw["alibi_slopes"] = torch.rand(8, device=device)
+    elif kw.get("alibi_slopes") == "per_sequence":
+        kw["alibi_slopes"] = torch.rand(3, 8, device=device)
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(8, device=device)
+    k_cache, v_cache = make_cache(lengths, 80, 2, 32, torch.float32, device)
+    q = torch.randn(3, 8, 4, 32, device=device)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    out, lse = attn_ops.attention_with_kvcache(q, k_cache, v_cache, seqlens, causal=True, num_splits=num_splits,
+                                               return_lse=True, backend="triton", **kw)
+    check_each_sequence(q, k_cache, v_cache, lengths, out, lse, causal=True, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_float64(device, dtype):
+    lengths = (100, 33)
+    k_cache, v_cache = make_cache(lengths, 128, 2, 64, dtype, device)
+    q = torch.randn(2, 8, 1, 64, device=device, dtype=dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    for num_splits in (1, None):
+        out, lse = attn_ops.attention_with_kvcache(q, k_cache, v_cache, seqlens, return_lse=True,
+                                                   num_splits=num_splits, backend="triton")
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        check_each_sequence(q, k_cache, v_cache, lengths, out, lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_output_is_laid_out_like_q(device):
+    k_cache, v_cache = make_cache((7,), 16, 2, 16, torch.float32, device)
+    q = torch.randn(1, 3, 4, 16, device=device).transpose(1, 2)  # [B, Lq, Hq, D] memory, passed as [B, Hq, Lq, D]
+    out = attn_ops.attention_with_kvcache(q, k_cache, v_cache, 7, backend="triton")
+    assert out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, attn_ops.attention_with_kvcache(q, k_cache, v_cache, 7, backend="reference"))
+
+
+def test_split_count_fills_the_gpu_without_tiny_splits():
+    assert split_count(programs=264, max_keys=2**17, multiprocessors=132) == 1  # enough programs already
+    assert split_count(programs=8, max_keys=2**17, multiprocessors=132) == 33  # about two waves
+    assert split_count(programs=8, max_keys=MIN_KEYS_PER_SPLIT * 4, multiprocessors=132) == 4  # no split under 256 keys
+    assert split_count(programs=1, max_keys=2**20, multiprocessors=132) == MAX_SPLITS
+    assert split_count(programs=8, max_keys=0, multiprocessors=132) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_and_kernels_agree_with_every_argument(device):
+    """backend="reference" (the CPU path users get without the interpreter) computes the same call."""
+    lengths = (20, 3)
+    k_cache, v_cache = make_cache(lengths, 48, 2, 16, torch.float32, device)
+    k_pool, v_pool, table = paged(k_cache, v_cache, 16)
+    q = torch.randn(2, 4, 2, 16, device=device)
+    k_new, v_new = (torch.randn(2, 2, 2, 16, device=device) for _ in range(2))
+    kw = dict(k_new=k_new, v_new=v_new, block_table=table, causal=True, window=(10, 0), softcap=3.0,
+              alibi_slopes=torch.rand(4, device=device), sinks=torch.randn(4, device=device), return_lse=True)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    pools = [(k_pool.clone(), v_pool.clone()) for _ in range(2)]
+    (out, lse), (ref_out, ref_lse) = (attn_ops.attention_with_kvcache(q, *pool, seqlens, backend=backend, **kw)
+                                      for pool, backend in zip(pools, ("triton", "reference")))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(*pools))

@@ -150,7 +150,8 @@ def _with_bias(mask, bias):
     return bias + mask
 
 
-# Each key mask of a decoding step -> the number of keys each row sees, or None where they are not a prefix.
+# Each key mask of a decoding step -> (its version when checked, the number of keys each row sees or
+# None where they are not a prefix).
 _checked_prefixes = WeakIdKeyDictionary()
 
 
@@ -169,19 +170,23 @@ def _decoding_lengths(query, key, value, sinks, attention_mask, dropout):
         return None
     if attention_mask is None:
         return key.shape[2]
-    if (attention_mask.dtype != torch.bool or attention_mask.numel() != batch * key.shape[2]
+    shape = tuple(attention_mask.shape)
+    if (attention_mask.dtype != torch.bool or shape not in ((batch, key.shape[2]), (batch, 1, 1, key.shape[2]))
             or torch.compiler.is_compiling()):
         return None
-    if attention_mask not in _checked_prefixes:
+    # Keyed by the mask object and its version: a mask updated in place is checked again.
+    checked = _checked_prefixes.get(attention_mask)
+    if checked is None or checked[0] != attention_mask._version:
         keys = attention_mask.reshape(batch, key.shape[2])
         lengths = keys.sum(-1)
         prefix = torch.equal(keys, torch.arange(keys.shape[1], device=keys.device) < lengths[:, None])
-        _checked_prefixes[attention_mask] = lengths.int() if prefix else None
-    return _checked_prefixes[attention_mask]
+        checked = (attention_mask._version, lengths.int() if prefix else None)
+        _checked_prefixes[attention_mask] = checked
+    return checked[1]
 
 
-# Each mask transformers built for a packed row -> (the position_ids and causality it was checked with,
-# cu_seqlens or None).
+# Each mask transformers built for a packed row -> (the position_ids, causality and mask version it was
+# checked with, cu_seqlens or None).
 _checked_masks = WeakIdKeyDictionary()
 
 
@@ -211,11 +216,12 @@ def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
         # means one sequence, unless the caller said otherwise through cu_seq_lens.
         return cu_seqlens if explicit else None
     checked = _checked_masks.get(attention_mask)
-    if checked is None or checked[0] is not position_ids or checked[1] != bool(is_causal):
+    key = (position_ids, bool(is_causal), attention_mask._version)
+    if checked is None or checked[0] is not key[0] or checked[1:3] != key[1:]:
         within = _is_within_sequences(attention_mask, cu_seqlens, is_causal)
-        checked = (position_ids, bool(is_causal), cu_seqlens if within else None)
+        checked = (*key, cu_seqlens if within else None)
         _checked_masks[attention_mask] = checked
-    return checked[2]
+    return checked[3]
 
 
 def _is_within_sequences(mask, cu_seqlens, causal):

@@ -13,6 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attn_ops
 import attn_ops.reference
+from attn_ops.dispatch import choose, fused_cache
+from attn_ops.problem import describe_cache
 
 
 MAX_SDPA_BIAS_BYTES = 4 * 2**30  # a materialised modifier beyond this is SDPA's "unsupported", not an OOM
@@ -30,9 +32,19 @@ def _backend(q):
     return "triton" if q.is_cuda else "reference"  # the CPU has no fused path to measure
 
 
+def _cache_step(q, m, backend, num_splits=None):
+    """A decoding step through attention_with_kvcache's implementation for `backend`, its argument
+    checks (and their device-to-host copy of the lengths) done once here, outside the timed call,
+    as torch.compile leaves them out of a compiled decoding loop."""
+    k_cache, v_cache, seqlens, table = m.kvcache
+    problem = describe_cache(q, k_cache, v_cache, seqlens, block_table=table, num_splits=num_splits)
+    implementation = choose(problem, backend, fused=fused_cache)
+    return lambda: implementation.run_cache(q, k_cache, v_cache, problem)
+
+
 def _attn_ops(q, k, v, m):
     if m.kvcache is not None:
-        return lambda: attn_ops.attention_with_kvcache(q, *m.kvcache[:3], block_table=m.kvcache[3], backend=_backend(q))
+        return _cache_step(q, m, _backend(q))
     if m.packed is not None:
         cu_seqlens, longest = m.packed[3:]
         return lambda: attn_ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen_q=longest,
@@ -49,8 +61,7 @@ def _attn_ops_padded(q, k, v, m):
 def _attn_ops_unsplit(q, k, v, m):
     if m.kvcache is None:
         raise Unsupported("the one-split form of a decoding (KV-cache) case; elsewhere see attn_ops")
-    return lambda: attn_ops.attention_with_kvcache(q, *m.kvcache[:3], block_table=m.kvcache[3], num_splits=1,
-                                                   backend=_backend(q))
+    return _cache_step(q, m, _backend(q), num_splits=1)
 
 
 def _no_paged_cache(m, who):
@@ -60,8 +71,7 @@ def _no_paged_cache(m, who):
 
 def _naive(q, k, v, m):
     if m.kvcache is not None:  # the op's own reference path, through the same (paged) cache
-        return lambda: attn_ops.attention_with_kvcache(q, *m.kvcache[:3], block_table=m.kvcache[3],
-                                                       backend="reference")
+        return _cache_step(q, m, "reference")
     return lambda: attn_ops.reference.attention(q, k, v, **m.attn_ops)
 
 

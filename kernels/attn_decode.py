@@ -86,14 +86,15 @@ def _decode_split(Q, K, V, Table, Seqlens, Alibi, Sinks, Out, Lse,
                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                   PAGED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
                   INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Grid (B * Hkv, row blocks, splits). Dense: K/V strides b, h, n, d of [B, Hkv, L_max, D];
+    """Grid (B * Hkv * splits, row blocks). Dense: K/V strides b, h, n, d of [B, Hkv, L_max, D];
     paged: of [num_blocks, Hkv, page_size, D] (stride_kb steps a block). With SPLIT, Out is the float32
     partial output [B, Hq, Lq, splits, Dv] and Lse [B, Hq, Lq, splits] in log2 units; without, Out is
     the output [B, Hq, Lq, Dv] and Lse [B, Hq, Lq] the natural-log LSE."""
-    pid = tl.program_id(0)
+    # Splits on the flat first axis (2**31 programs), not a second one (65535).
+    split = tl.program_id(0) % num_splits
+    pid = tl.program_id(0) // num_splits
     b = (pid // num_heads_kv).to(tl.int64)
     h_kv = (pid % num_heads_kv).to(tl.int64)
-    split = tl.program_id(2)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     live = rows < len_q * group_size
     offs_i = rows // group_size
@@ -230,6 +231,8 @@ def decode_fwd(q, k_cache, v_cache, seqlens, table, len_new, num_splits, args, *
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     paged = table is not None
+    # The kernel reads them as cache_seqlens[b] and table[b, j] at unit stride.
+    seqlens, table = seqlens.contiguous(), table.contiguous() if paged else None
     capacity = table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     tile = decode_tile(q, max(head_dim, head_dim_v), group * len_q, config)
     block_m = tile.block_m
@@ -251,7 +254,7 @@ def decode_fwd(q, k_cache, v_cache, seqlens, table, len_new, num_splits, args, *
     else:
         out_strides = (*out.stride()[:3], 0, out.stride(3))
         split_out, split_lse = out, lse
-    _decode_split[(batch * heads_kv, row_blocks, num_splits)](
+    _decode_split[(batch * heads_kv * num_splits, row_blocks)](
         q, k_cache, v_cache, q if table is None else table, seqlens, launch.alibi, launch.sinks, split_out, split_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), 0 if table is None else table.stride(0),
         *launch.alibi_strides, *out_strides,

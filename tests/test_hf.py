@@ -330,3 +330,18 @@ def test_missing_transformers_raises_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when absent
     with pytest.raises(ImportError, match=r"attn-ops\[hf\]"):
         attn_ops.register_transformers()
+
+
+def test_decoding_lengths_follow_a_mask_updated_in_place_and_only_per_row_shapes():
+    from attn_ops.hf import _decoding_lengths
+
+    query, key = torch.randn(2, 2, 1, 8), torch.randn(2, 1, 6, 8)
+    mask = torch.zeros(2, 1, 1, 6, dtype=torch.bool)
+    mask[..., :4] = True
+    assert _decoding_lengths(query, key, key, None, mask, 0.0).tolist() == [4, 4]
+    mask[..., 4] = True  # a static cache's mask, one more token filled, in place
+    assert _decoding_lengths(query, key, key, None, mask, 0.0).tolist() == [5, 5]
+    # A per-head mask [1, Hq, 1, Lk] is not a per-row one, even with Hq = B elements to spare.
+    assert _decoding_lengths(query, key, key, None, mask.view(1, 2, 1, 6), 0.0) is None
+    mask[1, ..., 0] = False  # left padding: not a prefix
+    assert _decoding_lengths(query, key, key, None, mask, 0.0) is None

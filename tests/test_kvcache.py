@@ -221,3 +221,32 @@ def test_reference_and_kernels_agree_with_every_argument(device):
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
     assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(*pools))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_row_blocks_and_strided_lengths_and_table(device):
+    """GQA 8:1 with 9 queries: 72 (query, head) rows, more than one program's 64, the last block
+    partial and starting mid-group; cache_seqlens a strided column and the block table column-major
+    (the kernels read contiguous copies)."""
+    lengths = (40, 7, 90)
+    k_cache, v_cache = make_cache(lengths, 96, 1, 16, torch.float32, device)
+    k_pool, v_pool, table = paged(k_cache, v_cache, 16)
+    q = torch.randn(3, 8, 9, 16, device=device)
+    seqlens = torch.tensor([[n, 999] for n in lengths], dtype=torch.int32, device=device)[:, 0]
+    table = table.t().contiguous().t()
+    assert not seqlens.is_contiguous() and not table.is_contiguous()
+    kw = dict(causal=True, window=(30, 0), sinks=torch.randn(8, device=device))
+    for num_splits in (1, 3):
+        out, lse = attn_ops.attention_with_kvcache(q, k_pool, v_pool, seqlens, block_table=table, num_splits=num_splits,
+                                                   return_lse=True, backend="triton", **kw)
+        check_each_sequence(q, k_cache, v_cache, lengths, out, lse, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_num_splits_none_splits_a_long_cache(device):
+    lengths = (700,)
+    k_cache, v_cache = make_cache(lengths, 768, 1, 16, torch.float32, device)
+    assert split_count(programs=1, max_keys=768, multiprocessors=8) == 3  # the interpreter's stand-in GPU
+    q = torch.randn(1, 4, 1, 16, device=device)
+    out, lse = attn_ops.attention_with_kvcache(q, k_cache, v_cache, 700, return_lse=True, backend="triton")
+    check_each_sequence(q, k_cache, v_cache, lengths, out, lse)

@@ -1,14 +1,21 @@
 """`python -m bench.compile_check`: compile every kernel for a GPU architecture, no GPU needed, and
-report what the interpreter cannot show: tiles that do not compile, registers, spills, shared memory.
+report what the interpreter cannot show: tiles that do not compile, registers, spills, shared
+memory, which matmul instructions and loads the compiler chose, and how many instructions the
+forward's interior loop spends per unit of matmul work.
 
 Each kernel variant the launchers would pick (by head dim, dtype, mask kind, dropout) is compiled
-for the target with `triton.compile`; `ptxas -v` (Triton's bundled one) reports its resources.
-Must run without TRITON_INTERPRET=1. Exits 1 if any variant fails to compile.
+for the target with `triton.compile`, and the cubin it builds (with the ptxas Triton itself runs
+for that architecture) is read with the `cuobjdump` in Triton's wheel: registers and stack bytes
+(spills) from ``-res-usage``; from the SASS, whether the matmuls are wgmma (``HGMMA``) or
+mma.sync (``HMMA``), whether loads use TMA (``UTMALDG``), and each loop (a backward branch). Must
+run without TRITON_INTERPRET=1. Exits 1 if any variant fails to compile. `--json PATH` also writes
+the rows as JSON.
 """
 
 import argparse
 import datetime
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -73,19 +80,56 @@ def divisibility(sig):
             if kind.startswith("*") or (kind == "i32" and name.startswith("stride_"))}
 
 
-def ptxas_report(ptx, arch):
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
-    if not os.path.exists(ptxas):
-        ptxas = os.path.join(os.path.dirname(ptxas), "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+# Passes whose loop runs two matmuls per key tile (scores, then probabilities times values): their
+# work per iteration is 2 * BLOCK_M * BLOCK_N * D multiply-adds, the unit the Hopper issue's figures
+# count MFLOP in (the tutorial's 128 x 128 forward: 491 instructions, ~117 per MFLOP).
+TWO_MATMUL_LOOPS = ("fwd", "varlen fwd", "decode dense", "decode paged")
+
+
+def cubin_report(cubin):
+    """(registers, stack bytes, SASS as [(address, opcode, operands)]) of the cubin Triton built."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
         f.flush()
-        text = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
-                               f.name, "-o", os.devnull], capture_output=True, text=True).stderr
-    # The kernel's own line and those of any helper functions it calls: report the worst.
-    regs = [int(n) for n in re.findall(r"Used (\d+) registers", text)]
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", text)]
-    return max(regs, default=None), max(spills, default=None)
+        usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    regs = max(int(n) for n in re.findall(r"REG:(\d+)", usage))
+    stack = max(int(n) for n in re.findall(r"STACK:(\d+)", usage))
+    return regs, stack, [(int(a, 16), op, rest) for a, op, rest in SASS_LINE.findall(sass)]
+
+
+def loops(sass):
+    """Each loop's instructions: from a backward branch's target to the branch."""
+    found = []
+    for address, op, rest in sass:
+        target = re.match(r"\s*(0x[0-9a-f]+)", rest)
+        if op.startswith("BRA") and target and int(target.group(1), 16) <= address:
+            start = int(target.group(1), 16)
+            found.append([(a, o) for a, o, _ in sass if start <= a <= address])
+    return found
+
+
+def matmul_report(sass, name, constexprs):
+    """wgmma and mma.sync instruction counts, TMA, and the interior loop's instructions per MFLOP.
+
+    The interior loop is the shortest loop that runs matmuls (the boundary segments' loops add mask
+    arithmetic); its matmul work per iteration is known for the two-matmul passes only (else None).
+    """
+    ops = [op for _, op, _ in sass]
+    wgmma = sum(op.startswith("HGMMA") for op in ops)
+    mma_sync = sum(op.startswith("HMMA") for op in ops)
+    tma = any(op.startswith(("UTMALDG", "UBLKCP")) for op in ops)
+    per_mflop = None
+    matmul_loops = [body for body in loops(sass) if any(op.startswith(("HGMMA", "HMMA")) for _, op in body)]
+    if name.startswith(TWO_MATMUL_LOOPS) and matmul_loops:
+        body = min(matmul_loops, key=len)
+        mflop = 2 * constexprs["BLOCK_M"] * constexprs["BLOCK_N"] * constexprs["HEAD_DIM_PAD"] / 1e6
+        per_mflop = round(len(body) / mflop, 1)
+    return wgmma, mma_sync, tma, per_mflop
 
 
 def variants(major):
@@ -155,6 +199,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--out", help="also write the table to this Markdown file")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--dtypes", help="comma-separated: only these (fp16, bf16, fp32)")
     parser.add_argument("--head-dims", help="comma-separated: only these (e.g. 128,192/128)")
     parser.add_argument("--kernels", help="comma-separated: only the variants whose name starts so (e.g. decode)")
@@ -163,17 +208,23 @@ def main(argv=None):
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    lines = []
+    lines, rows = [], []
 
     def emit(line):
         print(line, flush=True)
         lines.append(line)
 
+    meta = {"arch": f"sm_{args.arch}", "triton": triton.__version__, "date": str(datetime.date.today()),
+            "git": git_commit()}
     emit(f"# Kernel resources for sm_{args.arch}: compiled with Triton {triton.__version__} on a CPU machine, "
-         f"{datetime.date.today()}, commit {git_commit()}\n")
-    emit("Compiled, not run: registers and spills from ptxas -v, shared memory from Triton's metadata (bytes).\n")
-    emit("| kernel | dtype | D | mask | dropout | BLOCK_M x BLOCK_N | warps | stages | regs | spill bytes | smem |")
-    emit("|---|---|---|---|---|---|---|---|---|---|---|")
+         f"{meta['date']}, commit {meta['git']}\n")
+    emit("Compiled, not run; read from the cubin Triton built (`cuobjdump`): registers, stack bytes (spills), "
+         "shared memory (bytes, Triton's metadata), the matmul instructions (wgmma `HGMMA`, mma.sync `HMMA`), "
+         "TMA loads, and the SASS instructions of the shortest matmul loop per million multiply-adds of its two "
+         "matmuls (the forward-type passes' interior loop).\n")
+    emit("| kernel | dtype | D | mask | dropout | BLOCK_M x BLOCK_N | warps | stages | regs | spill bytes | smem "
+         "| wgmma | mma.sync | TMA | loop SASS / MFLOP |")
+    emit("|" + "---|" * 15)
     for name, kernel, dtype, head_dim, mask_kind, dropout, constexprs, options in variants(args.arch // 10):
         if (args.dtypes and TRITON_DTYPE[dtype] not in args.dtypes.split(",")
                 or args.head_dims and str(head_dim) not in args.head_dims.split(",")
@@ -183,25 +234,40 @@ def main(argv=None):
         index = list(sig)
         src = ASTSource(fn=kernel, signature=sig, constexprs={(index.index(k),): v for k, v in constexprs.items()},
                         attrs=divisibility(sig))
-        row = (f"| {name} | {TRITON_DTYPE[dtype]} | {head_dim} | {MASK_KIND_NAMES[mask_kind]} | {dropout} "
-               f"| {constexprs.get('BLOCK_M', '-')} x {constexprs.get('BLOCK_N', '-')} | {options['num_warps']} "
-               f"| {options.get('num_stages', '-')} |")
+        record = dict(kernel=name, arch=meta["arch"], dtype=TRITON_DTYPE[dtype], head_dim=head_dim,
+                      mask=MASK_KIND_NAMES[mask_kind], dropout=dropout, block_m=constexprs.get("BLOCK_M"),
+                      block_n=constexprs.get("BLOCK_N"), num_warps=options["num_warps"],
+                      num_stages=options.get("num_stages"))
+        row = (f"| {name} | {record['dtype']} | {head_dim} | {record['mask']} | {dropout} "
+               f"| {record['block_m'] or '-'} x {record['block_n'] or '-'} | {options['num_warps']} "
+               f"| {record['num_stages'] or '-'} |")
         try:
             compiled = triton.compile(src, target=target, options=options)
         except Exception as e:  # a tile shape that does not compile is what this tool is for
             failures += 1
-            emit(f"{row} FAILED: {str(e).splitlines()[0][:120]} |||")
+            emit(f"{row} FAILED: {str(e).splitlines()[0][:120]} |||||||")
+            rows.append(dict(record, error=str(e).splitlines()[0][:200]))
             continue
-        regs, spills = ptxas_report(compiled.asm["ptx"], args.arch)
+        regs, spills, sass = cubin_report(compiled.asm["cubin"])
+        wgmma, mma_sync, tma, per_mflop = matmul_report(sass, name, constexprs)
         shared = compiled.metadata.shared
-        if shared > MAX_SHARED.get(args.arch, shared):  # compiles, but the launch would be refused
+        record.update(regs=regs, spills=spills, smem=shared, wgmma=wgmma, mma_sync=mma_sync, tma=tma,
+                      loop_sass_per_mflop=per_mflop, error=None)
+        too_big = shared > MAX_SHARED.get(args.arch, shared)  # compiles, but the launch would be refused
+        if too_big:
             failures += 1
-            emit(f"{row} {regs} | {spills} | {shared} > {MAX_SHARED[args.arch]}: FAILED |")
-            continue
-        emit(f"{row} {regs} | {spills} | {shared} |")
+            record["error"] = f"shared memory {shared} > {MAX_SHARED[args.arch]}"
+        rows.append(record)
+        smem = f"{shared} > {MAX_SHARED[args.arch]}: FAILED" if too_big else shared
+        emit(f"{row} {regs} | {spills} | {smem} | {wgmma} | {mma_sync} | {'yes' if tma else 'no'} "
+             f"| {'-' if per_mflop is None else per_mflop} |")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            body = ",\n  ".join(json.dumps(r) for r in rows)
+            f.write(f'{{"meta": {json.dumps(meta)},\n "rows": [\n  {body}\n ]}}\n')
     sys.exit(1 if failures else 0)
 
 

@@ -32,7 +32,7 @@ from attn_ops.kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dmask, _attn_bwd
 from attn_ops.kernels.attn_fwd import _attn_fwd
 from attn_ops.kernels.attn_varlen import _varlen_bwd_dkdv, _varlen_bwd_dq, _varlen_fwd
 from attn_ops.kernels.config import (ADD_MASK, BOOL_MASK, DECODE_TILES, INTERPRETED, MASK_KIND_NAMES, NO_MASK,
-                                     decode_tile, head_dim_pad, tile_for)
+                                     decode_tile_for, head_dim_pad, tile_for)
 
 # The most shared memory one block may use (bytes), by compute capability: above it a launch fails.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -177,9 +177,8 @@ def variants(major):
         # Decoding against a KV cache: split-KV over a dense and a paged cache, and the merge.
         # Rows: a GQA group of 4 to 8 heads decoding one token each (16), and the most a program takes.
         for head_dim in (64, 128, 256):
-            q = torch.empty(0, dtype=dtype)
             for rows in dict.fromkeys((16, DECODE_TILES[size][max(64, head_dim)].block_m)):
-                tile = decode_tile(q, head_dim, rows)
+                tile = decode_tile_for(size, head_dim, rows, major)
                 for paged in (False, True):
                     yield (f"decode {'paged' if paged else 'dense'}", _decode_split, dtype, head_dim, NO_MASK.value,
                            False, dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, HEAD_DIM_V=head_dim,
@@ -272,8 +271,11 @@ def main(argv=None):
 
 
 def git_commit():
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
+    """HEAD's short hash, '-dirty' when the tree has changes (the tables are often made before a commit)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return (head or "unknown") + ("-dirty" if dirty else "")
 
 
 if __name__ == "__main__":

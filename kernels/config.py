@@ -82,15 +82,27 @@ def tile_config(q, kernel, head_dim, config=None):
 
 def decode_tile(q, head_dim, rows, config=None):
     """The decoding kernel's tile for `rows` (query, query head) pairs per kv head, by head dim and
-    dtype (`DECODE_TILES`), unless `config` is given: block_m as many rows as there are, padded to a
-    power of two of at least 16 (tl.dot's smallest M), up to the table's; 4 warps up to 16 x 256
-    (or 32 x 128, 64 x 64) elements of rows, 8 beyond."""
+    dtype, unless `config` is given (`decode_tile_for`)."""
     if config is not None:
         return TileConfig(*config)
-    tile = INTERPRETER_TILE if INTERPRETED else DECODE_TILES[q.element_size()][max(64, head_dim_pad(head_dim))]
+    if INTERPRETED:
+        return INTERPRETER_TILE._replace(block_m=min(INTERPRETER_TILE.block_m, max(16, triton.next_power_of_2(rows))))
+    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
+    return decode_tile_for(q.element_size(), head_dim, rows, major)
+
+
+def decode_tile_for(element_size, head_dim, rows, major):
+    """`DECODE_TILES`'s tile on a GPU of compute capability `major`.x: block_m as many rows as there
+    are, padded to a power of two of at least 16 (tl.dot's smallest M), up to the table's; 4 warps
+    up to 16 x 256 (or 32 x 128, 64 x 64) elements of rows, 8 beyond."""
+    tile = DECODE_TILES[element_size][max(64, head_dim_pad(head_dim))]
     block_m = min(tile.block_m, max(16, triton.next_power_of_2(rows)))
-    warps = 4 if block_m * head_dim_pad(head_dim) <= 4096 else 8
-    return tile._replace(block_m=block_m, num_warps=tile.num_warps if INTERPRETED else warps)
+    tile = tile._replace(block_m=block_m, num_warps=4 if block_m * head_dim_pad(head_dim) <= 4096 else 8)
+    if major < 9:  # pre-Hopper: 99 to 163 KB of shared memory per block instead of 227
+        tile = tile._replace(num_stages=min(tile.num_stages, 2))
+        if head_dim > 128:
+            tile = tile._replace(block_n=min(tile.block_n, 32))
+    return tile
 
 
 def tile_for(element_size, kernel, head_dim, major):

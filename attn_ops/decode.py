@@ -12,8 +12,6 @@ from .kernels.attn_decode import decode_fwd
 from .kernels.attn_launch import KernelArgs
 from .kernels.layout import empty_like_q
 
-__all__ = ["NAME", "not_supported_reasons", "run_cache"]
-
 NAME = "triton-decode"
 
 

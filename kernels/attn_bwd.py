@@ -49,32 +49,35 @@ def _score_grads(s, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, drop
 
 
 @triton.jit
-def _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q, dO, Lse, Delta, mask_col_ptrs, alibi_log2, seed, offs_n, offs_d, offs_dv,
+def _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, dO, Lse, Delta, mask_row_ptrs, alibi_log2, seed, offs_n, offs_d, offs_dv,
                          drop_head, drop_q0, drop_k0, start, stop,
                          stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
                          len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
                          dropout_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                          DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # Transposed tiles, [keys, queries]: every matmul then has the BLOCK_N keys as its M (64, which
+    # Hopper's wgmma needs; BLOCK_M queries would be 32). The scores see the band from the key side
+    # (query - key in [-hi, -lo]) and ALiBi's |key - shift - query|, which is the same distance.
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
+        q_t = _load_tile(Q, offs_d, offs_m, stride_qd, stride_qm, HEAD_DIM, len_q)
         do = _load_tile(dO, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V)
         lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
-        s, cap_slope = _masked_scores(q, k_t, offs_m, offs_n, mask_col_ptrs + _wide(offs_m)[:, None] * stride_mm,
-                                      alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
-                                      softcap_log2, MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16,
-                                      INPUT_PRECISION)
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = _dot(do, v_t, INTERPRETED_BF16, INPUT_PRECISION)
-        p_out = p
+        s_t, cap_slope = _masked_scores(k, q_t, offs_n, offs_m, mask_row_ptrs + _wide(offs_m)[None, :] * stride_mm,
+                                        alibi_log2, len_k, len_q, -band_hi, -band_lo, -diagonal_shift, qk_scale,
+                                        softcap_log2, MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16,
+                                        INPUT_PRECISION)
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        dp_t = _dot(v, tl.trans(do), INTERPRETED_BF16, INPUT_PRECISION)
+        p_out = p_t
         if DROPOUT:  # O used the kept, rescaled probabilities: dV and dP see the same pattern
-            keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p)
-            p_out = tl.where(keep, p * dropout_scale, 0.0)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        dv += _dot(tl.trans(_rounded(p_out, INTERPRETED_BF16).to(do.dtype)), do, INTERPRETED_BF16, INPUT_PRECISION)
-        ds = p * (dp - delta[:, None]) * cap_slope  # cap_slope: through the softcap's tanh
-        dk += _dot(tl.trans(_rounded(ds, INTERPRETED_BF16).to(q.dtype)), q, INTERPRETED_BF16, INPUT_PRECISION)
+            keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p, True)
+            p_out = tl.where(keep, p_t * dropout_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+        dv += _dot(_rounded(p_out, INTERPRETED_BF16).to(do.dtype), do, INTERPRETED_BF16, INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :]) * cap_slope  # cap_slope: through the softcap's tanh
+        dk += _dot(_rounded(ds_t, INTERPRETED_BF16).to(q_t.dtype), tl.trans(q_t), INTERPRETED_BF16, INPUT_PRECISION)
     return dk, dv
 
 
@@ -96,8 +99,8 @@ def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, star
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
-    v_t = _load_tile(V, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, len_k)
+    k = _load_tile(K, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM)
+    v = _load_tile(V, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V)
     seed = tl.load(Seed) if DROPOUT else 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
@@ -106,12 +109,12 @@ def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, star
     # GQA: the query heads sharing this kv head are summed here, in order, instead of with atomics.
     for g in range(group_size):
         h = h_kv * group_size + g
-        mask_col_ptrs = Mask + h * stride_mh + _wide(offs_n)[None, :] * stride_mn
+        mask_row_ptrs = Mask + h * stride_mh + _wide(offs_n)[:, None] * stride_mn  # [keys, 1]: the transposed tile's rows
         alibi_log2 = _alibi_log2(Alibi, 0, h, 0, stride_ah, ALIBI)
         for segment in tl.static_range(3):
             start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-            dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k_t, v_t, Q + h * stride_qh, dO + h * stride_doh,
-                                          Lse + h * stride_lse_h, Delta + h * stride_lse_h, mask_col_ptrs, alibi_log2,
+            dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k, v, Q + h * stride_qh, dO + h * stride_doh,
+                                          Lse + h * stride_lse_h, Delta + h * stride_lse_h, mask_row_ptrs, alibi_log2,
                                           seed, offs_n, offs_d, offs_dv, drop_head0 + h, drop_q0, drop_k0, start, stop,
                                           stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, len_q, len_k,
                                           band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,

@@ -141,14 +141,19 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, len_q, len_k, 
 
 
 @triton.jit
-def _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p):
-    """Keep decisions of one tile, from Philox keyed by (seed, batch * Hq + head, query, key).
+def _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p, TRANSPOSED: tl.constexpr = False):
+    """Keep decisions of one [queries, keys] tile (``TRANSPOSED``: [keys, queries], `offs_n` then
+    the rows), from Philox keyed by (seed, batch * Hq + head, query, key).
 
     The key is the element's coordinates, so the pattern does not depend on the tiling or the pass.
     """
-    zero = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.uint32)
-    r, _, _, _ = tl.philox(seed, zero + offs_n[None, :].to(tl.uint32), zero + offs_m[:, None].to(tl.uint32),
-                           zero + head_index.to(tl.uint32), zero)
+    if TRANSPOSED:
+        zero = tl.zeros((offs_n.shape[0], offs_m.shape[0]), dtype=tl.uint32)
+        keys, queries = zero + offs_n[:, None].to(tl.uint32), zero + offs_m[None, :].to(tl.uint32)
+    else:
+        zero = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.uint32)
+        keys, queries = zero + offs_n[None, :].to(tl.uint32), zero + offs_m[:, None].to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, keys, queries, zero + head_index.to(tl.uint32), zero)
     # 24 random bits compare exactly in fp32: P(keep) = 1 - p to within 2**-24.
     return (r >> 8).to(tl.float32) >= dropout_p * 16777216.0
 

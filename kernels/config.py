@@ -45,10 +45,13 @@ class TileConfig(NamedTuple):
 # register spills in the mask-free kernels (`python -m bench.compile_check`, which also lists the
 # small spills masks and dropout add). Untimed: tuning them on a GPU is still to do. float32 with
 # IEEE products runs on FMA units, not tensor cores, and needs the smallest tiles: a slow path.
+# dK/dV computes transposed tiles, keys as the matmuls' M: 64 or more keys make them wgmma on
+# Hopper; at D = 128 only 16 queries x 128 keys (8 warps) fit without spills, at D = 256 no wgmma
+# tile does (32 x 32 stays mma.sync).
 TILES = {
     2: {
         "fwd": {64: TileConfig(128, 64, 8, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 32, 8, 2)},
-        "dkdv": {64: TileConfig(32, 64, 4, 2), 128: TileConfig(32, 64, 8, 2), 256: TileConfig(32, 32, 8, 1)},
+        "dkdv": {64: TileConfig(32, 64, 8, 2), 128: TileConfig(16, 128, 8, 2), 256: TileConfig(32, 32, 8, 1)},
         "dq": {64: TileConfig(128, 32, 8, 2), 128: TileConfig(128, 32, 8, 2), 256: TileConfig(32, 32, 4, 2)},
     },
     4: {

@@ -137,8 +137,8 @@ def check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_t
                          f"got {num_splits!r}")
     for name, t in (("q", q), ("k", k_cache), ("v", v_cache), ("k_new", k_new), ("v_new", v_new), ("sinks", sinks)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{names[name]} requires grad, but attention_with_kvcache is inference only (no backward): "
-                             f"pass {names[name]}.detach() or call it under torch.no_grad()")
+            raise ValueError(f"{names[name]} requires grad, but attention_with_kvcache is inference only (no "
+                             f"backward): pass {names[name]}.detach() or call it under torch.no_grad()")
     return 0 if k_new is None else k_new.shape[2]
 
 
@@ -152,8 +152,8 @@ def check_cache_lengths(cache_seqlens, len_new, block_table, k_cache, names=KVCA
              else f"{names['k']} {_shape(k_cache)}")
     if isinstance(cache_seqlens, INTS):
         if cache_seqlens + len_new > capacity:
-            raise ValueError(f"{names['cache_seqlens']} = {cache_seqlens} plus {len_new} new tokens exceeds the cache's "
-                             f"capacity of {capacity} ({where})")
+            raise ValueError(f"{names['cache_seqlens']} = {cache_seqlens} plus {len_new} new tokens exceeds the "
+                             f"cache's capacity of {capacity} ({where})")
         if block_table is None:
             return
     if torch.compiler.is_compiling():

@@ -56,8 +56,8 @@ def _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, dO, Lse, Delta, mask_row_ptrs, alibi_l
                          dropout_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                          DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    # Transposed tiles, [keys, queries]: every matmul then has the BLOCK_N keys as its M (64, which
-    # Hopper's wgmma needs; BLOCK_M queries would be 32). The scores see the band from the key side
+    # Transposed tiles, [keys, queries]: every matmul has the BLOCK_N keys as its M (Hopper's wgmma
+    # needs 64 or more; the BLOCK_M queries are 16 or 32). The scores see the band from the key side
     # (query - key in [-hi, -lo]) and ALiBi's |key - shift - query|, which is the same distance.
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -109,7 +109,7 @@ def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, star
     # GQA: the query heads sharing this kv head are summed here, in order, instead of with atomics.
     for g in range(group_size):
         h = h_kv * group_size + g
-        mask_row_ptrs = Mask + h * stride_mh + _wide(offs_n)[:, None] * stride_mn  # [keys, 1]: the transposed tile's rows
+        mask_row_ptrs = Mask + h * stride_mh + _wide(offs_n)[:, None] * stride_mn  # the transposed tile's rows
         alibi_log2 = _alibi_log2(Alibi, 0, h, 0, stride_ah, ALIBI)
         for segment in tl.static_range(3):
             start, stop = _segment(segment, lo, full_lo, full_hi, hi)

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import LOG2E, _alibi_log2, _dot, _masked_scores, _rounded, _segment, _store_tile, _visible_blocks, _wide
+from .attn_common import (LOG2E, _alibi_log2, _dot, _masked_scores, _rounded, _segment, _store_tile, _visible_blocks,
+                          _wide)
 from .attn_fwd import _normalized, _online_softmax, _with_sink
 from .attn_launch import launch_args
 from .config import NO_MASK, decode_tile, head_dim_pad
@@ -260,13 +261,15 @@ def decode_fwd(q, k_cache, v_cache, seqlens, table, len_new, num_splits, args, *
         *launch.alibi_strides, *out_strides,
         heads_kv, group, len_q, len_new, num_splits, k_cache.shape[2] if paged else 1, band_lo, band_hi,
         launch.qk_scale, launch.softcap_log2,
-        **{name: value for name, value in launch.constexprs.items() if name != "DROPOUT"}, BLOCK_M=block_m, BLOCK_N=tile.block_n, SPLIT=split, PAGED=paged,
+        **{name: value for name, value in launch.constexprs.items() if name != "DROPOUT"}, BLOCK_M=block_m,
+        BLOCK_N=tile.block_n, SPLIT=split, PAGED=paged,
         SINKS=args.sinks is not None, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     if split:
         _decode_combine[(batch * heads_q * len_q,)](
             partial, partial_lse, launch.sinks, out, lse, *out.stride(), heads_q, len_q, num_splits,
-            HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PAD=head_dim_pad(head_dim_v), BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
+            HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PAD=head_dim_pad(head_dim_v),
+            BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
             SINKS=args.sinks is not None, INTERPRETED_BF16=launch.constexprs["INTERPRETED_BF16"],
             num_warps=4 if head_dim_v > 64 else 2,
         )

@@ -115,4 +115,6 @@ def tile_for(element_size, kernel, head_dim, major):
         tile = tile._replace(num_stages=min(tile.num_stages, 2))
         if kernel == "dq" and head_dim > 64:
             tile = tile._replace(block_m=min(tile.block_m, 64))
+        if kernel == "dkdv" and element_size == 2 and tile.block_m < 32:  # Hopper's 16 x 128 spills on mma.sync
+            tile = tile._replace(block_m=32, block_n=64)
     return tile

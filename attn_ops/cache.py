@@ -13,8 +13,9 @@ def append(k_cache, v_cache, k_new, v_new, problem):
     ``cache_seqlens[b] ...`` of sequence b: one indexed write per cache, on the device, no host sync."""
     positions = problem.cache_seqlens[:, None].long() + torch.arange(problem.len_new, device=k_cache.device)
     # Advanced indices split by a slice index [B, L_new, Hkv, D]: the new tokens with their heads inside.
-    k_cache[_index(positions, problem.block_table, k_cache.shape[2])] = k_new.transpose(1, 2)
-    v_cache[_index(positions, problem.block_table, v_cache.shape[2])] = v_new.transpose(1, 2)
+    index = _index(positions, problem.block_table, k_cache.shape[2])  # v_cache's rows are k_cache's
+    k_cache[index] = k_new.transpose(1, 2)
+    v_cache[index] = v_new.transpose(1, 2)
 
 
 def sequence_rows(cache, b, length, table):

@@ -128,6 +128,16 @@ def markdown(meta_, rows):
     return text + (decode_markdown(meta_, decoding) if decoding else "")
 
 
+def _by_case(rows):
+    """(the providers in order of appearance, attn_ops's name among them, {case key: {provider: row}})."""
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    ours_name = next((p for p in providers if p.startswith("attn_ops")), "attn_ops")
+    cases = {}
+    for r in rows:
+        cases.setdefault(tuple(r[key] for key in CASE_KEYS), {})[r["provider"]] = r
+    return providers, ours_name, cases
+
+
 def _cells(key, by_provider, providers, value):
     return [str(x) for x in key] + [value(by_provider[p]) if p in by_provider else "-" for p in providers]
 
@@ -135,11 +145,7 @@ def _cells(key, by_provider, providers, value):
 def decode_markdown(meta_, rows):
     """Decoding steps: GB/s of K/V read per provider, attn_ops's fraction of the copy bandwidth, and
     its speed over the unsplit path and the best SDPA backend."""
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    ours_name = next((p for p in providers if p.startswith("attn_ops")), "attn_ops")
-    cases = {}
-    for r in rows:
-        cases.setdefault(tuple(r[key] for key in CASE_KEYS), {})[r["provider"]] = r
+    providers, ours_name, cases = _by_case(rows)
     lines = [
         "",
         f"## Decoding against a KV cache: GB/s of K/V read on {meta_['device']}",
@@ -170,12 +176,8 @@ def _gbps_cell(row):
 
 
 def _flops_markdown(meta_, rows):
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    ours_name = next((p for p in providers if p.startswith("attn_ops")), "attn_ops")
+    providers, ours_name, cases = _by_case(rows)
     versus_math = "sdpa_math" in providers
-    cases = {}
-    for r in rows:
-        cases.setdefault(tuple(r[key] for key in CASE_KEYS), {})[r["provider"]] = r
     versus_plain = any(key[MASK_AT] in PLAIN for key in cases)
     lines = [
         f"# attn_ops vs peers: TFLOP/s on {meta_['device']}",

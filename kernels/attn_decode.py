@@ -186,16 +186,15 @@ def _decode_combine(Partial, PartialLse, Sinks, Out, Lse,
                        mask=(splits[:, None] < num_splits) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         acc += weight[:, None] * part
         l_s += weight
-    l_i = tl.sum(l_s, 0)
+    # The merged row as a one-row tile of a finished online softmax whose running max is m.
+    l_i = tl.sum(l_s[None, :], 1)
     if SINKS:
         l_i += tl.math.exp2(sink - m_shift)
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = tl.sum(acc, 0) / l_safe
-    lse = tl.where(empty, float("-inf"), m + tl.math.log2(l_safe))
-    _store_tile(Out + b * stride_ob + h * stride_oh + i * stride_om, out[None, :], tl.arange(0, 1), offs_dv, 0,
-                stride_od, 1, HEAD_DIM_V, INTERPRETED_BF16)
-    tl.store(Lse + row, lse * LN2)
+    out, lse = _normalized(tl.sum(acc, 0, keep_dims=True), l_i, m + tl.zeros_like(l_i))
+    one = tl.arange(0, 1)
+    _store_tile(Out + b * stride_ob + h * stride_oh + i * stride_om, out, one, offs_dv, 0, stride_od, 1, HEAD_DIM_V,
+                INTERPRETED_BF16)
+    tl.store(Lse + row + one, lse * LN2)
 
 
 def split_count(programs, max_keys, multiprocessors):

@@ -89,23 +89,27 @@ def decode_tile(q, head_dim, rows, config=None):
     if config is not None:
         return TileConfig(*config)
     if INTERPRETED:
-        return INTERPRETER_TILE._replace(block_m=min(INTERPRETER_TILE.block_m, max(16, triton.next_power_of_2(rows))))
+        return _decode_rows(INTERPRETER_TILE, head_dim, rows)
     major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
     return decode_tile_for(q.element_size(), head_dim, rows, major)
 
 
 def decode_tile_for(element_size, head_dim, rows, major):
-    """`DECODE_TILES`'s tile on a GPU of compute capability `major`.x: block_m as many rows as there
-    are, padded to a power of two of at least 16 (tl.dot's smallest M), up to the table's; 4 warps
-    up to 16 x 256 (or 32 x 128, 64 x 64) elements of rows, 8 beyond."""
-    tile = DECODE_TILES[element_size][max(64, head_dim_pad(head_dim))]
-    block_m = min(tile.block_m, max(16, triton.next_power_of_2(rows)))
-    tile = tile._replace(block_m=block_m, num_warps=4 if block_m * head_dim_pad(head_dim) <= 4096 else 8)
+    """`DECODE_TILES`'s tile for `rows` on a GPU of compute capability `major`.x."""
+    tile = _decode_rows(DECODE_TILES[element_size][max(64, head_dim_pad(head_dim))], head_dim, rows)
     if major < 9:  # pre-Hopper: 99 to 163 KB of shared memory per block instead of 227
         tile = tile._replace(num_stages=min(tile.num_stages, 2))
         if head_dim > 128:
             tile = tile._replace(block_n=min(tile.block_n, 32))
     return tile
+
+
+def _decode_rows(tile, head_dim, rows):
+    """`tile` fitted to `rows`: block_m as many rows as there are, padded to a power of two of at
+    least 16 (tl.dot's smallest M), up to the tile's; 4 warps up to 16 x 256 (or 32 x 128, 64 x 64)
+    elements of rows, 8 beyond."""
+    block_m = min(tile.block_m, max(16, triton.next_power_of_2(rows)))
+    return tile._replace(block_m=block_m, num_warps=4 if block_m * head_dim_pad(head_dim) <= 4096 else 8)
 
 
 def tile_for(element_size, kernel, head_dim, major):

@@ -91,6 +91,15 @@ def check_against_float64(q, k, v, out, grads=None, dout=None, score_gain=1.0, f
         _assert_rule(name, g, tg, pg, q.dtype, gain, floor)
 
 
+def check_lse_against_float64(q, k, v, lse, **kw):
+    """Asserts the ``[Hq, Lq]`` LSE of a batch-1 call equals float64 math's: -inf exactly where a row
+    sees no key, elsewhere within 1e-5 relative to the LSE's magnitude."""
+    truth = reference.attention(*(t.detach().double() for t in (q, k, v)), return_lse=True, **kw)[1][0]
+    seen = truth > float("-inf")
+    assert torch.equal(seen, lse > float("-inf"))
+    assert (lse[seen].double() - truth[seen]).abs().max() <= 1e-5 * (1 + truth[seen].abs().max())
+
+
 def _assert_rule(name, actual, truth, plain, dtype, gain=1.0, floor=True):
     assert not torch.isnan(actual).any(), f"{name} has NaN"
     err = (actual.double() - truth).abs().max().item()

@@ -32,7 +32,7 @@ from attn_ops.kernels.attn_bwd import _attn_bwd_dkdv, _attn_bwd_dmask, _attn_bwd
 from attn_ops.kernels.attn_fwd import _attn_fwd
 from attn_ops.kernels.attn_varlen import _varlen_bwd_dkdv, _varlen_bwd_dq, _varlen_fwd
 from attn_ops.kernels.config import (ADD_MASK, BOOL_MASK, DECODE_TILES, INTERPRETED, MASK_KIND_NAMES, NO_MASK,
-                                     decode_tile_for, head_dim_pad, tile_for)
+                                     TMA_MAX_HEAD_DIM, decode_tile_for, head_dim_pad, tile_for)
 
 # The most shared memory one block may use (bytes), by compute capability: above it a launch fails.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -46,6 +46,11 @@ INT_ARGS = {"num_heads_q", "group_size", "len_q", "len_k", "band_lo", "band_hi",
 INT32_POINTERS = {"CuQ", "CuK", "TileSeq", "TileFirst", "Seqlens", "Table"}
 UNIT_STRIDE = re.compile(r"stride_d?[qkvo]d|stride_mn")
 FP32_POINTERS = {"Lse", "Delta", "Alibi", "Sinks", "Partial", "PartialLse"}
+# With TMA these arguments are [B, H, L, D] tensor descriptors whose box is one tile: (rows, columns).
+DESCRIPTOR_BOX = {"Q": ("BLOCK_M", "HEAD_DIM_PAD"), "K": ("BLOCK_N", "HEAD_DIM_PAD"),
+                  "V": ("BLOCK_N", "HEAD_DIM_V_PAD"), "Out": ("BLOCK_M", "HEAD_DIM_V_PAD"),
+                  "dO": ("BLOCK_M", "HEAD_DIM_V_PAD"), "dQ": ("BLOCK_M", "HEAD_DIM_PAD"),
+                  "dK": ("BLOCK_N", "HEAD_DIM_PAD"), "dV": ("BLOCK_N", "HEAD_DIM_V_PAD")}
 
 
 def signature(kernel, dtype, mask_kind, constexprs):
@@ -57,6 +62,9 @@ def signature(kernel, dtype, mask_kind, constexprs):
             constexprs[name] = 1
         if name in constexprs:
             sig[name] = "constexpr"
+        elif constexprs.get("TMA") and name in DESCRIPTOR_BOX:
+            rows, cols = (constexprs[c] for c in DESCRIPTOR_BOX[name])
+            sig[name] = f"tensordesc<{TRITON_DTYPE[dtype]}[1, 1, {rows}, {cols}]>"
         elif name == "Mask":
             sig[name] = MASK_POINTER[mask_kind]
         elif name == "Seed":
@@ -147,11 +155,18 @@ def variants(major):
                               SOFTCAP=False, ALIBI=False, INTERPRETED_BF16=False, INPUT_PRECISION="ieee")
                 for name, kernel, extra in (("fwd", _attn_fwd, dict(SINKS=False)), ("dkdv", _attn_bwd_dkdv, {}),
                                             ("dq", _attn_bwd_dq, {})):
-                    block_m, block_n, num_warps, num_stages = tile_for(size, name, max(head_dim, head_dim_v), major)
-                    label = head_dim if head_dim == head_dim_v else f"{head_dim}/{head_dim_v}"
-                    yield (name, kernel, dtype, label, mask_kind, dropout,
-                           dict(common, **extra, BLOCK_M=block_m, BLOCK_N=block_n),
-                           dict(num_warps=num_warps, num_stages=num_stages))
+                    # Hopper reads through TMA descriptors; the pointer path (odd strides) must compile too.
+                    paths = (True, False) if major >= 9 and takes_tma(kernel) and head_dim_pad(
+                        max(head_dim, head_dim_v)) <= TMA_MAX_HEAD_DIM[name] else (False,)
+                    for tma in paths if (mask_kind, dropout) == (NO_MASK.value, False) else paths[:1]:
+                        plain = (mask_kind, dropout) == (NO_MASK.value, False)
+                        block_m, block_n, num_warps, num_stages = tile_for(size, name, max(head_dim, head_dim_v),
+                                                                           major, tma, plain)
+                        label = head_dim if head_dim == head_dim_v else f"{head_dim}/{head_dim_v}"
+                        yield (name + (" pointers" if len(paths) > 1 and not tma else ""), kernel, dtype, label,
+                               mask_kind, dropout, dict(common, **extra, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                        **tma_switch(kernel, tma)),
+                               dict(num_warps=num_warps, num_stages=num_stages))
         # Score modifiers with a float mask at D = 128: softcap and ALiBi in every pass, sinks in the
         # forward, and the pass that computes the mask's gradient (which takes the dq pass's tiles).
         common = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, HEAD_DIM_V=128, HEAD_DIM_V_PAD=128, MASK_KIND=ADD_MASK.value,
@@ -160,9 +175,10 @@ def variants(major):
                 ("fwd+sinks", _attn_fwd, "fwd", dict(SINKS=True)), ("dkdv", _attn_bwd_dkdv, "dkdv", {}),
                 ("dq", _attn_bwd_dq, "dq", {}),
                 ("dmask", _attn_bwd_dmask, "dq", dict(ROWS_SUMMED=False, COLS_SUMMED=False))):
-            tile = tile_for(size, tiles_of, 128, major)
+            tma = major >= 9 and takes_tma(kernel)
+            tile = tile_for(size, tiles_of, 128, major, tma)
             yield (f"{name}+softcap+alibi", kernel, dtype, 128, ADD_MASK.value, False,
-                   dict(common, **extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n),
+                   dict(common, **extra, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **tma_switch(kernel, tma)),
                    dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
         # Packed sequences (varlen) at D = 128: plain, and with every modifier and dropout.
         for modified in (False, True):
@@ -192,6 +208,15 @@ def variants(major):
         yield ("preprocess", _attn_bwd_preprocess, dtype, 128, NO_MASK.value, False,
                dict(HEAD_DIM=128, HEAD_DIM_PAD=head_dim_pad(128), BLOCK_M=tile_for(size, "dq", 128, major).block_m),
                dict(num_warps=4))
+
+
+def takes_tma(kernel):
+    return "TMA" in inspect.signature(kernel.fn).parameters
+
+
+def tma_switch(kernel, tma):
+    """The TMA constexpr for the kernels that take one."""
+    return dict(TMA=tma) if takes_tma(kernel) else {}
 
 
 def main(argv=None):

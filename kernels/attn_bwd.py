@@ -6,10 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores,
-                          _program_block, _rounded, _row_stats, _segment, _store_tile, _visible_blocks, _wide)
-from .attn_launch import launch_args
-from .config import head_dim_pad, tile_config
+from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_rows, _load_tile, _masked_scores,
+                          _program_block, _rounded, _row_stats, _segment, _store_rows, _store_tile, _visible_blocks,
+                          _wide)
+from .attn_launch import descriptors, launch_args, tma_allowed
+from .config import TMA_MAX_HEAD_DIM, head_dim_pad, tile_config
 
 
 @triton.jit
@@ -37,10 +38,11 @@ def _load_row_stats(Lse, Delta, offs_m, len_q):
 
 
 @triton.jit
-def _score_grads(s, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, dropout_p, dropout_scale,
+def _score_grads(s, unit, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, dropout_p, dropout_scale,
                  DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dL/d(final natural-log scores) of one tile, ``p * (dp - delta)``, dP seen through the dropout pattern."""
-    p = tl.math.exp2(s - lse2[:, None])
+    """dL/d(final natural-log scores) of one tile (log2-domain scores ``s * unit``, as `_masked_scores`
+    gives them), ``p * (dp - delta)``, dP seen through the dropout pattern."""
+    p = tl.math.exp2(s * unit - lse2[:, None])
     dp = _dot(do, v_t, INTERPRETED_BF16, INPUT_PRECISION)
     if DROPOUT:
         keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
@@ -50,25 +52,26 @@ def _score_grads(s, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, drop
 
 @triton.jit
 def _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, dO, Lse, Delta, mask_row_ptrs, alibi_log2, seed, offs_n, offs_d, offs_dv,
-                         drop_head, drop_q0, drop_k0, start, stop,
+                         b, h, drop_head, drop_q0, drop_k0, start, stop,
                          stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
                          len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
                          dropout_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                         DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         TMA: tl.constexpr):
     # Transposed tiles, [keys, queries]: every matmul has the BLOCK_N keys as its M (Hopper's wgmma
     # needs 64 or more; the BLOCK_M queries are 16 or 32). The scores see the band from the key side
     # (query - key in [-hi, -lo]) and ALiBi's |key - shift - query|, which is the same distance.
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_t = _load_tile(Q, offs_d, offs_m, stride_qd, stride_qm, HEAD_DIM, len_q)
-        do = _load_tile(dO, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V)
+        q_t = _load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, True, TMA)
+        do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V, False, TMA)
         lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
-        s_t, cap_slope = _masked_scores(k, q_t, offs_n, offs_m, mask_row_ptrs + _wide(offs_m)[None, :] * stride_mm,
-                                        alibi_log2, len_k, len_q, -band_hi, -band_lo, -diagonal_shift, qk_scale,
-                                        softcap_log2, MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16,
-                                        INPUT_PRECISION)
-        p_t = tl.math.exp2(s_t - lse2[None, :])
+        s_t, cap_slope, unit = _masked_scores(k, q_t, offs_n, offs_m,
+                                              mask_row_ptrs + _wide(offs_m)[None, :] * stride_mm, alibi_log2, len_k,
+                                              len_q, -band_hi, -band_lo, -diagonal_shift, qk_scale, softcap_log2,
+                                              MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
+        p_t = tl.math.exp2(s_t * unit - lse2[None, :])
         dp_t = _dot(v, tl.trans(do), INTERPRETED_BF16, INPUT_PRECISION)
         p_out = p_t
         if DROPOUT:  # O used the kept, rescaled probabilities: dV and dP see the same pattern
@@ -82,8 +85,8 @@ def _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, dO, Lse, Delta, mask_row_ptrs, alibi_l
 
 
 @triton.jit
-def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, start_n, h_kv, group_size, drop_head0,
-                        drop_q0, drop_k0,
+def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, start_n, b, h_kv, group_size,
+                        drop_head0, drop_q0, drop_k0,
                         stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
                         stride_mh, stride_mm, stride_mn, stride_ah, stride_doh, stride_dom, stride_dod, stride_lse_h,
                         stride_dkn, stride_dkd, stride_dvn, stride_dvd,
@@ -92,15 +95,16 @@ def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, star
                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                         HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                        INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                        INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of keys [start_n, start_n + BLOCK_N) of one (sequence, kv head h_kv): K, V, dK, dV point at
     its first key row; Q, dO, Mask, Alibi, Lse and Delta at the sequence's first row of query head 0
-    (head h is ``stride_*h`` further on). The dropout key of head h is ``drop_head0 + h``."""
+    (head h is ``stride_*h`` further on). With ``TMA``, Q, K, V, dO, dK and dV are tensor descriptors
+    and (b, head) pick the rows (`_load_rows`). The dropout key of head h is ``drop_head0 + h``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    k = _load_tile(K, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM)
-    v = _load_tile(V, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V)
+    k = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM, False, TMA)
+    v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V, False, TMA)
     seed = tl.load(Seed) if DROPOUT else 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
@@ -111,18 +115,23 @@ def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, star
         h = h_kv * group_size + g
         mask_row_ptrs = Mask + h * stride_mh + _wide(offs_n)[:, None] * stride_mn  # the transposed tile's rows
         alibi_log2 = _alibi_log2(Alibi, 0, h, 0, stride_ah, ALIBI)
+        Q_h, dO_h = Q, dO
+        if not TMA:
+            Q_h, dO_h = Q + h * stride_qh, dO + h * stride_doh
         for segment in tl.static_range(3):
             start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-            dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k, v, Q + h * stride_qh, dO + h * stride_doh,
-                                          Lse + h * stride_lse_h, Delta + h * stride_lse_h, mask_row_ptrs, alibi_log2,
-                                          seed, offs_n, offs_d, offs_dv, drop_head0 + h, drop_q0, drop_k0, start, stop,
+            dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k, v, Q_h, dO_h, Lse + h * stride_lse_h, Delta + h * stride_lse_h,
+                                          mask_row_ptrs, alibi_log2, seed, offs_n, offs_d, offs_dv, b, h,
+                                          drop_head0 + h, drop_q0, drop_k0, start, stop,
                                           stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, len_q, len_k,
                                           band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
                                           dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, segment != 1,
-                                          SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+                                          SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, TMA)
     dk *= scale  # ds is the gradient of the natural-log scores s = scale * q.k
-    _store_tile(dK, dk, offs_n, offs_d, stride_dkn, stride_dkd, len_k, HEAD_DIM, INTERPRETED_BF16)
-    _store_tile(dV, dv, offs_n, offs_dv, stride_dvn, stride_dvd, len_k, HEAD_DIM_V, INTERPRETED_BF16)
+    _store_rows(dK, b, h_kv, start_n, dk, offs_n, offs_d, stride_dkn, stride_dkd, len_k, HEAD_DIM, INTERPRETED_BF16,
+                TMA)
+    _store_rows(dV, b, h_kv, start_n, dv, offs_n, offs_dv, stride_dvn, stride_dvd, len_k, HEAD_DIM_V,
+                INTERPRETED_BF16, TMA)
 
 
 @triton.jit
@@ -140,46 +149,51 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
+                   INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     _, b, h_kv, start_n = _program_block(len_k, num_heads_q // group_size, BLOCK_N)
-    K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
-    dK, dV = _kv_heads(dK, dV, b, h_kv, stride_dkb, stride_dkh, stride_dvb, stride_dvh)
+    if not TMA:  # pointers at the rows of batch b (and kv head h_kv); descriptors take them as coordinates
+        K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
+        dK, dV = _kv_heads(dK, dV, b, h_kv, stride_dkb, stride_dkh, stride_dvb, stride_dvh)
+        Q += b * stride_qb
+        dO += b * stride_dob
     # The LSE and delta are [B * Hq, Lq] rows: batch b's heads start at row b * Hq, len_q apart.
     stats = b * num_heads_q * len_q
-    _attn_bwd_dkdv_cols(Q + b * stride_qb, K, V, Mask + b * stride_mb, Alibi + b * stride_ab, Seed, dO + b * stride_dob,
-                        Lse + stats, Delta + stats, dK, dV, start_n, h_kv, group_size, b * num_heads_q, 0, 0,
+    _attn_bwd_dkdv_cols(Q, K, V, Mask + b * stride_mb, Alibi + b * stride_ab, Seed, dO, Lse + stats, Delta + stats,
+                        dK, dV, start_n, b, h_kv, group_size, b * num_heads_q, 0, 0,
                         stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mh,
                         stride_mm, stride_mn, stride_ah, stride_doh, stride_dom, stride_dod, len_q, stride_dkn,
                         stride_dkd, stride_dvn, stride_dvd, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
                         softcap_log2, scale, dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
                         HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16,
-                        INPUT_PRECISION)
+                        INPUT_PRECISION, TMA)
 
 
 @triton.jit
 def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv,
-                       drop_head, drop_q0, drop_k0, start, stop,
+                       b, h_kv, drop_head, drop_q0, drop_k0, start, stop,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                        len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                       DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       TMA: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
-        v_t = _load_tile(V, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, len_k)
-        s, cap_slope = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn,
-                                      alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
-                                      softcap_log2, MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16,
-                                      INPUT_PRECISION)
-        ds = _score_grads(s, lse2, delta, do, v_t, seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p,
+        k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM, True, TMA)
+        v_t = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V, True, TMA)
+        s, cap_slope, unit = _masked_scores(q, k_t, offs_m, offs_n,
+                                            mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, alibi_log2, len_q,
+                                            len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
+                                            MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
+        ds = _score_grads(s, unit, lse2, delta, do, v_t, seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p,
                           dropout_scale, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION) * cap_slope
         dq += _dot(_rounded(ds, INTERPRETED_BF16).to(k_t.dtype), tl.trans(k_t), INTERPRETED_BF16, INPUT_PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_rows(Q, K, V, Mask, alibi_log2, Seed, dO, Lse, Delta, dQ, start_m, drop_head, drop_q0, drop_k0,
+def _attn_bwd_dq_rows(Q, K, V, Mask, alibi_log2, Seed, dO, Lse, Delta, dQ, start_m, b, h, h_kv, drop_head, drop_q0,
+                      drop_k0,
                       stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                       stride_dom, stride_dod, stride_dqm, stride_dqd,
                       len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, scale, dropout_p,
@@ -187,14 +201,14 @@ def _attn_bwd_dq_rows(Q, K, V, Mask, alibi_log2, Seed, dO, Lse, Delta, dQ, start
                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                       HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                      INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                      INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """dQ of queries [start_m, start_m + BLOCK_M) of one (sequence, head), every pointer at its first row
-    (as `_attn_fwd_rows`)."""
+    (with ``TMA`` Q, K, V, dO and dQ descriptors; as `_attn_fwd_rows`)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
-    do = _load_tile(dO, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V)
+    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA)
+    do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V, False, TMA)
     lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
     mask_row_ptrs = Mask + _wide(offs_m)[:, None] * stride_mm
     seed = tl.load(Seed) if DROPOUT else 0
@@ -203,12 +217,13 @@ def _attn_bwd_dq_rows(Q, K, V, Mask, alibi_log2, Seed, dO, Lse, Delta, dQ, start
     for segment in tl.static_range(3):
         start, stop = _segment(segment, lo, full_lo, full_hi, hi)
         dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv,
-                                drop_head, drop_q0, drop_k0, start, stop, stride_kn, stride_kd, stride_vn, stride_vd,
+                                b, h_kv, drop_head, drop_q0, drop_k0, start, stop, stride_kn, stride_kd, stride_vn,
+                                stride_vd,
                                 stride_mn, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
                                 dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1,
-                                SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+                                SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, TMA)
     dq *= scale
-    _store_tile(dQ, dq, offs_m, offs_d, stride_dqm, stride_dqd, len_q, HEAD_DIM, INTERPRETED_BF16)
+    _store_rows(dQ, b, h, start_m, dq, offs_m, offs_d, stride_dqm, stride_dqd, len_q, HEAD_DIM, INTERPRETED_BF16, TMA)
 
 
 @triton.jit
@@ -225,17 +240,22 @@ def _attn_bwd_dq(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dQ,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                  SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
-    head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
-    K, V = _kv_heads(K, V, b, h // group_size, stride_kb, stride_kh, stride_vb, stride_vh)
-    _attn_bwd_dq_rows(Q + b * stride_qb + h * stride_qh, K, V, Mask + b * stride_mb + h * stride_mh,
-                      _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI), Seed, dO + b * stride_dob + h * stride_doh,
-                      _row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q),
-                      dQ + b * stride_dqb + h * stride_dqh, start_m, head_index, 0, 0, stride_qm, stride_qd, stride_kn,
+                 INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M, True)
+    h_kv = h // group_size
+    if not TMA:  # pointers at (b, h)'s first rows; descriptors take (b, h) as coordinates
+        K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
+        Q += b * stride_qb + h * stride_qh
+        dO += b * stride_dob + h * stride_doh
+        dQ += b * stride_dqb + h * stride_dqh
+    _attn_bwd_dq_rows(Q, K, V, Mask + b * stride_mb + h * stride_mh,
+                      _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI),
+                      Seed, dO, _row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q), dQ, start_m,
+                      b, h, h_kv, head_index, 0, 0, stride_qm, stride_qd, stride_kn,
                       stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_dom, stride_dod, stride_dqm,
                       stride_dqd, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, scale,
                       dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
-                      MASK_KIND, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+                      MASK_KIND, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, TMA)
 
 
 @triton.jit
@@ -298,11 +318,11 @@ def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask,
                     offs_n = start_n + tl.arange(0, BLOCK_N)
                     k_t = _load_tile(K_h, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
                     v_t = _load_tile(V_h, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, len_k)
-                    s, _ = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn,
-                                          alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
-                                          softcap_log2, MASK_KIND, True, SOFTCAP, ALIBI, INTERPRETED_BF16,
-                                          INPUT_PRECISION)
-                    acc += _score_grads(s, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, dropout_p,
+                    s, _, unit = _masked_scores(q, k_t, offs_m, offs_n,
+                                                mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, alibi_log2, len_q,
+                                                len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
+                                                MASK_KIND, True, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
+                    acc += _score_grads(s, unit, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, dropout_p,
                                         dropout_scale, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
     offs_r = row0 + tl.arange(0, BLOCK_M)
     offs_c = col0 + tl.arange(0, BLOCK_N)
@@ -318,7 +338,8 @@ def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask,
                 INTERPRETED_BF16)
 
 
-def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, config=None, grad_dtype=None):
+def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, config=None, grad_dtype=None,
+             tma=None):
     """Launches the backward passes for `args` (a `KernelArgs`); returns (dq, dk, dv, dmask, dsinks):
     dq, dk, dv laid out like q, k, v, in ``grad_dtype`` (default the inputs'; float32 keeps partial
     gradients unrounded); dmask (with `mask_grad`, in the mask's shape and dtype) and dsinks (when
@@ -332,29 +353,41 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     exp(s_ij)), so d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i, where
     p_sink_i = exp(sink - lse_i). Summed over rows: dsink = -sum_i p_sink_i * (delta_i - dlse_i), the
     same folded delta; no kernel needed.
+
+    ``tma``: None reads and writes through tensor descriptors where `tma_allowed` and up to
+    `TMA_MAX_HEAD_DIM`; False forces the pointer path.
     """
     batch, num_heads_q, len_q, head_dim = q.shape
     num_heads_kv, len_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     launch = launch_args(q, k, v.shape[-1], args)
-    dkdv = tile_config(q, "dkdv", max(head_dim, head_dim_v), config)
-    dq_tile = tile_config(q, "dq", max(head_dim, head_dim_v), config)
     dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
+    if tma is None:
+        tma = (head_dim_pad(max(head_dim, head_dim_v)) <= TMA_MAX_HEAD_DIM["dkdv"]
+               and tma_allowed(q, k, v, do, dq, dk, dv))
+    dkdv = tile_config(q, "dkdv", max(head_dim, head_dim_v), config, tma, launch.plain)
+    dq_tile = tile_config(q, "dq", max(head_dim, head_dim_v), config, tma, launch.plain)
     common = dict(launch.constexprs, MASK_KIND=launch.mask_kind)
     rules = (len_q, len_k, launch.band_lo, launch.band_hi, args.diagonal_shift, launch.qk_scale, launch.softcap_log2)
     scalars = (num_heads_q, num_heads_q // num_heads_kv, *rules, args.scale, args.dropout_p, launch.dropout_scale)
     delta = row_deltas(out, do, dlse_log2, dq_tile.block_m)
+    rows = dkdv.block_m, dkdv.block_n
+    q_d, k_d, v_d, do_d, dk_d, dv_d = descriptors(tma, (q, rows[0]), (k, rows[1]), (v, rows[1]), (do, rows[0]),
+                                                  (dk, rows[1]), (dv, rows[1]))
     _attn_bwd_dkdv[(triton.cdiv(len_k, dkdv.block_n) * batch * num_heads_kv,)](
-        q, k, v, launch.mask, launch.alibi, launch.seed, do, lse_log2, delta, dk, dv,
+        q_d, k_d, v_d, launch.mask, launch.alibi, launch.seed, do_d, lse_log2, delta, dk_d, dv_d,
         *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
         *dk.stride(), *dv.stride(),
-        *scalars, **common, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
+        *scalars, **common, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, TMA=tma, num_warps=dkdv.num_warps,
         num_stages=dkdv.num_stages,
     )
+    rows = dq_tile.block_m, dq_tile.block_n
+    q_d, k_d, v_d, do_d, dq_d = descriptors(tma, (q, rows[0]), (k, rows[1]), (v, rows[1]), (do, rows[0]),
+                                            (dq, rows[0]))
     _attn_bwd_dq[(triton.cdiv(len_q, dq_tile.block_m) * batch * num_heads_q,)](
-        q, k, v, launch.mask, launch.alibi, launch.seed, do, lse_log2, delta, dq,
+        q_d, k_d, v_d, launch.mask, launch.alibi, launch.seed, do_d, lse_log2, delta, dq_d,
         *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
         *dq.stride(),
-        *scalars, **common, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, num_warps=dq_tile.num_warps,
+        *scalars, **common, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, TMA=tma, num_warps=dq_tile.num_warps,
         num_stages=dq_tile.num_stages,
     )
     dmask = _mask_grad(q, k, v, do, lse_log2, delta, args, launch, rules, dq_tile, common) if mask_grad else None

@@ -7,7 +7,7 @@ replaces ``exp`` (exp2 is the hardware instruction; exp costs an extra multiply)
 import triton
 import triton.language as tl
 
-from .config import BOOL_MASK, NO_MASK
+from .config import ADD_MASK, BOOL_MASK, NO_MASK
 
 # Globals a kernel reads must be tl.constexpr instances (compiled Triton rejects plain globals).
 LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2)
@@ -15,17 +15,23 @@ FLOAT_MIN = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
-def _program_block(length, num_heads, BLOCK: tl.constexpr):
-    """This program's (batch * heads + head, batch, head, first row) on a flat grid, blocks fastest.
+def _program_block(length, num_heads, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr = False):
+    """This program's (batch * heads + head, batch, head, first row) on a flat grid, blocks fastest
+    (``LAST_FIRST``: each head's last block first).
 
-    One flat axis keeps batch * heads clear of the 65535 limit of grid axes 1 and 2.
+    One flat axis keeps batch * heads clear of the 65535 limit of grid axes 1 and 2. Query blocks go
+    last first: under a causal band the last ones see the most keys, and the GPU starts programs
+    roughly in order, so the heaviest start first and the last wave holds the lightest.
     """
     num_blocks = tl.cdiv(length, BLOCK)
     pid = tl.program_id(0)
     head_index = pid // num_blocks
     b = (head_index // num_heads).to(tl.int64)
     h = (head_index % num_heads).to(tl.int64)
-    return head_index, b, h, (pid % num_blocks) * BLOCK
+    block = pid % num_blocks
+    if LAST_FIRST:
+        block = num_blocks - 1 - block
+    return head_index, b, h, block * BLOCK
 
 
 @triton.jit
@@ -113,9 +119,19 @@ def _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI: tl.constexpr):
 def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift,
                    qk_scale, softcap_log2, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr,
                    ALIBI: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """log2-domain scores of one [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible, and the
-    derivative of the capped score by the scaled one (``1 - tanh**2``; 1.0 without a cap)."""
-    s = _dot(q, k_t, INTERPRETED_BF16, INPUT_PRECISION) * qk_scale
+    """(s, the derivative of the capped score by the scaled one (``1 - tanh**2``; 1.0 without a cap),
+    unit) of one [BLOCK_M, BLOCK_N] tile: ``s * unit`` are its log2-domain scores, -inf where a key is
+    not visible.
+
+    Plain scores (no cap, ALiBi or float mask) stay unscaled, ``unit = qk_scale``: the caller folds
+    the scale into its exp2's argument, one FMA per score (``s * unit - max``) instead of a multiply
+    and a subtract. The others need them scaled first: ``unit = 1``.
+    """
+    s = _dot(q, k_t, INTERPRETED_BF16, INPUT_PRECISION)
+    unit = qk_scale
+    if SOFTCAP or ALIBI or MASK_KIND == ADD_MASK:
+        s *= qk_scale
+        unit = 1.0
     cap_slope = 1.0
     if SOFTCAP:  # s is s_nat / softcap here (see launch_args): softcap * tanh(s) * log2(e)
         t = _tanh(s)
@@ -137,7 +153,7 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, len_q, len_k, 
         rel = offs_n[None, :] - offs_m[:, None]
         visible = (rel >= band_lo) & (rel <= band_hi) & (offs_n[None, :] < len_k)
         s = tl.where(visible, s, float("-inf"))
-    return s, cap_slope
+    return s, cap_slope, unit
 
 
 @triton.jit
@@ -169,6 +185,40 @@ def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, len_r, len_c):
     """A [rows, cols] tile, zero outside ``len_r`` x ``len_c``."""
     mask = (offs_r[:, None] < len_r) & (offs_c[None, :] < len_c)
     return tl.load(ptr + _wide(offs_r)[:, None] * stride_r + _wide(offs_c)[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_rows(src, b, h, start, offs_r, offs_c, stride_r, stride_c, len_r, len_c, TRANSPOSED: tl.constexpr,
+               TMA: tl.constexpr):
+    """Rows [start, start + BLOCK) of (batch b, head h) as a [rows, cols] tile ([cols, rows] when
+    ``TRANSPOSED``), zero outside ``len_r`` x ``len_c``. With ``TMA`` `src` is a [B, H, L, D] tensor
+    descriptor whose box is one tile: the copy engine fetches it into shared memory and fills what
+    lies out of bounds with zeros (no per-element addresses or masks); else `src` points at (b, h)'s
+    first row and `offs_r`/`offs_c` address the tile."""
+    if TMA:
+        tile = src.load([b.to(tl.int32), h.to(tl.int32), start, 0])
+        tile = tile.reshape(tile.shape[2], tile.shape[3])
+        if TRANSPOSED:
+            tile = tl.trans(tile)
+    elif TRANSPOSED:
+        tile = _load_tile(src, offs_c, offs_r, stride_c, stride_r, len_c, len_r)
+    else:
+        tile = _load_tile(src, offs_r, offs_c, stride_r, stride_c, len_r, len_c)
+    return tile
+
+
+@triton.jit
+def _store_rows(dst, b, h, start, value, offs_r, offs_c, stride_r, stride_c, len_r, len_c,
+                INTERPRETED_BF16: tl.constexpr, TMA: tl.constexpr):
+    """Stores a [rows, cols] tile at rows [start, start + BLOCK) of (batch b, head h), as `_load_rows`
+    reads one; the copy engine drops what lies out of bounds."""
+    if TMA:
+        if dst.dtype == tl.bfloat16:
+            value = _rounded(value, INTERPRETED_BF16)
+        value = value.to(dst.dtype)
+        dst.store([b.to(tl.int32), h.to(tl.int32), start, 0], value.reshape(1, 1, value.shape[0], value.shape[1]))
+    else:
+        _store_tile(dst, value, offs_r, offs_c, stride_r, stride_c, len_r, len_c, INTERPRETED_BF16)
 
 
 @triton.jit

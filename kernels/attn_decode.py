@@ -62,9 +62,10 @@ def _decode_tiles(acc, l_i, m_i, q, K, V, Table, alibi_log2, offs_i, offs_d, off
         k_t = tl.load(K + k_rows[None, :] + _wide(offs_d)[:, None] * stride_kd,
                       mask=(offs_d[:, None] < HEAD_DIM) & in_cache[None, :], other=0.0)
         # K stands in for the mask pointer, which NO_MASK never reads.
-        s, _ = _masked_scores(q, k_t, offs_i, offs_n, K, alibi_log2, len_q, len_k, band_lo, band_hi, shift, qk_scale,
-                              softcap_log2, NO_MASK, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
-        p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
+        s, _, unit = _masked_scores(q, k_t, offs_i, offs_n, K, alibi_log2, len_q, len_k, band_lo, band_hi, shift,
+                                    qk_scale, softcap_log2, NO_MASK, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16,
+                                    INPUT_PRECISION)
+        p, alpha, l_i, m_i = _online_softmax(s, unit, m_i, l_i)
         v_rows = _cache_rows(Table, offs_n, in_cache, stride_vblock, stride_vn, page_size, PAGED)
         v = tl.load(V + v_rows[:, None] + _wide(offs_dv)[None, :] * stride_vd,
                     mask=in_cache[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)

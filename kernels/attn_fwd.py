@@ -5,22 +5,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_tile, _masked_scores,
-                          _program_block, _rounded, _row_stats, _segment, _store_tile, _visible_blocks, _wide)
-from .attn_launch import launch_args
-from .config import tile_config
+from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_rows, _masked_scores,
+                          _program_block, _rounded, _row_stats, _segment, _store_rows, _visible_blocks, _wide)
+from .attn_launch import descriptors, launch_args, tma_allowed
+from .config import NO_MASK, TMA_MAX_HEAD_DIM, head_dim_pad, tile_config
 from .layout import empty_like_q
 
 
 @triton.jit
-def _online_softmax(s, m_i, l_i):
-    """One tile of log2-domain scores `s` into a row's running max `m_i` and sum `l_i`: returns the
-    tile's unnormalized probabilities, the factor that rescales what was accumulated so far, and the
-    new sum and max."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Until a row has seen a visible key its max is -inf; shift by 0 then, so exp2 gives 0, not NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_shift[:, None])
+def _online_softmax(s, unit, m_i, l_i, HIDDEN: tl.constexpr = True):
+    """One tile of log2-domain scores ``s * unit`` (`_masked_scores`; unit > 0) into a row's running
+    max `m_i` and sum `l_i`: returns the tile's unnormalized probabilities, the factor that rescales
+    what was accumulated so far, and the new sum and max. ``HIDDEN``: whether a score may be -inf
+    (masked); a tile without one gives every row a finite max."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * unit)
+    m_shift = m_new
+    if HIDDEN:  # a row that has seen no visible key has max -inf: shift by 0, so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * unit - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
 
@@ -30,7 +32,7 @@ def _with_sink(acc, l_i, m_i, sink):
     """The sink logit (natural log; a scalar or one per row) joins each row's normalizer with no
     value: rescaled as one more key."""
     sink_log2 = (sink.to(tl.float32) * LOG2E) + tl.zeros_like(m_i)
-    _, alpha, l_i, m_i = _online_softmax(sink_log2[:, None], m_i, l_i)
+    _, alpha, l_i, m_i = _online_softmax(sink_log2[:, None], 1.0, m_i, l_i)
     return acc * alpha[:, None], l_i, m_i
 
 
@@ -47,24 +49,24 @@ def _normalized(acc, l_i, m_i):
 
 
 @triton.jit
-def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv, drop_head,
-                    drop_q0, drop_k0, start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv, b, h_kv,
+                    drop_head, drop_q0, drop_k0, start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                     len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                     EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                    INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
-        s, _ = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, alibi_log2,
-                              len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, MASK_KIND, EDGE,
-                              SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
-        p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i)
+        k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM, True, TMA)
+        s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn,
+                                    alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
+                                    MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
+        p, alpha, l_i, m_new = _online_softmax(s, unit, m_i, l_i, EDGE or MASK_KIND != NO_MASK)
         if DROPOUT:
             # The normalizer sums every probability; dropout acts on the normalized ones.
             keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p)
             p = tl.where(keep, p * dropout_scale, 0.0)
-        v = _load_tile(V, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V)
+        v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V, False, TMA)
         acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INTERPRETED_BF16,
                                           INPUT_PRECISION)
         m_i = m_new
@@ -72,21 +74,22 @@ def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, off
 
 
 @triton.jit
-def _attn_fwd_rows(Q, K, V, Mask, alibi_log2, Sinks, Seed, Out, Lse, start_m, drop_head, drop_q0, drop_k0,
+def _attn_fwd_rows(Q, K, V, Mask, alibi_log2, Sinks, Seed, Out, Lse, start_m, b, h, h_kv, drop_head, drop_q0, drop_k0,
                    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                    stride_om, stride_od,
                    len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
-                   INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Queries [start_m, start_m + BLOCK_M) of one (sequence, head): Q, K, V, Mask and Out point at
-    its first row, Lse at its first row statistic, Sinks at its head's sink. The dropout pattern is
-    keyed by (drop_head, drop_q0 + query, drop_k0 + key)."""
+                   INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Queries [start_m, start_m + BLOCK_M) of one (sequence, head): Mask points at its first row, Lse
+    at its first row statistic, Sinks at its head's sink; Q, K, V and Out too, or with ``TMA`` they
+    are tensor descriptors and (b, h) and (b, h_kv) pick the rows (`_load_rows`). The dropout pattern
+    is keyed by (drop_head, drop_q0 + query, drop_k0 + key)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _load_tile(Q, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM)
+    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA)
     mask_row_ptrs = Mask + _wide(offs_m)[:, None] * stride_mm
     seed = tl.load(Seed) if DROPOUT else 0
 
@@ -98,15 +101,17 @@ def _attn_fwd_rows(Q, K, V, Mask, alibi_log2, Sinks, Seed, Out, Lse, start_m, dr
     for segment in tl.static_range(3):
         start, stop = _segment(segment, lo, full_lo, full_hi, hi)
         acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d,
-                                        offs_dv, drop_head, drop_q0, drop_k0, start, stop, stride_kn, stride_kd,
+                                        offs_dv, b, h_kv, drop_head, drop_q0, drop_k0, start, stop, stride_kn,
+                                        stride_kd,
                                         stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
                                         diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale, HEAD_DIM,
                                         HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1, SOFTCAP, ALIBI, DROPOUT,
-                                        INTERPRETED_BF16, INPUT_PRECISION)
+                                        INTERPRETED_BF16, INPUT_PRECISION, TMA)
     if SINKS:
         acc, l_i, m_i = _with_sink(acc, l_i, m_i, tl.load(Sinks))
     out, lse = _normalized(acc, l_i, m_i)
-    _store_tile(Out, out, offs_m, offs_dv, stride_om, stride_od, len_q, HEAD_DIM_V, INTERPRETED_BF16)
+    _store_rows(Out, b, h, start_m, out, offs_m, offs_dv, stride_om, stride_od, len_q, HEAD_DIM_V, INTERPRETED_BF16,
+                TMA)
     tl.store(Lse + offs_m, lse, mask=offs_m < len_q)
 
 
@@ -123,39 +128,47 @@ def _attn_fwd(Q, K, V, Mask, Alibi, Sinks, Seed, Out, Lse,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
-              INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
-    K, V = _kv_heads(K, V, b, h // group_size, stride_kb, stride_kh, stride_vb, stride_vh)
-    _attn_fwd_rows(Q + b * stride_qb + h * stride_qh, K, V, Mask + b * stride_mb + h * stride_mh,
-                   _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI), Sinks + h, Seed,
-                   Out + b * stride_ob + h * stride_oh, _row_stats(Lse, head_index, len_q), start_m, head_index, 0, 0,
+              INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M, True)
+    h_kv = h // group_size
+    if not TMA:  # pointers at (b, h)'s first rows; descriptors take (b, h) as coordinates
+        Q += b * stride_qb + h * stride_qh
+        Out += b * stride_ob + h * stride_oh
+        K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
+    _attn_fwd_rows(Q, K, V, Mask + b * stride_mb + h * stride_mh, _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI),
+                   Sinks + h, Seed, Out, _row_stats(Lse, head_index, len_q), start_m, b, h, h_kv, head_index, 0, 0,
                    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_om,
                    stride_od, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
                    dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, MASK_KIND,
-                   SOFTCAP, ALIBI, SINKS, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+                   SOFTCAP, ALIBI, SINKS, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, TMA)
 
 
-def attn_fwd(q, k, v, args, *, config=None, out_dtype=None):
+def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None):
     """Launches the forward for `args` (a `KernelArgs`); returns (out [B, Hq, Lq, Dv] laid out like q,
     lse_log2).
 
     ``out`` is in ``out_dtype`` (default q's; float32 keeps a partial result unrounded).
     ``lse_log2`` is ``[B, Hq, Lq]`` float32 in log2 units (times ln 2 it is the natural-log LSE);
-    the backward takes it as is.
+    the backward takes it as is. ``tma``: None reads through tensor descriptors where
+    `tma_allowed` (and up to `TMA_MAX_HEAD_DIM`); False forces the pointer path.
     """
     batch, num_heads_q, len_q, head_dim = q.shape
     head_dim_v = v.shape[-1]
     out = empty_like_q(q, head_dim_v, out_dtype)
     lse_log2 = torch.empty((batch, num_heads_q, len_q), device=q.device, dtype=torch.float32)
     launch = launch_args(q, k, v.shape[-1], args)
-    block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", max(head_dim, head_dim_v), config)
+    if tma is None:
+        tma = head_dim_pad(max(head_dim, head_dim_v)) <= TMA_MAX_HEAD_DIM["fwd"] and tma_allowed(q, k, v, out)
+    block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", max(head_dim, head_dim_v), config, tma,
+                                                              launch.plain)
     grid = (triton.cdiv(len_q, block_m) * batch * num_heads_q,)
     _attn_fwd[grid](
-        q, k, v, launch.mask, launch.alibi, launch.sinks, launch.seed, out, lse_log2,
+        *descriptors(tma, (q, block_m), (k, block_n), (v, block_n)), launch.mask, launch.alibi, launch.sinks,
+        launch.seed, *descriptors(tma, (out, block_m)), lse_log2,
         *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *out.stride(),
         num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], launch.band_lo, launch.band_hi,
         args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.dropout_p, launch.dropout_scale,
         **launch.constexprs, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=launch.mask_kind,
-        SINKS=args.sinks is not None, num_warps=num_warps, num_stages=num_stages,
+        SINKS=args.sinks is not None, TMA=tma, num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse_log2

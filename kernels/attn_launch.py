@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attn_common import LOG2E
 from .config import ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK, head_dim_pad
@@ -64,6 +65,7 @@ class LaunchArgs(NamedTuple):
     alibi_strides: tuple
     sinks: torch.Tensor
     dropout_scale: float
+    plain: bool  # no mask, dropout, cap or ALiBi: the scores are the scaled dot products (bigger tiles fit)
     # The compile-time switches every pass takes: head dims (and their tile padding), which score
     # modifiers and dropout run, and how the dot runs (fp32's TF32 switch, the interpreter's bf16).
     constexprs: dict
@@ -108,6 +110,7 @@ def launch_args(q, k, v_head_dim, args):
         sinks=q if args.sinks is None else args.sinks.contiguous(),  # read as sinks[h]: [Hq], unit stride
         # dropout_p = 1 keeps nothing: a scale of 0, not 1 / 0.
         dropout_scale=1.0 / (1.0 - args.dropout_p) if args.dropout_p < 1 else 0.0,
+        plain=mask_kind == NO_MASK.value and args.dropout_p == 0 and args.softcap is None and alibi is None,
         constexprs=dict(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), HEAD_DIM_V=v_head_dim,
             HEAD_DIM_V_PAD=head_dim_pad(v_head_dim), SOFTCAP=args.softcap is not None,
@@ -116,3 +119,34 @@ def launch_args(q, k, v_head_dim, args):
         ),
     )
 
+
+
+def tma_allowed(*tensors):
+    """Whether the kernels may read and write these [B, H, L, D] tensors through TMA descriptors: on
+    Hopper or later (or in Triton's interpreter, which runs descriptors too), each tensor 16-byte
+    aligned, not empty, its last dimension contiguous and its other strides multiples of 16 bytes (the
+    copy engine's rules). Otherwise the kernels take the pointer path."""
+    if not INTERPRETED and not (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
+        return False
+    return all(t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and all(stride * t.element_size() % 16 == 0 and stride > 0
+                       for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
+               for t in tensors)
+
+
+def descriptors(tma, *tiles):
+    """For each (tensor [B, H, L, D], rows per tile) of `tiles`: with `tma`, a tensor descriptor whose
+    box is one tile of rows (the head dim padded as the kernels pad it; the copy engine fills the
+    padding and rows past L with zeros); else the tensor itself (the pointer path)."""
+    if not tma:
+        return tuple(t for t, _ in tiles)
+    return tuple(TensorDescriptor(t, list(t.shape), [_box_stride(t, d) for d in range(4)],
+                                  [1, 1, rows, head_dim_pad(t.shape[-1])]) for t, rows in tiles)
+
+
+def _box_stride(t, dim):
+    # A size-1 dimension is only ever read at 0, so its stride is free; the copy engine still wants a
+    # multiple of 16 bytes there (a [B, 1, L, D] view may carry stride 1).
+    if t.shape[dim] > 1 or dim == 3:
+        return t.stride(dim)
+    return max(t.stride(d) * t.shape[d] for d in range(4))

@@ -54,11 +54,12 @@ def _varlen_fwd(Q, K, V, Alibi, Sinks, Seed, Out, Lse, CuQ, CuK, TileSeq, TileFi
     # Q stands in for the mask pointer, which NO_MASK never reads.
     _attn_fwd_rows(Q + q0 * stride_qt + h * stride_qh, K + k0 * stride_kt + h_kv * stride_kh,
                    V + k0 * stride_vt + h_kv * stride_vh, Q, _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI),
-                   Sinks + h, Seed, Out + q0 * stride_ot + h * stride_oh, Lse + h * total_q + q0, start_m, h, q0, k0,
+                   Sinks + h, Seed, Out + q0 * stride_ot + h * stride_oh, Lse + h * total_q + q0, start_m, 0, h, h_kv,
+                   h, q0, k0,
                    stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, 0, 0, stride_ot, stride_od,
                    len_q, len_k, band_lo + shift, band_hi + shift, shift, qk_scale, softcap_log2, dropout_p,
                    dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, NO_MASK,
-                   SOFTCAP, ALIBI, SINKS, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+                   SOFTCAP, ALIBI, SINKS, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, False)
 
 
 @triton.jit
@@ -84,13 +85,13 @@ def _varlen_bwd_dkdv(Q, K, V, Alibi, Seed, dO, Lse, Delta, dK, dV, CuQ, CuK, Til
     # The LSE and delta are [Hq, total_q] rows: head h's statistics are total_q apart.
     _attn_bwd_dkdv_cols(Q + q0 * stride_qt, K + k0 * stride_kt + h_kv * stride_kh, V + k0 * stride_vt + h_kv * stride_vh,
                         Q, Alibi + b * stride_ab, Seed, dO + q0 * stride_dot, Lse + q0, Delta + q0,
-                        dK + k0 * stride_dkt + h_kv * stride_dkh, dV + k0 * stride_dvt + h_kv * stride_dvh, start_n,
+                        dK + k0 * stride_dkt + h_kv * stride_dkh, dV + k0 * stride_dvt + h_kv * stride_dvh, start_n, 0,
                         h_kv, group_size, 0, q0, k0, stride_qh, stride_qt, stride_qd, stride_kt, stride_kd, stride_vt,
                         stride_vd, 0, 0, 0, stride_ah, stride_doh, stride_dot, stride_dod, total_q, stride_dkt,
                         stride_dkd, stride_dvt, stride_dvd, len_q, len_k, band_lo + shift, band_hi + shift, shift,
                         qk_scale, softcap_log2, scale, dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
                         HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, NO_MASK, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16,
-                        INPUT_PRECISION)
+                        INPUT_PRECISION, False)
 
 
 @triton.jit
@@ -117,11 +118,12 @@ def _varlen_bwd_dq(Q, K, V, Alibi, Seed, dO, Lse, Delta, dQ, CuQ, CuK, TileSeq, 
     _attn_bwd_dq_rows(Q + q0 * stride_qt + h * stride_qh, K + k0 * stride_kt + h_kv * stride_kh,
                       V + k0 * stride_vt + h_kv * stride_vh, Q, _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI),
                       Seed, dO + q0 * stride_dot + h * stride_doh, Lse + stats, Delta + stats,
-                      dQ + q0 * stride_dqt + h * stride_dqh, start_m, h, q0, k0, stride_qt, stride_qd, stride_kt,
+                      dQ + q0 * stride_dqt + h * stride_dqh, start_m, 0, h, h_kv, h, q0, k0, stride_qt, stride_qd,
+                      stride_kt,
                       stride_kd, stride_vt, stride_vd, 0, 0, stride_dot, stride_dod, stride_dqt, stride_dqd, len_q,
                       len_k, band_lo + shift, band_hi + shift, shift, qk_scale, softcap_log2, scale, dropout_p,
                       dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, NO_MASK,
-                      SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+                      SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, False)
 
 
 def tile_schedule(cu_seqlens, block, total):

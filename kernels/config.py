@@ -60,6 +60,18 @@ TILES = {
         "dq": {64: TileConfig(16, 16, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2)},
     },
 }
+# Through TMA descriptors (Hopper) a tile costs no registers for addresses: with plain scores (no
+# mask, dropout, cap or ALiBi, whose element-wise work takes registers) bigger tiles fit without
+# spills. The forward's 128 x 128 is the tile of Triton's own tutorial.
+TMA_TILES = {
+    2: {"fwd": {64: TileConfig(128, 128, 8, 2), 128: TileConfig(128, 128, 8, 2)},
+        "dq": {64: TileConfig(128, 64, 8, 2), 128: TileConfig(128, 64, 8, 2)},
+        "dkdv": {64: TileConfig(64, 64, 8, 2), 128: TileConfig(32, 128, 8, 2)}},
+}
+# The passes read through TMA descriptors up to these padded head dims. Above 128 no wgmma tile of
+# the backward fits in registers, and its mma.sync tiles, fed from descriptor-loaded shared memory,
+# spill 350 to 950 bytes on sm_90 where the pointer path spills none (compile check).
+TMA_MAX_HEAD_DIM = {"fwd": 256, "dkdv": 128, "dq": 128}
 # Decoding (`attn_decode`), by element size and padded head dim: the most rows (query, head-of-the-
 # group pairs) one program takes, and the key tiles, streamed as many stages ahead as shared memory
 # allows (a decoding step is bound by reading the cache). The warps follow the rows a call has
@@ -72,15 +84,16 @@ DECODE_TILES = {
 INTERPRETER_TILE = TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps
 
 
-def tile_config(q, kernel, head_dim, config=None):
-    """The tile config of one pass ("fwd", "dkdv" or "dq") by head dim (the larger of K's and V's) and
-    dtype, unless `config` is given."""
+def tile_config(q, kernel, head_dim, config=None, tma=False, plain=False):
+    """The tile config of one pass ("fwd", "dkdv" or "dq") by head dim (the larger of K's and V's),
+    dtype, whether it reads through TMA descriptors and whether its scores are `plain`, unless
+    `config` is given."""
     if config is not None:
         return TileConfig(*config)
     if INTERPRETED:
         return INTERPRETER_TILE
     major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
-    return tile_for(q.element_size(), kernel, head_dim, major)
+    return tile_for(q.element_size(), kernel, head_dim, major, tma, plain)
 
 
 def decode_tile(q, head_dim, rows, config=None):
@@ -112,9 +125,12 @@ def _decode_rows(tile, head_dim, rows):
     return tile._replace(block_m=block_m, num_warps=4 if block_m * head_dim_pad(head_dim) <= 4096 else 8)
 
 
-def tile_for(element_size, kernel, head_dim, major):
-    """The table's tile for a GPU of compute capability `major`.x."""
+def tile_for(element_size, kernel, head_dim, major, tma=False, plain=False):
+    """The table's tile for a GPU of compute capability `major`.x (`TMA_TILES`' through TMA with
+    `plain` scores)."""
     tile = TILES[element_size][kernel][max(64, head_dim_pad(head_dim))]
+    if tma and plain:
+        tile = TMA_TILES.get(element_size, {}).get(kernel, {}).get(max(64, head_dim_pad(head_dim)), tile)
     if major < 9:  # pre-Hopper: 99 to 163 KB of shared memory per block instead of 227
         tile = tile._replace(num_stages=min(tile.num_stages, 2))
         if kernel == "dq" and head_dim > 64:

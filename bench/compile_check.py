@@ -158,8 +158,8 @@ def variants(major):
                     # Hopper reads through TMA descriptors; the pointer path (odd strides) must compile too.
                     paths = (True, False) if major >= 9 and takes_tma(kernel) and head_dim_pad(
                         max(head_dim, head_dim_v)) <= TMA_MAX_HEAD_DIM[name] else (False,)
-                    for tma in paths if (mask_kind, dropout) == (NO_MASK.value, False) else paths[:1]:
-                        plain = (mask_kind, dropout) == (NO_MASK.value, False)
+                    plain = (mask_kind, dropout) == (NO_MASK.value, False)
+                    for tma in paths if plain else paths[:1]:
                         block_m, block_n, num_warps, num_stages = tile_for(size, name, max(head_dim, head_dim_v),
                                                                            major, tma, plain)
                         label = head_dim if head_dim == head_dim_v else f"{head_dim}/{head_dim_v}"

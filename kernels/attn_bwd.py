@@ -9,8 +9,8 @@ import triton.language as tl
 from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_rows, _load_tile, _masked_scores,
                           _program_block, _rounded, _row_stats, _segment, _store_rows, _store_tile, _visible_blocks,
                           _wide)
-from .attn_launch import descriptors, launch_args, tma_allowed
-from .config import TMA_MAX_HEAD_DIM, head_dim_pad, tile_config
+from .attn_launch import descriptors, launch_args, uses_tma
+from .config import head_dim_pad, tile_config
 
 
 @triton.jit
@@ -354,16 +354,15 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     p_sink_i = exp(sink - lse_i). Summed over rows: dsink = -sum_i p_sink_i * (delta_i - dlse_i), the
     same folded delta; no kernel needed.
 
-    ``tma``: None reads and writes through tensor descriptors where `tma_allowed` and up to
-    `TMA_MAX_HEAD_DIM`; False forces the pointer path.
+    ``tma``: None reads and writes through tensor descriptors where `uses_tma`; False forces the
+    pointer path.
     """
     batch, num_heads_q, len_q, head_dim = q.shape
     num_heads_kv, len_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     launch = launch_args(q, k, v.shape[-1], args)
     dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
-    if tma is None:
-        tma = (head_dim_pad(max(head_dim, head_dim_v)) <= TMA_MAX_HEAD_DIM["dkdv"]
-               and tma_allowed(q, k, v, do, dq, dk, dv))
+    if tma is None:  # one path for both passes: dK/dV and dQ share the head-dim limit
+        tma = uses_tma("dkdv", max(head_dim, head_dim_v), q, k, v, do, dq, dk, dv)
     dkdv = tile_config(q, "dkdv", max(head_dim, head_dim_v), config, tma, launch.plain)
     dq_tile = tile_config(q, "dq", max(head_dim, head_dim_v), config, tma, launch.plain)
     common = dict(launch.constexprs, MASK_KIND=launch.mask_kind)

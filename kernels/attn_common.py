@@ -213,9 +213,7 @@ def _store_rows(dst, b, h, start, value, offs_r, offs_c, stride_r, stride_c, len
     """Stores a [rows, cols] tile at rows [start, start + BLOCK) of (batch b, head h), as `_load_rows`
     reads one; the copy engine drops what lies out of bounds."""
     if TMA:
-        if dst.dtype == tl.bfloat16:
-            value = _rounded(value, INTERPRETED_BF16)
-        value = value.to(dst.dtype)
+        value = _narrowed(value, dst.dtype, INTERPRETED_BF16)
         dst.store([b.to(tl.int32), h.to(tl.int32), start, 0], value.reshape(1, 1, value.shape[0], value.shape[1]))
     else:
         _store_tile(dst, value, offs_r, offs_c, stride_r, stride_c, len_r, len_c, INTERPRETED_BF16)
@@ -226,7 +224,13 @@ def _store_tile(ptr, value, offs_r, offs_c, stride_r, stride_c, len_r, len_c, IN
     """Stores the part of a [rows, cols] tile inside ``len_r`` x ``len_c``, in ptr's dtype (which
     may be wider than the inputs': float32 partial results for ring attention)."""
     mask = (offs_r[:, None] < len_r) & (offs_c[None, :] < len_c)
-    if ptr.dtype.element_ty == tl.bfloat16:
-        value = _rounded(value, INTERPRETED_BF16)
     tl.store(ptr + _wide(offs_r)[:, None] * stride_r + _wide(offs_c)[None, :] * stride_c,
-             value.to(ptr.dtype.element_ty), mask=mask)
+             _narrowed(value, ptr.dtype.element_ty, INTERPRETED_BF16), mask=mask)
+
+
+@triton.jit
+def _narrowed(value, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """`value` cast to `dtype` for a store, rounding to nearest even into bf16 (`_rounded`)."""
+    if dtype == tl.bfloat16:
+        value = _rounded(value, INTERPRETED_BF16)
+    return value.to(dtype)

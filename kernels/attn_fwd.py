@@ -7,8 +7,8 @@ import triton.language as tl
 
 from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_rows, _masked_scores,
                           _program_block, _rounded, _row_stats, _segment, _store_rows, _visible_blocks, _wide)
-from .attn_launch import descriptors, launch_args, tma_allowed
-from .config import NO_MASK, TMA_MAX_HEAD_DIM, head_dim_pad, tile_config
+from .attn_launch import descriptors, launch_args, uses_tma
+from .config import NO_MASK, tile_config
 from .layout import empty_like_q
 
 
@@ -150,7 +150,7 @@ def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None):
     ``out`` is in ``out_dtype`` (default q's; float32 keeps a partial result unrounded).
     ``lse_log2`` is ``[B, Hq, Lq]`` float32 in log2 units (times ln 2 it is the natural-log LSE);
     the backward takes it as is. ``tma``: None reads through tensor descriptors where
-    `tma_allowed` (and up to `TMA_MAX_HEAD_DIM`); False forces the pointer path.
+    `uses_tma`; False forces the pointer path.
     """
     batch, num_heads_q, len_q, head_dim = q.shape
     head_dim_v = v.shape[-1]
@@ -158,7 +158,7 @@ def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None):
     lse_log2 = torch.empty((batch, num_heads_q, len_q), device=q.device, dtype=torch.float32)
     launch = launch_args(q, k, v.shape[-1], args)
     if tma is None:
-        tma = head_dim_pad(max(head_dim, head_dim_v)) <= TMA_MAX_HEAD_DIM["fwd"] and tma_allowed(q, k, v, out)
+        tma = uses_tma("fwd", max(head_dim, head_dim_v), q, k, v, out)
     block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", max(head_dim, head_dim_v), config, tma,
                                                               launch.plain)
     grid = (triton.cdiv(len_q, block_m) * batch * num_heads_q,)

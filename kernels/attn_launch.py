@@ -8,7 +8,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attn_common import LOG2E
-from .config import ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK, head_dim_pad
+from .config import ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK, TMA_MAX_HEAD_DIM, head_dim_pad
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,13 @@ def launch_args(q, k, v_head_dim, args):
         ),
     )
 
+
+
+def uses_tma(kernel, head_dim, *tensors):
+    """Whether pass `kernel` ("fwd", "dkdv", "dq") at head dim `head_dim` reads and writes these
+    tensors through TMA descriptors: where `tma_allowed`, and its padded head dim up to
+    `TMA_MAX_HEAD_DIM`."""
+    return head_dim_pad(head_dim) <= TMA_MAX_HEAD_DIM[kernel] and tma_allowed(*tensors)
 
 
 def tma_allowed(*tensors):

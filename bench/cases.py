@@ -115,3 +115,13 @@ CPU_CASES = (
     + varlen((512,), ("fwd_bwd",), dtype="float32", head_dim=64, tokens=2048, width=512)
     + decode((4,), (1024, 8192), ("kvcache", "kvcache_paged16"), dtype="float32", heads=(8, 2), head_dim=64)
 )
+
+# The headline a GPU session measures first (`python -m bench.headline`, run by `.ci/gpu.sh`): forward
+# and backward at bf16, D = 128, 4k to 16k, causal and not; decoding at 16k; one masked case.
+HEADLINE = (self_attention((4096, 8192, 16384), (128,), ("none", "causal"), ("fwd", "bwd"))
+            + decode((1, 8), (16384,), ("kvcache", "kvcache_paged16"))
+            + self_attention((4096,), (128,), ("padding",), ("fwd", "bwd")))
+# The same kinds of rows at toy sizes, for the script's CPU dry run.
+HEADLINE_DRY = (self_attention((128,), (64,), ("none", "causal", "padding"), ("fwd", "bwd"), dtype="float32",
+                               tokens=256, width=128)
+                + decode((2,), (256,), ("kvcache",), dtype="float32", heads=(4, 2), head_dim=64))

@@ -1,6 +1,9 @@
 """Both ways the dense kernels reach memory: TMA tensor descriptors (Hopper, and the interpreter, which
-runs them) and the pointer path every other layout and GPU takes. They compute the same tiles, so
-their results are bitwise equal; the float64 checks of the rest of the suite then hold for both."""
+runs them) and the pointer path every other layout and GPU takes. With the same tiles they compute the
+same arithmetic, so in the interpreter, where every path takes `INTERPRETER_TILE`, their results are
+bitwise equal and the float64 checks of the rest of the suite hold for both. On a GPU the descriptor
+path takes bigger tiles for plain scores (`TMA_TILES`): the sums run in another order, so there the
+two agree to rounding."""
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_fwd import attn_fwd
 from attn_ops.kernels.attn_launch import KernelArgs, descriptors, tma_allowed
+from attn_ops.kernels.config import INTERPRETED
 from truth import DEVICES, make_qkv
 
 CASES = {
@@ -19,6 +23,10 @@ CASES = {
     "padded head dims (40, 24)": (1, 2, 2, 33, 48, 40, 24, {}),
     "dropout, ALiBi, cap": (1, 2, 2, 48, 40, 16, 16, dict(dropout_p=0.25, softcap=20.0, alibi=True)),
 }
+# Relative to the tensor's norm. fp16 results of fp32 sums: tiles of another width change the order of
+# the sums and the running max each tile's probabilities are rounded to fp16 against, so the results
+# move by a fraction of fp16's unit, 2**-11 (the interpreter, given other tiles, moves them by 2.3e-4).
+ROUNDING = 2e-3
 
 
 def kernel_args(rules, q, k, device):
@@ -48,11 +56,26 @@ def test_pointer_path_equals_descriptor_path(device, layout, case):
     args = kernel_args(rules, q, k, device)
     out, lse = attn_fwd(q, k, v, args)
     out_ptr, lse_ptr = attn_fwd(q, k, v, args, tma=False)
-    assert torch.equal(out, out_ptr) and torch.equal(lse, lse_ptr)
+    assert_same("out", out, out_ptr)
+    assert_same("lse", lse, lse_ptr)
     grads = attn_bwd(do, None, q, k, v, out, lse, args)[:3]
     grads_ptr = attn_bwd(do, None, q, k, v, out, lse, args, tma=False)[:3]
     for name, a, b in zip("qkv", grads, grads_ptr):
-        assert torch.equal(a, b), f"d{name}"
+        assert_same(f"d{name}", a, b)
+
+
+def assert_same(name, descriptor_path, pointer_path):
+    """Bitwise equal in the interpreter (the same tiles); on a GPU equal to rounding, with -inf (an
+    LSE row that sees no key) in the same places."""
+    if INTERPRETED:
+        assert torch.equal(descriptor_path, pointer_path), name
+        return
+    finite = pointer_path.isfinite()
+    assert torch.equal(descriptor_path.isfinite(), finite), name
+    assert torch.equal(descriptor_path[~finite], pointer_path[~finite]), name
+    a, b = descriptor_path[finite].double(), pointer_path[finite].double()
+    gap, size = (a - b).norm().item(), b.norm().item()
+    assert gap <= ROUNDING * size, f"{name}: |a - b| = {gap:.3g}, |b| = {size:.3g}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

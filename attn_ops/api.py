@@ -1,8 +1,6 @@
 """`attn_ops.attention`: the public op. Describes the call once, then runs the implementation
 dispatch picks for it (the fused kernels, or the reference)."""
 
-from .checks import OP_NAMES
-from .cache import append
 from .dispatch import choose, fused_cache, use_backend
 from .problem import describe, describe_cache, describe_varlen
 
@@ -38,7 +36,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scal
             (bottom-right for ``"bottom_right"``, else top-left); a ``causal`` string that contradicts
             it is an error. flash-attn's local attention with Lq != Lk is
             ``window=(left, right), align="bottom_right"``.
-        scale: default ``1 / sqrt(D)``.
+        scale: default ``1 / sqrt(D)``; any finite float, as SDPA takes it (negative flips the scores, 0
+            averages the visible values).
         softcap: None or a float > 0: the scaled scores ``s`` become ``softcap * tanh(s / softcap)``
             before the mask and ALiBi are added (Gemma 2).
         alibi_slopes: None or float32 ``[Hq]`` / ``[B, Hq]``: adds ``-slope * |i' - j|`` (i' per
@@ -60,14 +59,18 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scal
         ``out`` ``[B, Hq, Lq, Dv]`` in q's dtype and layout, or ``(out, lse)``. A row that sees no key
         gives zeros, ``lse = -inf`` (the sink's logit with `sinks`) and zero gradients, never NaN.
     """
-    return attention_as(q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale,
-                        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse, backend=backend, names=OP_NAMES)
+    problem = describe(q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale, softcap=softcap,
+                       alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse)
+    return _result(q, k, v, problem, backend)
 
 
 def attention_as(q, k, v, *, names, backend="auto", **rules):
     """`attention` for the drop-ins: errors name each argument as `names` spells it (``attn_mask``
     for ``mask``, say)."""
-    problem = describe(q, k, v, names=names, **rules)
+    return _result(q, k, v, describe(q, k, v, names=names, **rules), backend)
+
+
+def _result(q, k, v, problem, backend):
     out, lse = choose(problem, backend).run(q, k, v, problem)
     return (out, lse) if problem.return_lse else out
 
@@ -86,8 +89,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 
     Args:
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` on q's device: 0, then each sequence's end
-            (non-decreasing; the last entry is total_q / total_k). Checked in eager mode (one
-            device-to-host copy of both), trusted under torch.compile.
+            (non-decreasing; the last entry is total_q / total_k). Their values are never read on the
+            host: checked only inside `attn_ops.checked_values()`.
         max_seqlen_q, max_seqlen_k: optional hints (the kernels do not need them); checked, when
             given, to be no shorter than the longest sequence.
         causal, window, align: as in `attention`, within each sequence and with its own lengths
@@ -111,8 +114,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None,
-                           causal=False, window=None, scale=None, softcap=None, alibi_slopes=None, sinks=None,
-                           return_lse=False, num_splits=None, backend="auto"):
+                           key_mask=None, causal=False, window=None, scale=None, softcap=None, alibi_slopes=None,
+                           sinks=None, return_lse=False, num_splits=None, backend="auto"):
     """Decoding attention against a KV cache (flash-attn's ``flash_attn_with_kvcache``), inference only.
 
     Sequence b attends to its first ``n_b = cache_seqlens[b] + L_new`` cached keys. With ``causal`` its
@@ -128,12 +131,15 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_
             paged pools ``[num_blocks, Hkv, block_size, D]`` (any strides: a ``[num_blocks, block_size,
             Hkv, D]`` pool passed as ``.transpose(1, 2)`` is read in place). q's dtype.
         cache_seqlens: int32 ``[B]`` on q's device, or an int: tokens already in each sequence's cache.
-            Not modified. Checked against the capacity in eager mode (one device-to-host copy; none
-            for an int and a dense cache), trusted under torch.compile.
+            Not modified. A tensor's values are never read on the host: checked against the
+            capacity only inside `attn_ops.checked_values()` (an int is checked always).
         k_new, v_new: None or ``[B, Hkv, L_new, D / Dv]``: written into the caches in place at positions
             ``cache_seqlens[b] ...`` (through the block table when paged), then attended.
         block_table: None (dense) or int32 ``[B, max_blocks]``: sequence b's token t is row
             ``t % block_size`` of block ``block_table[b, t // block_size]``. Any block size.
+        key_mask: None or bool ``[B, capacity]`` (capacity: L_max, or max_blocks * block_size), True =
+            may attend, by position in the sequence: the keys a generation's padding hides (left
+            padding, say), combined with every other rule. Read in the kernels, never on the host.
         causal: False, or True / ``"bottom_right"``: query i sits at position ``n_b - Lq + i``.
         window: None or ``(left, right)`` around each query's position (a side None or -1: unbounded).
         scale, softcap, alibi_slopes (``[Hq]`` or ``[B, Hq]``, distances from each query's position),
@@ -150,10 +156,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_
     Inference only: q, the caches, k_new, v_new or sinks requiring grad (with grad mode on) is an error.
     """
     problem = describe_cache(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, block_table=block_table,
-                             causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                             sinks=sinks, return_lse=return_lse, num_splits=num_splits)
-    implementation = choose(problem, backend, fused=fused_cache)
-    if problem.len_new:
-        append(k_cache, v_cache, k_new, v_new, problem)
-    out, lse = implementation.run_cache(q, k_cache, v_cache, problem)
+                             key_mask=key_mask, causal=causal, window=window, scale=scale, softcap=softcap,
+                             alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, num_splits=num_splits)
+    out, lse = choose(problem, backend, fused=fused_cache).run_cache(q, k_cache, v_cache, k_new, v_new, problem)
     return (out, lse) if return_lse else out

@@ -6,6 +6,7 @@ implementation cannot run (float64 or D > 256 in the kernels, say) is not checke
 implementation lists it in its `not_supported_reasons`, and dispatch reports it.
 """
 
+import contextlib
 import math
 import numbers
 
@@ -21,7 +22,29 @@ OP_NAMES = {name: name for name in ("q", "k", "v", "mask", "causal", "window", "
 INTS = (numbers.Integral, torch.SymInt)
 VARLEN_NAMES = {**OP_NAMES, **{name: name for name in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")}}
 KVCACHE_NAMES = {**OP_NAMES, "k": "k_cache", "v": "v_cache",
-                 **{name: name for name in ("cache_seqlens", "k_new", "v_new", "block_table", "num_splits")}}
+                 **{name: name for name in ("cache_seqlens", "k_new", "v_new", "block_table", "key_mask", "num_splits")}}
+
+
+_values_checked = False  # set by checked_values (a plain global: torch.compile reads it)
+
+
+@contextlib.contextmanager
+def checked_values():
+    """Inside ``with attn_ops.checked_values():``, calls also check the values of their index tensors
+    (``cu_seqlens`` monotone and ending at the packed length, cache lengths within the capacity,
+    block tables inside the pool) and raise a ValueError naming the argument. Outside, the values are
+    trusted and never read on the host: a read would wait for the GPU (and break CUDA graphs). For
+    debugging; torch.compile traces without them."""
+    global _values_checked
+    previous, _values_checked = _values_checked, True
+    try:
+        yield
+    finally:
+        _values_checked = previous
+
+
+def values_checked():
+    return _values_checked and not torch.compiler.is_compiling()
 
 
 def _shape(t):
@@ -67,10 +90,8 @@ def check_qkv(q, k, v, names=OP_NAMES, packed=False, paged=False):
 
 
 def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k, names=VARLEN_NAMES):
-    """int32 [B + 1] each (the same B), on q's device; in eager mode also their values: starting at
-    0, non-decreasing, ending at the number of packed rows, and the `max_seqlen` hints (None or an
-    int) no shorter than the longest sequence. Reading the values is one device-to-host copy;
-    under torch.compile they are trusted (reading them would break the graph)."""
+    """int32 [B + 1] each (the same B), on q's device, and the `max_seqlen` hints None or an int;
+    their values: `check_cu_seqlens_values`."""
     given = ((names["cu_seqlens_q"], cu_seqlens_q, q, names["q"], names["max_seqlen_q"], max_seqlen_q),
              (names["cu_seqlens_k"], cu_seqlens_k, k, names["k"], names["max_seqlen_k"], max_seqlen_k))
     for name, cu, _, _, hint_name, hint in given:
@@ -84,9 +105,17 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_
         raise ValueError(f"{given[0][0]} and {given[1][0]} must describe the same number of sequences, got "
                          f"{cu_seqlens_q.shape[0] - 1} and {cu_seqlens_k.shape[0] - 1} (shapes "
                          f"{_shape(cu_seqlens_q)}, {_shape(cu_seqlens_k)})")
-    if torch.compiler.is_compiling():
+
+
+def check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k, names=VARLEN_NAMES):
+    """Under `checked_values`: the cu_seqlens start at 0, are non-decreasing and end at the number of
+    packed rows, and the `max_seqlen` hints are no shorter than the longest sequence (one
+    device-to-host copy of both)."""
+    if not values_checked():
         return
-    for (name, _, t, tensor_name, hint_name, hint), cu in zip(given, torch.stack((cu_seqlens_q, cu_seqlens_k)).tolist()):
+    given = ((names["cu_seqlens_q"], q, names["q"], names["max_seqlen_q"], max_seqlen_q),
+             (names["cu_seqlens_k"], k, names["k"], names["max_seqlen_k"], max_seqlen_k))
+    for (name, t, tensor_name, hint_name, hint), cu in zip(given, torch.stack((cu_seqlens_q, cu_seqlens_k)).tolist()):
         if cu[0] != 0:
             raise ValueError(f"{name} must start at 0, got {cu[0]} ({name} = {cu})")
         lengths = [b - a for a, b in zip(cu, cu[1:])]
@@ -143,9 +172,9 @@ def check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_t
 
 
 def check_cache_lengths(cache_seqlens, len_new, block_table, k_cache, names=KVCACHE_NAMES):
-    """In eager mode: each sequence's ``cache_seqlens[b] + len_new`` keys fit in its cache, and the
-    blocks they occupy are valid indices of the pool. One device-to-host copy (none for an int
-    `cache_seqlens` and a dense cache); under torch.compile the values are trusted."""
+    """Each sequence's ``cache_seqlens[b] + len_new`` keys fit in its cache (an int: always checked,
+    on the host where it is), and, under `checked_values`, the values of a tensor `cache_seqlens`
+    and the blocks they occupy are valid indices of the pool (one device-to-host copy)."""
     page = k_cache.shape[2]
     capacity = page * block_table.shape[1] if block_table is not None else page
     where = (f"{names['block_table']} {_shape(block_table)} of blocks of {page}" if block_table is not None
@@ -156,7 +185,7 @@ def check_cache_lengths(cache_seqlens, len_new, block_table, k_cache, names=KVCA
                              f"cache's capacity of {capacity} ({where})")
         if block_table is None:
             return
-    if torch.compiler.is_compiling():
+    if not values_checked():
         return
     lengths = cache_seqlens + len_new if isinstance(cache_seqlens, torch.Tensor) else None
     bad_blocks = None
@@ -180,6 +209,18 @@ def check_cache_lengths(cache_seqlens, len_new, block_table, k_cache, names=KVCA
         if b is not None:
             raise ValueError(f"{names['block_table']}[{b}] names a block outside the pool of {k_cache.shape[0]} blocks "
                              f"({names['k']} {_shape(k_cache)}) among the blocks sequence {b} uses")
+
+
+def check_key_mask(key_mask, q, k_cache, block_table, names=KVCACHE_NAMES):
+    """None, or a bool [B, capacity] on q's device (True = may attend, by position in the sequence)."""
+    if key_mask is None:
+        return
+    name = names["key_mask"]
+    _check_tensor(key_mask, name, (torch.bool,), q, names)
+    capacity = k_cache.shape[2] * (block_table.shape[1] if block_table is not None else 1)
+    if tuple(key_mask.shape) != (q.shape[0], capacity):
+        raise ValueError(f"{name} must be [B, capacity] = [{q.shape[0]}, {capacity}] (True = may attend, by position "
+                         f"in the sequence), got shape {_shape(key_mask)}")
 
 
 def _check_tensor(t, name, dtypes, q, names, hint=""):

@@ -1,13 +1,17 @@
 """The fused decoding implementation of `attn_ops.attention_with_kvcache`: the split-KV kernels
-(`kernels.attn_decode`) as a torch.library custom op with a fake implementation, so decoding steps
-trace into torch.compile graphs (and CUDA graphs) with no host sync. Inference only: no backward.
+(`kernels.attn_decode`), with no host sync. Inference only: no backward.
 
-The op reads the caches; writing the new tokens in (`cache.append`) happens before it, in torch.
+In eager mode the new tokens go into the caches through one kernel (`kernels.attn_append`) and the
+launchers run directly, with the CacheProblem's plans. While torch.compile traces, the append is
+torch's (`cache.append`, which the graph functionalizes) and the kernels run as a torch.library
+custom op with a fake implementation, so decoding steps trace into graphs (and CUDA graphs).
 """
 
 import torch
 
+from .cache import append
 from .fused import kernel_args_schema, not_supported_reasons  # the generic kernels' limits hold here too
+from .kernels.attn_append import append_rows
 from .kernels.attn_decode import decode_fwd
 from .kernels.attn_launch import KernelArgs
 from .kernels.layout import empty_like_q
@@ -31,9 +35,16 @@ attention_decode = torch.library.custom_op(
 attention_decode.register_fake(_decode_fake)
 
 
-def run_cache(q, k_cache, v_cache, problem):
-    """(out, natural-log lse) of a `CacheProblem` through the kernels; the caches already hold the new tokens."""
-    flat = KernelArgs(scale=problem.scale, band_lo=problem.band_lo, band_hi=problem.band_hi, softcap=problem.softcap,
-                      alibi_slopes=problem.alibi_slopes, sinks=problem.sinks).flat()
-    return torch.ops.attn_ops.attention_decode(q, k_cache, v_cache, problem.cache_seqlens, problem.block_table,
-                                               problem.len_new, problem.num_splits, *flat)
+def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
+    """(out, natural-log lse) of a `CacheProblem` through the kernels, after appending k_new and v_new."""
+    args = KernelArgs(scale=problem.scale, mask=problem.key_mask, band_lo=problem.band_lo, band_hi=problem.band_hi,
+                      softcap=problem.softcap, alibi_slopes=problem.alibi_slopes, sinks=problem.sinks)
+    if torch.compiler.is_compiling():
+        if problem.len_new:
+            append(k_cache, v_cache, k_new, v_new, problem)
+        return torch.ops.attn_ops.attention_decode(q, k_cache, v_cache, problem.cache_seqlens, problem.block_table,
+                                                   problem.len_new, problem.num_splits, *args)
+    if problem.len_new:
+        append_rows(k_new, v_new, k_cache, v_cache, problem.cache_seqlens, problem.block_table)
+    return decode_fwd(q, k_cache, v_cache, problem.cache_seqlens, problem.block_table, problem.len_new,
+                      problem.num_splits, args, plans=problem.plans)

@@ -40,15 +40,20 @@ def choose(problem, backend, fused=None):
     `use_backend` set, else the fused kernels on CUDA and the reference elsewhere; on CUDA it never
     falls back to the reference silently, except for float64, which only the reference computes.
     """
+    planned = ("implementation", backend, _auto_backend, fused)  # the answer depends on these and the static parts
+    implementation = problem.plans.get(planned)
+    if implementation is None:
+        implementation = problem.plans[planned] = _choose(problem, backend, fused)
+    return implementation
+
+
+def _choose(problem, backend, fused):
     check_backend(backend, problem.names)
-    asked = f"{problem.names['backend']}={backend!r}"
-    if backend == "auto":
-        asked += f" inside use_backend({_auto_backend!r})" if _auto_backend != "auto" else " on CUDA"
-        backend = _auto_backend
-    if backend == "auto":
+    chosen = _auto_backend if backend == "auto" else backend
+    if chosen == "auto":
         on_cuda = problem.device.type == "cuda"
-        backend = "triton" if on_cuda and problem.dtype != torch.float64 else "reference"
-    if backend == "reference":
+        chosen = "triton" if on_cuda and problem.dtype != torch.float64 else "reference"
+    if chosen == "reference":
         return reference
     reasons = {}
     for implementation in (fused or _fused)():
@@ -57,6 +62,9 @@ def choose(problem, backend, fused=None):
             return implementation
         reasons[implementation.NAME] = why
     said = "; ".join(f"{name}: {', '.join(why)}" for name, why in reasons.items())
+    asked = f"{problem.names['backend']}={backend!r}"
+    if backend == "auto":
+        asked += f" inside use_backend({_auto_backend!r})" if _auto_backend != "auto" else " on CUDA"
     raise ValueError(f"{asked} runs the fused kernels, which cannot run this call ({said}). Pass "
                      f"{problem.names['backend']}='reference' (or use attn_ops.use_backend('reference')) for the plain "
                      "PyTorch path")

@@ -1,12 +1,13 @@
 """The generic fused implementation: the Triton kernels as torch.library custom ops (with fake
-implementations, so torch.compile traces through them) behind a torch.autograd.Function. Dense
-and packed (varlen) calls share the ops: `KernelArgs.cu_seqlens_q` picks the launchers.
+implementations, so torch.compile traces through them) behind a torch.autograd.Function; in eager
+mode the same Function calls the launchers directly (`run`). Dense and packed (varlen) calls share
+the ops: `KernelArgs.cu_seqlens_q` picks the launchers.
 
 The ops' schemas are derived from `KernelArgs`: a field added there reaches the ops, the fakes and
 the autograd.Function without another signature to edit. Every LSE at the op boundary is in log2
 units and named so: the forward op returns ``lse_log2``, the backward op takes it and
-``dlse_log2``, the gradient of that same output; only the autograd.Function converts to the
-natural-log LSE users see (log2 units keep the backward's probabilities exact: see attn_fwd).
+``dlse_log2``, the gradient of that same output; only `run` converts to the natural-log LSE users
+see, when they ask for it (log2 units keep the backward's probabilities exact: see attn_fwd).
 """
 
 import math
@@ -37,9 +38,12 @@ def kernel_args_schema(leading, returns):
     return f"({leading}, {rest}) -> {returns}"
 
 
-def _fwd(q, k, v, *flat):
-    args = KernelArgs(*flat)
-    return (attn_fwd if args.cu_seqlens_q is None else varlen_fwd)(q, k, v, args)
+def _fwd(q, k, v, *flat, plans=None):
+    """The forward launchers for the `KernelArgs` fields `flat`; `plans`: see `run`."""
+    args = KernelArgs._make(flat)
+    if args.cu_seqlens_q is not None:
+        return varlen_fwd(q, k, v, args)
+    return attn_fwd(q, k, v, args, plans=plans)
 
 
 def _fwd_fake(q, k, v, *flat):
@@ -48,11 +52,12 @@ def _fwd_fake(q, k, v, *flat):
     return empty_like_q(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
-    args = KernelArgs(*flat)
+def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat, plans=None):
+    """The backward launchers for the `KernelArgs` fields `flat`; `plans`: see `run`."""
+    args = KernelArgs._make(flat)
     if args.cu_seqlens_q is not None:
         return varlen_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args)
-    return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args, mask_grad=mask_grad)
+    return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args, mask_grad=mask_grad, plans=plans)
 
 
 def _bwd_fake(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
@@ -76,36 +81,40 @@ attention_bwd = torch.library.custom_op(
 attention_bwd.register_fake(_bwd_fake)
 
 
-_MASK, _SINKS = (KERNEL_ARG_NAMES.index(name) for name in ("mask", "sinks"))
-
-
 class FusedAttention(torch.autograd.Function):
-    """Saves q, k, v, out and lse_log2 (plus the tensors among the `KernelArgs`: the caller's mask,
-    slopes, sinks and the seed): no [Lq, Lk] tensor. Returns the natural-log LSE."""
+    """Saves q, k, v, out and lse_log2, and the tensors among the `KernelArgs` `args` (the caller's
+    mask, slopes, sinks and the seed): no [Lq, Lk] tensor. Returns the log2 LSE (`run` converts it).
+    The mask and the sinks, the arguments with a gradient, come first on their own; `args` after them
+    as one argument (each argument of `apply` costs host time). `plans`: see `run`; None while
+    torch.compile traces, which then records the custom ops."""
 
     @staticmethod
-    def forward(ctx, q, k, v, *flat):
-        out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *flat)
-        ctx.save_for_backward(q, k, v, out, lse_log2, *(x for x in flat if isinstance(x, Tensor)))
-        ctx.is_tensor = tuple(isinstance(x, Tensor) for x in flat)
-        ctx.flat = tuple(None if t else x for x, t in zip(flat, ctx.is_tensor))
+    def forward(ctx, q, k, v, mask, sinks, plans, args):
+        if plans is None:
+            out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *args)
+        else:
+            out, lse_log2 = _fwd(q, k, v, *args, plans=plans)
+        ctx.save_for_backward(q, k, v, out, lse_log2, *(x for x in args if isinstance(x, Tensor)))
+        ctx.is_tensor = tuple(isinstance(x, Tensor) for x in args)
+        ctx.args = tuple(None if t else x for x, t in zip(args, ctx.is_tensor))
+        ctx.plans = plans
         ctx.set_materialize_grads(False)  # an unused lse passes None, not a tensor of zeros
-        return out, lse_log2 * LN2
+        return out, lse_log2
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse_log2):
         q, k, v, out, lse_log2, *tensors = ctx.saved_tensors
         tensors = iter(tensors)
-        flat = tuple(next(tensors) if t else x for x, t in zip(ctx.flat, ctx.is_tensor))
+        args = tuple(next(tensors) if t else x for x, t in zip(ctx.args, ctx.is_tensor))
         if dout is None:  # only the lse was used
             dout = torch.zeros_like(out)
-        dlse_log2 = None if dlse is None else dlse * LN2
-        mask_grad = ctx.needs_input_grad[3 + _MASK]
-        dq, dk, dv, dmask, dsinks = torch.ops.attn_ops.attention_bwd(dout, dlse_log2, q, k, v, out, lse_log2,
-                                                                     mask_grad, *flat)
-        grads = [None] * len(flat)
-        grads[_MASK], grads[_SINKS] = dmask, dsinks
-        return dq, dk, dv, *grads
+        mask_grad = ctx.needs_input_grad[3]
+        if ctx.plans is None:
+            grads = torch.ops.attn_ops.attention_bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *args)
+        else:
+            grads = _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *args, plans=ctx.plans)
+        dq, dk, dv, dmask, dsinks = grads
+        return dq, dk, dv, dmask, dsinks, None, None
 
 
 def not_supported_reasons(problem):
@@ -122,8 +131,24 @@ def not_supported_reasons(problem):
 
 
 def run(q, k, v, problem):
-    """(out, lse) through the kernels; the `KernelArgs` fields are the `Problem`'s of the same names."""
-    return FusedAttention.apply(q, k, v, *_kernel_args(problem).flat())
+    """(out, lse) through the kernels; the `KernelArgs` fields are the `Problem`'s of the same names.
+    The natural-log lse only where the caller asked for it (None otherwise: no conversion), and no
+    autograd node where nothing needs a gradient.
+
+    In eager mode the launchers run directly, with the Problem's `plans` (tiles, grids and launch
+    arguments made by the first call with the same static parts): the custom-op layer alone would
+    cost more host time than the rest of the call. While torch.compile traces, the custom ops run,
+    so that graphs record them (with their fakes).
+    """
+    args = _kernel_args(problem)
+    plans = None if torch.compiler.is_compiling() else problem.plans
+    if problem.requires_grad:
+        out, lse_log2 = FusedAttention.apply(q, k, v, args.mask, args.sinks, plans, args)
+    elif plans is None:
+        out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *args)
+    else:
+        out, lse_log2 = _fwd(q, k, v, *args, plans=plans)
+    return out, lse_log2 * LN2 if problem.return_lse else None
 
 
 # One block of keys at a time, for ring attention (`attn_ops.ring`): float32 partial results whose
@@ -145,4 +170,4 @@ def block_grads(dout, dlse_log2, q, k, v, out, lse_log2, problem):
 
 
 def _kernel_args(problem):
-    return KernelArgs(*(getattr(problem, name) for name in KERNEL_ARG_NAMES))
+    return KernelArgs._make(getattr(problem, name) for name in KERNEL_ARG_NAMES)

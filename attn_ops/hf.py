@@ -119,15 +119,16 @@ def attention_forward(
         mask, causal = attention_mask, False
     if position_bias is not None:
         mask = _with_bias(mask, position_bias)
-    cache_seqlens = None if position_bias is not None else _decoding_lengths(query, key, value, s_aux, attention_mask,
-                                                                           dropout)
-    if cache_seqlens is not None:
-        out = attention_with_kvcache(query, key, value, cache_seqlens, scale=scaling, softcap=softcap, sinks=s_aux)
+    decoding = None if position_bias is not None else _decoding_step(query, key, value, s_aux, attention_mask, dropout)
+    if decoding is not None:
+        cache_seqlens, key_mask = decoding
+        out = attention_with_kvcache(query, key, value, cache_seqlens, key_mask=key_mask, scale=scaling,
+                                     softcap=softcap, sinks=s_aux)
         return out.transpose(1, 2).contiguous(), None
     cu_seqlens = None if position_bias is not None else _packed_sequences(query, key, attention_mask, is_causal, kwargs)
     if cu_seqlens is not None:
         out = varlen_attention(
-            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_seqlens, cu_seqlens,
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), *cu_seqlens,
             causal=bool(is_causal), scale=scaling, softcap=softcap, sinks=s_aux, dropout_p=dropout,
         )
         return out[None], None
@@ -150,39 +151,28 @@ def _with_bias(mask, bias):
     return bias + mask
 
 
-# Each key mask of a decoding step -> (its version when checked, the number of keys each row sees or
-# None where they are not a prefix).
-_checked_prefixes = WeakIdKeyDictionary()
-
-
-def _decoding_lengths(query, key, value, sinks, attention_mask, dropout):
-    """For a decoding step (one query per row, no dropout, nothing needing a gradient) whose rows each
-    see a prefix of the cache: how many keys (an int when all of them, else int32 [B]); else None.
+def _decoding_step(query, key, value, sinks, attention_mask, dropout):
+    """For a decoding step (one query per row, no dropout, nothing needing a gradient): the
+    `attention_with_kvcache` arguments (cache_seqlens, key_mask) over the layer's keys; else None.
 
     Without a mask every key is seen (a dynamic cache with no padding). A bool key mask (``[B, Lk]``
-    or ``[B, 1, 1, Lk]``: a static cache's unused tail is masked) is checked once per decoding step
-    (the layers share it), in eager mode only: left padding is not a prefix, and takes the dense path,
-    as does every mask under torch.compile, where the check would break the graph.
+    or ``[B, 1, 1, Lk]``: a generation's padding, a static cache's unused tail) goes to the kernels as
+    it is, and each row's keys past its last visible one are not visited at all: their count comes
+    from the mask on the device. Nothing is read on the host, so this holds under torch.compile too
+    (transformers compiles static-cache generation).
     """
     batch, _, len_q, _ = query.shape
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, sinks))
     if len_q != 1 or dropout or needs_grad:
         return None
     if attention_mask is None:
-        return key.shape[2]
-    shape = tuple(attention_mask.shape)
-    if (attention_mask.dtype != torch.bool or shape not in ((batch, key.shape[2]), (batch, 1, 1, key.shape[2]))
-            or torch.compiler.is_compiling()):
+        return key.shape[2], None
+    if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) not in ((batch, key.shape[2]),
+                                                                                  (batch, 1, 1, key.shape[2])):
         return None
-    # Keyed by the mask object and its version: a mask updated in place is checked again.
-    checked = _checked_prefixes.get(attention_mask)
-    if checked is None or checked[0] != attention_mask._version:
-        keys = attention_mask.reshape(batch, key.shape[2])
-        lengths = keys.sum(-1)
-        prefix = torch.equal(keys, torch.arange(keys.shape[1], device=keys.device) < lengths[:, None])
-        checked = (attention_mask._version, lengths.int() if prefix else None)
-        _checked_prefixes[attention_mask] = checked
-    return checked[1]
+    key_mask = attention_mask.reshape(batch, key.shape[2])
+    positions = torch.arange(1, key.shape[2] + 1, device=key_mask.device)
+    return (key_mask * positions).amax(-1).int(), key_mask  # one past each row's last visible key
 
 
 # Each mask transformers built for a packed row -> (the position_ids, causality and mask version it was
@@ -191,48 +181,47 @@ _checked_masks = WeakIdKeyDictionary()
 
 
 def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
-    """int32 cu_seqlens of a packed row, or None when the call is not one (or its mask says more)."""
+    """(cu_seqlens_q, cu_seqlens_k) int32 of a packed row, or None when the call is not one (or its
+    mask says more).
+
+    flash-attn's keywords ``cu_seq_lens_q``/``cu_seq_lens_k`` (`DataCollatorWithFlattening` with
+    ``return_flash_attn_kwargs=True``) are taken as they are, read by the kernels only, as
+    transformers' flash-attention path takes them. Without them, a row whose ``position_ids`` restart
+    is packed only where transformers' mask says exactly "each token sees its own sequence's (earlier)
+    tokens": finding the sequences and comparing the mask read values on the host, once per forward
+    (the layers share the mask object); the keywords avoid that read.
+    """
     length = query.shape[2]
     if query.shape[0] != 1 or key.shape[2] != length or length < 2:
         return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        return cu_q.to(torch.int32), cu_k.to(torch.int32)
     position_ids = kwargs.get("position_ids")
-    explicit = kwargs.get("cu_seq_lens_q") is not None  # flash-attn's keywords, from the caller
-    if explicit:
-        cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
-        if cu_k is None or not torch.equal(cu_q, cu_k):
-            return None
-        cu_seqlens = cu_q.to(torch.int32)
-    elif position_ids is not None and position_ids.numel() == length:
-        # Each sequence starts where the position equals the row's first (0, or 2 in RoBERTa-like models).
-        positions = position_ids.reshape(-1)
-        starts = (positions == positions[0]).nonzero().view(-1)
-        if starts.numel() < 2:
-            return None  # a single sequence: the dense call is the same work
-        cu_seqlens = torch.cat([starts, starts.new_tensor([length])]).to(torch.int32)
-    else:
-        return None
-    if attention_mask is None:
+    if attention_mask is None or position_ids is None or position_ids.numel() != length:
         # transformers detects packing only without a cache, and then always builds a mask: no mask
-        # means one sequence, unless the caller said otherwise through cu_seq_lens.
-        return cu_seqlens if explicit else None
+        # means one sequence.
+        return None
     checked = _checked_masks.get(attention_mask)
     key = (position_ids, bool(is_causal), attention_mask._version)
     if checked is None or checked[0] is not key[0] or checked[1:3] != key[1:]:
-        within = _is_within_sequences(attention_mask, cu_seqlens, is_causal)
-        checked = (*key, cu_seqlens if within else None)
+        checked = (*key, _sequences_the_mask_keeps_apart(attention_mask, position_ids.reshape(-1), is_causal))
         _checked_masks[attention_mask] = checked
-    return checked[3]
+    return None if checked[3] is None else (checked[3], checked[3])
 
 
-def _is_within_sequences(mask, cu_seqlens, causal):
-    """Whether a bool [1, 1, L, L] mask lets each token see exactly its own sequence's tokens (the
-    earlier ones where `causal`)."""
-    length = cu_seqlens[-1].item()
-    if mask.dtype != torch.bool or tuple(mask.shape) != (1, 1, length, length):
-        return False
-    ids = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=mask.device),
+def _sequences_the_mask_keeps_apart(mask, positions, causal):
+    """int32 cu_seqlens of the sequences `positions` packs (each starting where the position equals the
+    row's first: 0, or 2 in RoBERTa-like models), if there are several and a bool [1, 1, L, L] mask
+    lets each token see exactly its own sequence's tokens (the earlier ones where `causal`); else None."""
+    length = positions.numel()
+    starts = (positions == positions[0]).nonzero().view(-1)
+    if starts.numel() < 2 or mask.dtype != torch.bool or tuple(mask.shape) != (1, 1, length, length):
+        return None  # a single sequence: the dense call is the same work
+    cu_seqlens = torch.cat([starts, starts.new_tensor([length])]).to(torch.int32)
+    ids = torch.repeat_interleave(torch.arange(starts.numel(), device=mask.device),
                                   (cu_seqlens[1:] - cu_seqlens[:-1]).to(mask.device))
     expected = ids[:, None] == ids[None, :]
     if causal:
         expected = expected.tril()
-    return torch.equal(mask[0, 0], expected)
+    return cu_seqlens if torch.equal(mask[0, 0], expected) else None

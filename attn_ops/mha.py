@@ -45,9 +45,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 "query, key and value must all be 3-D (batched) or 2-D (unbatched); got "
                 f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
             )
+        if not isinstance(is_causal, bool):  # a truthy "False" must not turn on a causal mask
+            raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+        for name, x, size in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if x.shape[-1] != size:
+                raise ValueError(f"{name}'s last dimension must be {size} (this module's "
+                                 f"{'embed_dim' if name == 'query' else name[0] + 'dim'}), got shape {tuple(x.shape)}")
         if is_causal and attn_mask is None:
             raise ValueError("is_causal=True is a hint that attn_mask is the causal mask; attn_mask must be given")
-        causal = bool(is_causal) and key_padding_mask is None and not need_weights
+        causal = is_causal and key_padding_mask is None and not need_weights
         if causal:
             attn_mask = None  # as in torch: the op's own causal rule replaces the hinted mask
         self_attention = query is key and key is value

@@ -5,15 +5,16 @@ A new argument is a field here, its check in `checks.py`, and its use in the imp
 take it; implementations that cannot take it say so in their `not_supported_reasons`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import torch
 
 from .band import band_rules
 from .checks import (KVCACHE_NAMES, OP_NAMES, VARLEN_NAMES, check_alibi_slopes, check_cache_inputs,
-                     check_cache_lengths, check_cu_seqlens, check_dropout, check_mask, check_qkv, check_return_lse,
-                     check_scale, check_sinks, check_softcap)
+                     check_cache_lengths, check_cu_seqlens, check_cu_seqlens_values, check_dropout, check_key_mask,
+                     check_mask, check_qkv, check_return_lse, check_scale, check_sinks, check_softcap)
+from .kernels.precision import tf32_allowed
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Problem:
     names: Mapping[str, str]  # each argument as the caller spelled it, for error messages
     cu_seqlens_q: Optional[torch.Tensor] = None  # packed: int32 [B + 1], sequence b's rows cu[b]:cu[b + 1]
     cu_seqlens_k: Optional[torch.Tensor] = None
+    # What implementations derive from the call's static parts (tiles, grids, launch arguments), made
+    # by the first call with those parts and shared by every later one (`describe`); a Problem made
+    # any other way (dataclasses.replace too) starts with its own, empty.
+    plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def diagonal_shift(self):
@@ -64,7 +69,68 @@ class Problem:
 
 def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, softcap=None,
              alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, return_lse=False, names=OP_NAMES):
-    """Checks every argument (errors name them as `names` spells them) and returns the `Problem`."""
+    """Checks every argument (errors name them as `names` spells them) and returns the `Problem`.
+
+    The checks read only the arguments' static parts (types, shapes, strides, dtypes, devices, the
+    rules' values), so a call whose static parts equal an earlier call's reuses its checks and gets
+    its Problem with this call's tensors (`_described`): the host time of a repeated call is a few
+    microseconds, not the tens the checks take.
+    """
+    key = _static_key((q, k, v, mask, alibi_slopes, sinks), (causal, window, align, scale, softcap, dropout_p,
+                                                             seed is None, return_lse, id(names)), q, k, v)
+    return _described(key, dict(mask=mask, alibi_slopes=alibi_slopes, sinks=sinks), seed, lambda: _describe(
+        q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale, softcap=softcap,
+        alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse, names=names))
+
+
+_DESCRIBED = {}  # a call's static key -> the Problem of the first call with it
+MAX_DESCRIBED = 1024
+
+
+def _static_key(tensors, values, *operands):
+    """The static parts of a call's arguments as a dict key: `tensors` (tensor arguments, or None) by
+    shape, strides, dtype, device, layout and whether they require grad, never their values;
+    `values` and anything else by type and value (True is not 1 to the checks); grad mode; and what
+    the plans depend on besides: whether each of the `operands` sits on a 16-byte boundary (TMA), and
+    torch's TF32 switch for float32. None under torch.compile, which traces the checks once."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return (tuple((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor)
+                      else (type(t), t) for t in tensors),
+                tuple(map(type, values)), values, torch.is_grad_enabled(),
+                tuple(t.data_ptr() % 16 == 0 for t in operands), operands[0].dtype == torch.float32 and tf32_allowed())
+    except (AttributeError, RuntimeError):  # not a tensor, or a sparse one (no strides): the checks refuse it
+        return None
+
+
+def _described(key, tensors, seed, describe_now):
+    """The Problem of a call with static parts `key` and these `tensors` (fields by name), its dropout
+    seed made from `seed` for this call (a Problem's; None for a CacheProblem, which has no dropout);
+    `describe_now()` checks and describes a call seen first."""
+    try:
+        template = None if key is None else _DESCRIBED.get(key)
+    except TypeError:  # an unhashable argument (a list, say): such calls take the checks every time
+        template = key = None
+    if template is None:
+        problem = describe_now()
+        if key is not None:
+            if len(_DESCRIBED) >= MAX_DESCRIBED:
+                _DESCRIBED.clear()
+            _DESCRIBED[key] = problem  # it keeps `names` alive, whose id the key holds
+        return problem
+    if seed is not None:  # the key holds only that a seed was given
+        check_dropout(template.dropout_p, seed, template.names)
+    # A frozen dataclass copied field by field, without __init__'s per-field setattr.
+    problem = object.__new__(type(template))
+    vars(problem).update(vars(template), **tensors)
+    if isinstance(template, Problem):
+        vars(problem)["seed"] = dropout_seed(seed, template.device) if template.dropout_p > 0 else None
+    return problem
+
+
+def _describe(q, k, v, *, mask, causal, window, align, scale, softcap, alibi_slopes, sinks, dropout_p, seed,
+              return_lse, names):
     check_qkv(q, k, v, names)
     check_mask(mask, q, k, names)
     (batch, _, len_q, _), len_k = q.shape, k.shape[2]
@@ -76,7 +142,22 @@ def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale
 def describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
                     window=None, align=None, scale=None, softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0,
                     seed=None, return_lse=False, names=VARLEN_NAMES):
-    """`describe` for packed sequences (`attn_ops.varlen_attention`)."""
+    """`describe` for packed sequences (`attn_ops.varlen_attention`), the cu_seqlens' values checked
+    only under `checked_values`."""
+    key = _static_key((q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks),
+                      (max_seqlen_q, max_seqlen_k, causal, window, align, scale, softcap, dropout_p, seed is None,
+                       return_lse, id(names)), q, k, v)
+    problem = _described(key, dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes,
+                                   sinks=sinks), seed, lambda: _describe_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
+        window=window, align=align, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+        dropout_p=dropout_p, seed=seed, return_lse=return_lse, names=names))
+    check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k, names)
+    return problem
+
+
+def _describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k, causal, window, align, scale,
+                     softcap, alibi_slopes, sinks, dropout_p, seed, return_lse, names):
     check_qkv(q, k, v, names, packed=True)
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k, names)
     # Lq = Lk = 0: the band relative to each sequence's own diagonal, wherever `align` puts it.
@@ -111,7 +192,8 @@ def dropout_seed(seed, device):
     from torch's default generator there (so torch.manual_seed replays it, with no host sync)."""
     if seed is None:
         return torch.randint(2**62, (1,), device=device)
-    return torch.tensor([seed], dtype=torch.int64, device=device)
+    # Filled on the device: torch.tensor([seed]) would be a synchronous host-to-device copy.
+    return torch.full((1,), seed, dtype=torch.int64, device=device)
 
 
 @dataclass(frozen=True)
@@ -131,6 +213,7 @@ class CacheProblem:
     device: torch.device
     cache_seqlens: torch.Tensor  # int32 [B] on q's device (an int argument becomes one)
     block_table: Optional[torch.Tensor]  # None: a dense cache [B, Hkv, L_max, D]; else int32 [B, max_blocks]
+    key_mask: Optional[torch.Tensor]  # None or bool [B, capacity]: True = may attend, by position in the sequence
     causal: bool
     window: Optional[tuple]  # None or (left, right), a side None where unbounded
     band_lo: Optional[int]  # relative to each query's position: it sees key j iff pos + lo <= j <= pos + hi
@@ -142,15 +225,35 @@ class CacheProblem:
     return_lse: bool
     num_splits: Optional[int]  # None: chosen from the GPU, the batch, the heads and the capacity
     names: Mapping[str, str]
+    plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # as Problem's
 
 
-def describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None, causal=False,
-                   window=None, scale=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False,
-                   num_splits=None, names=KVCACHE_NAMES):
-    """Checks every argument of `attn_ops.attention_with_kvcache` and returns its `CacheProblem`."""
+def describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None, key_mask=None,
+                   causal=False, window=None, scale=None, softcap=None, alibi_slopes=None, sinks=None,
+                   return_lse=False, num_splits=None, names=KVCACHE_NAMES):
+    """Checks every argument of `attn_ops.attention_with_kvcache` and returns its `CacheProblem`, as
+    `describe` does (an int `cache_seqlens` is part of the static key: its tensor is made once); the
+    values of a tensor `cache_seqlens` and of the block table only under `checked_values`."""
+    given = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    key = _static_key((q, k_cache, v_cache, given, k_new, v_new, block_table, key_mask, alibi_slopes, sinks),
+                      (cache_seqlens if given is None else None, causal, window, scale, softcap, return_lse,
+                       num_splits, id(names)), q, k_cache, v_cache)
+    tensors = dict(block_table=block_table, key_mask=key_mask, alibi_slopes=alibi_slopes, sinks=sinks)
+    if given is not None:
+        tensors["cache_seqlens"] = given
+    problem = _described(key, tensors, None, lambda: _describe_cache(
+        q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, block_table=block_table, key_mask=key_mask,
+        causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+        return_lse=return_lse, num_splits=num_splits, names=names))
+    check_cache_lengths(cache_seqlens, problem.len_new, block_table, k_cache, names)
+    return problem
+
+
+def _describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new, v_new, block_table, key_mask, causal, window,
+                    scale, softcap, alibi_slopes, sinks, return_lse, num_splits, names):
     len_new = check_cache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, causal,
                                  num_splits, names)
-    check_cache_lengths(cache_seqlens, len_new, block_table, k_cache, names)
+    check_key_mask(key_mask, q, k_cache, block_table, names)
     check_alibi_slopes(alibi_slopes, q, q.shape[0], names)
     check_sinks(sinks, q, names)
     check_return_lse(return_lse, names)
@@ -160,7 +263,7 @@ def describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None
     return CacheProblem(
         batch=q.shape[0], heads_q=q.shape[1], heads_kv=k_cache.shape[1], len_q=q.shape[2], len_new=len_new,
         head_dim=q.shape[-1], head_dim_v=v_cache.shape[-1], dtype=q.dtype, device=q.device,
-        cache_seqlens=cache_seqlens, block_table=block_table, causal=bool(causal), window=window, band_lo=band_lo,
+        cache_seqlens=cache_seqlens, block_table=block_table, key_mask=key_mask, causal=bool(causal), window=window, band_lo=band_lo,
         band_hi=band_hi, scale=check_scale(scale, q.shape[-1], names), softcap=check_softcap(softcap, names),
         alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, num_splits=num_splits, names=names,
     )

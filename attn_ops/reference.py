@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .band import band_rules
-from .cache import sequence_rows
+from .cache import append, sequence_rows
 from .checks import check_scale
 from .kernels.layout import empty_like_q, memory_order
 from .problem import describe
@@ -120,9 +120,13 @@ def _run_packed(q, k, v, problem):
     return out, torch.cat(lses, dim=1) if problem.return_lse else None
 
 
-def run_cache(q, k_cache, v_cache, problem):
-    """A `CacheProblem` one sequence at a time: its keys read out of the cache (`cache.sequence_rows`),
-    then a dense call of batch 1 aligned bottom-right. (out, natural-log lse)."""
+def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
+    """A `CacheProblem`: the new tokens appended (`cache.append`), then one sequence at a time: its keys
+    read out of the cache (`cache.sequence_rows`), then a dense call of batch 1 aligned bottom-right.
+    (out, natural-log lse). Reads the lengths on the host: the reference is the tests' truth and the
+    CPU path, not a GPU's."""
+    if problem.len_new:
+        append(k_cache, v_cache, k_new, v_new, problem)
     lengths = (problem.cache_seqlens + problem.len_new).tolist()
     outs, lses = [], []
     for b, length in enumerate(lengths):
@@ -132,6 +136,7 @@ def run_cache(q, k_cache, v_cache, problem):
             q[b : b + 1], k_b, v_b, causal="bottom_right" if problem.causal else False, window=problem.window,
             align="bottom_right", scale=problem.scale, softcap=problem.softcap, sinks=problem.sinks,
             alibi_slopes=slopes[b] if slopes is not None and slopes.dim() == 2 else slopes, return_lse=True,
+            mask=None if problem.key_mask is None else problem.key_mask[b, :length],
         )
         out, lse = run(q[b : b + 1], k_b, v_b, sequence)
         outs.append(out)

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .checks import check_causal
+from .checks import check_causal, values_checked
 from .dispatch import choose
 from .problem import describe
 
@@ -61,9 +61,10 @@ def ring_attention(q, k, v, *, group=None, causal=False, layout="zigzag", scale=
         this rank's shard of the output ``[B, Hq, L / W, Dv]`` in q's dtype, or ``(out, lse)``.
 
     Runs the fused kernels on CUDA and the reference elsewhere (the kernels through the interpreter
-    inside ``attn_ops.use_backend("triton")``). Every call first checks, with one small all-gather,
-    that all ranks hold shards of one shape and ask for the same layout and causal rule: a mismatch
-    would otherwise hang the ring or mix unrelated data.
+    inside ``attn_ops.use_backend("triton")``). Inside ``attn_ops.checked_values()`` each call first
+    checks, with one small all-gather read on the host, that all ranks hold shards of one shape and
+    ask for the same layout and causal rule (a mismatch would hang the ring or mix unrelated data);
+    outside, that is trusted, so a call never waits for the GPU.
     """
     for name in options:
         if name not in NOT_SUPPORTED:
@@ -78,8 +79,9 @@ def ring_attention(q, k, v, *, group=None, causal=False, layout="zigzag", scale=
     if causal and layout == "zigzag" and problem.len_q % 2:
         raise ValueError(f"a zigzag shard is two equal chunks, so its length must be even; q has {problem.len_q} "
                          f"positions (shard the sequence with shard_sequence)")
-    ring.check_same_everywhere("q, k, v", [*q.shape, *k.shape, v.shape[-1], causal, LAYOUTS.index(layout)],
-                               "shapes, layout and causal", q.device)
+    if values_checked():  # an all-gather and a host read: on request only (attn_ops.checked_values)
+        ring.check_same_everywhere("q, k, v", [*q.shape, *k.shape, v.shape[-1], causal, LAYOUTS.index(layout)],
+                                   "shapes, layout and causal", q.device)
     engine = choose(problem, "auto")
     out, lse = RingAttention.apply(q, k, v, ring, engine, causal, problem.scale)
     return (out, lse) if return_lse else out
@@ -109,7 +111,8 @@ def gather_sequence(x, *, group=None, layout="zigzag", dim=2):
     dim = _check_sequence_dim(x, dim)
     if ring.chunks_per_rank == 2 and x.shape[dim] % 2:
         raise ValueError(f"x has {x.shape[dim]} positions along dim {dim}: a zigzag shard is two equal chunks")
-    ring.check_same_everywhere("x", list(x.shape), "shape", x.device)
+    if values_checked():
+        ring.check_same_everywhere("x", list(x.shape), "shape", x.device)
     return _GatherSequence.apply(x, ring, dim)
 
 

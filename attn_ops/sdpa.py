@@ -30,7 +30,9 @@ def scaled_dot_product_attention(
     gives zeros. Dropout draws its seed from torch's default generator, so ``torch.manual_seed``
     makes it repeatable.
     """
-    causal = bool(is_causal)
+    if not isinstance(is_causal, bool):  # a truthy "False" must not turn on a causal mask
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    causal = is_causal
     if isinstance(attn_mask, CausalBias):
         causal, attn_mask = _causal_rule(attn_mask, query, key, is_causal), None
     _check_rank(query, key, value, attn_mask)

@@ -7,10 +7,11 @@ import triton
 import triton.language as tl
 
 from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_rows, _load_tile, _masked_scores,
-                          _program_block, _rounded, _row_stats, _segment, _store_rows, _store_tile, _visible_blocks,
-                          _wide)
-from .attn_launch import descriptors, launch_args, uses_tma
-from .config import head_dim_pad, tile_config
+                          _program_block, _rounded, _row_stats, _score_operand, _segment, _store_rows, _store_tile,
+                          _visible_blocks, _wide)
+from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
+                          on_inputs_device, remembered, tma_allowed, uses_tma)
+from .config import cdiv, head_dim_pad, tile_config
 
 
 @triton.jit
@@ -43,7 +44,7 @@ def _score_grads(s, unit, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index
     """dL/d(final natural-log scores) of one tile (log2-domain scores ``s * unit``, as `_masked_scores`
     gives them), ``p * (dp - delta)``, dP seen through the dropout pattern."""
     p = tl.math.exp2(s * unit - lse2[:, None])
-    dp = _dot(do, v_t, INTERPRETED_BF16, INPUT_PRECISION)
+    dp = _dot(do, v_t, INPUT_PRECISION)
     if DROPOUT:
         keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
@@ -72,15 +73,15 @@ def _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, dO, Lse, Delta, mask_row_ptrs, alibi_l
                                               len_q, -band_hi, -band_lo, -diagonal_shift, qk_scale, softcap_log2,
                                               MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
         p_t = tl.math.exp2(s_t * unit - lse2[None, :])
-        dp_t = _dot(v, tl.trans(do), INTERPRETED_BF16, INPUT_PRECISION)
+        dp_t = _dot(v, tl.trans(do), INPUT_PRECISION)
         p_out = p_t
         if DROPOUT:  # O used the kept, rescaled probabilities: dV and dP see the same pattern
             keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p, True)
             p_out = tl.where(keep, p_t * dropout_scale, 0.0)
             dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
-        dv += _dot(_rounded(p_out, INTERPRETED_BF16).to(do.dtype), do, INTERPRETED_BF16, INPUT_PRECISION)
+        dv += _dot(_rounded(p_out, INTERPRETED_BF16).to(do.dtype), do, INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :]) * cap_slope  # cap_slope: through the softcap's tanh
-        dk += _dot(_rounded(ds_t, INTERPRETED_BF16).to(q_t.dtype), tl.trans(q_t), INTERPRETED_BF16, INPUT_PRECISION)
+        dk += _dot(_rounded(ds_t, INTERPRETED_BF16).to(q_t.dtype), tl.trans(q_t), INPUT_PRECISION)
     return dk, dv
 
 
@@ -103,7 +104,9 @@ def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, star
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    k = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM, False, TMA)
+    # k is the scores' first operand in these transposed tiles: it carries the scale's sign.
+    k = _score_operand(_load_rows(K, b, h_kv, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM, False,
+                                  TMA), qk_scale)
     v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V, False, TMA)
     seed = tl.load(Seed) if DROPOUT else 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -134,7 +137,9 @@ def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, star
                 INTERPRETED_BF16, TMA)
 
 
-@triton.jit
+# group_size must not become a constant when it is 1 (MHA): ptxas then serializes every wgmma of the
+# loop over the group (warning C7515), 40 fences per iteration instead of 6.
+@triton.jit(do_not_specialize=["group_size"])
 def _attn_bwd_dkdv(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -187,7 +192,7 @@ def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, 
                                             MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
         ds = _score_grads(s, unit, lse2, delta, do, v_t, seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p,
                           dropout_scale, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION) * cap_slope
-        dq += _dot(_rounded(ds, INTERPRETED_BF16).to(k_t.dtype), tl.trans(k_t), INTERPRETED_BF16, INPUT_PRECISION)
+        dq += _dot(_rounded(ds, INTERPRETED_BF16).to(k_t.dtype), tl.trans(k_t), INPUT_PRECISION)
     return dq
 
 
@@ -207,7 +212,8 @@ def _attn_bwd_dq_rows(Q, K, V, Mask, alibi_log2, Seed, dO, Lse, Delta, dQ, start
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA)
+    q = _score_operand(_load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA),
+                       qk_scale)
     do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V, False, TMA)
     lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
     mask_row_ptrs = Mask + _wide(offs_m)[:, None] * stride_mm
@@ -303,8 +309,8 @@ def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask,
             alibi_log2 = _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI)
             for start_m in range(m_first, m_stop, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
-                q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q,
-                               HEAD_DIM)
+                q = _score_operand(_load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
+                                              len_q, HEAD_DIM), qk_scale)
                 do = _load_tile(dO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, len_q,
                                 HEAD_DIM_V)
                 lse2, delta = _load_row_stats(_row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q),
@@ -338,8 +344,9 @@ def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask,
                 INTERPRETED_BF16)
 
 
+@on_inputs_device
 def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, config=None, grad_dtype=None,
-             tma=None):
+             tma=None, plans=None):
     """Launches the backward passes for `args` (a `KernelArgs`); returns (dq, dk, dv, dmask, dsinks):
     dq, dk, dv laid out like q, k, v, in ``grad_dtype`` (default the inputs'; float32 keeps partial
     gradients unrounded); dmask (with `mask_grad`, in the mask's shape and dtype) and dsinks (when
@@ -355,57 +362,91 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     same folded delta; no kernel needed.
 
     ``tma``: None reads and writes through tensor descriptors where `uses_tma`; False forces the
-    pointer path.
+    pointer path. ``plans``: as `attn_fwd`'s (the plan also depends on dO's layout).
     """
-    batch, num_heads_q, len_q, head_dim = q.shape
-    num_heads_kv, len_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
-    launch = launch_args(q, k, v.shape[-1], args)
     dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
-    if tma is None:  # one path for both passes: dK/dV and dQ share the head-dim limit
-        tma = uses_tma("dkdv", max(head_dim, head_dim_v), q, k, v, do, dq, dk, dv)
-    dkdv = tile_config(q, "dkdv", max(head_dim, head_dim_v), config, tma, launch.plain)
-    dq_tile = tile_config(q, "dq", max(head_dim, head_dim_v), config, tma, launch.plain)
-    common = dict(launch.constexprs, MASK_KIND=launch.mask_kind)
-    rules = (len_q, len_k, launch.band_lo, launch.band_hi, args.diagonal_shift, launch.qk_scale, launch.softcap_log2)
-    scalars = (num_heads_q, num_heads_q // num_heads_kv, *rules, args.scale, args.dropout_p, launch.dropout_scale)
-    delta = row_deltas(out, do, dlse_log2, dq_tile.block_m)
-    rows = dkdv.block_m, dkdv.block_n
-    q_d, k_d, v_d, do_d, dk_d, dv_d = descriptors(tma, (q, rows[0]), (k, rows[1]), (v, rows[1]), (do, rows[0]),
-                                                  (dk, rows[1]), (dv, rows[1]))
-    _attn_bwd_dkdv[(triton.cdiv(len_k, dkdv.block_n) * batch * num_heads_kv,)](
-        q_d, k_d, v_d, launch.mask, launch.alibi, launch.seed, do_d, lse_log2, delta, dk_d, dv_d,
-        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
-        *dk.stride(), *dv.stride(),
-        *scalars, **common, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, TMA=tma, num_warps=dkdv.num_warps,
-        num_stages=dkdv.num_stages,
-    )
-    rows = dq_tile.block_m, dq_tile.block_n
-    q_d, k_d, v_d, do_d, dq_d = descriptors(tma, (q, rows[0]), (k, rows[1]), (v, rows[1]), (do, rows[0]),
-                                            (dq, rows[0]))
-    _attn_bwd_dq[(triton.cdiv(len_q, dq_tile.block_m) * batch * num_heads_q,)](
-        q_d, k_d, v_d, launch.mask, launch.alibi, launch.seed, do_d, lse_log2, delta, dq_d,
-        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
-        *dq.stride(),
-        *scalars, **common, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, TMA=tma, num_warps=dq_tile.num_warps,
-        num_stages=dq_tile.num_stages,
-    )
-    dmask = _mask_grad(q, k, v, do, lse_log2, delta, args, launch, rules, dq_tile, common) if mask_grad else None
+    planned = None if plans is None else ("bwd", do.stride(), do.data_ptr() % 16 == 0)
+    plan = None if plans is None else plans.get(planned)
+    if plan is None:
+        plan = remembered(_PLANS, (launch_key(args, q, k, v, out, do, dq), config, tma),
+                          lambda: _plan(do, q, k, v, out, dq, dk, dv, args, config, tma))
+        if plans is not None:
+            plans[planned] = plan
+    copy_do, deltas, dkdv, dq_pass = plan
+    if copy_do:
+        do = do.contiguous()
+    delta = row_deltas(out, do, dlse_log2, dq_pass.block_m, deltas)
+    tensors = launch_tensors(q, args)
+    q_, k_, v_, do_, dk_, dv_ = descriptors(dkdv.layouts, q, k, v, do, dk, dv)
+    _attn_bwd_dkdv[dkdv.grid](q_, k_, v_, tensors.mask, tensors.alibi, tensors.seed, do_, lse_log2, delta, dk_, dv_,
+                              *dkdv.scalars, **dkdv.options)
+    q_, k_, v_, do_, dq_ = descriptors(dq_pass.layouts, q, k, v, do, dq)
+    _attn_bwd_dq[dq_pass.grid](q_, k_, v_, tensors.mask, tensors.alibi, tensors.seed, do_, lse_log2, delta, dq_,
+                               *dq_pass.scalars, **dq_pass.options)
+    dmask = _mask_grad(q, k, v, do, lse_log2, delta, args, tensors, dq_pass) if mask_grad else None
     dsinks = None if args.sinks is None else sink_grads(args.sinks, lse_log2, delta)
     return dq, dk, dv, dmask, dsinks
 
 
-def row_deltas(out, do, dlse_log2, block_m):
+_PLANS = {}
+
+
+def _plan(do, q, k, v, out, dq, dk, dv, args, config, tma):
+    """(whether dO is copied first, the row deltas' pass, the dK/dV pass, the dQ pass)."""
+    batch, num_heads_q, len_q, head_dim = q.shape
+    num_heads_kv, len_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    launch = launch_args(q, k, head_dim_v, args)
+    copy_do = False
+    if tma is None:  # one path for both passes: dK/dV and dQ share the head-dim limit
+        tma = uses_tma("dkdv", max(head_dim, head_dim_v), q, k, v, dq, dk, dv)
+        # out.sum().backward() passes a stride-0 expand the copy engine cannot read: one copy the
+        # size of out keeps the whole backward on its descriptors.
+        copy_do = tma and not tma_allowed(do)
+    if copy_do:
+        do = do.contiguous()  # once, for the plan's layouts; each call copies its own
+    strides = (*q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride())
+    scalars = (num_heads_q, num_heads_q // num_heads_kv, len_q, len_k, launch.band_lo, launch.band_hi,
+               args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.scale, args.dropout_p,
+               launch.dropout_scale)
+    common = dict(launch.constexprs, MASK_KIND=launch.mask_kind, TMA=tma)
+
+    def pass_plan(kernel, grid_rows, block_rows, outputs):
+        tile = tile_config(q, kernel, max(head_dim, head_dim_v), config, tma, launch.plain)
+        rows = {"queries": tile.block_m, "keys": tile.block_n}
+        return PassPlan(
+            grid=(cdiv(grid_rows, rows[block_rows]) * batch * (num_heads_kv if kernel == "dkdv" else num_heads_q),),
+            block_m=tile.block_m,
+            block_n=tile.block_n,
+            layouts=descriptor_layouts(tma, (q, rows["queries"]), (k, rows["keys"]), (v, rows["keys"]),
+                                       (do, rows["queries"]), *((t, rows[r]) for t, r in outputs)),
+            scalars=(*strides, *(stride for t, _ in outputs for stride in t.stride()), *scalars),
+            options=dict(common, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
+                         num_stages=tile.num_stages),
+        )
+
+    # dK/dV: a program per block of keys (of a kv head); dQ: per block of queries.
+    dq_pass = pass_plan("dq", len_q, "queries", ((dq, "queries"),))
+    return (copy_do, row_deltas_plan(out, do, dq_pass.block_m),
+            pass_plan("dkdv", len_k, "keys", ((dk, "keys"), (dv, "keys"))), dq_pass)
+
+
+def row_deltas(out, do, dlse_log2, block_m, plan=None):
     """delta = rowsum(dO * O) - dlse (the LSE's gradient folded in, see `attn_bwd`), [B, Hq, L]
-    float32 for out and do [B, Hq, L, Dv] (any strides) and dlse_log2 [B, Hq, L] or None."""
-    batch, num_heads_q, len_q, head_dim_v = out.shape
-    delta = torch.empty((batch, num_heads_q, len_q), device=out.device, dtype=torch.float32)
-    _attn_bwd_preprocess[(triton.cdiv(len_q, block_m) * batch * num_heads_q,)](
-        out, do, delta, *out.stride(), *do.stride(), num_heads_q, len_q,
-        HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_pad(head_dim_v), BLOCK_M=block_m,
-    )
+    float32 for out and do [B, Hq, L, Dv] (any strides) and dlse_log2 [B, Hq, L] or None, in blocks
+    of `block_m` rows; `plan`: `row_deltas_plan`'s for these layouts, if made already."""
+    plan = plan or row_deltas_plan(out, do, block_m)
+    delta = out.new_empty(out.shape[:3], dtype=torch.float32)
+    _attn_bwd_preprocess[plan.grid](out, do, delta, *plan.scalars, **plan.options)
     if dlse_log2 is not None:
         delta -= dlse_log2 * LOG2E.value
     return delta
+
+
+def row_deltas_plan(out, do, block_m):
+    batch, num_heads_q, len_q, head_dim_v = out.shape
+    return PassPlan(grid=(cdiv(len_q, block_m) * batch * num_heads_q,), block_m=block_m, block_n=0, layouts=(),
+                    scalars=(*out.stride(), *do.stride(), num_heads_q, len_q),
+                    options=dict(HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_pad(head_dim_v), BLOCK_M=block_m))
 
 
 def sink_grads(sinks, lse_log2, delta):
@@ -415,21 +456,24 @@ def sink_grads(sinks, lse_log2, delta):
     return -(p_sink.nan_to_num(0.0) * delta).sum((0, 2)).to(sinks.dtype)
 
 
-def _mask_grad(q, k, v, do, lse_log2, delta, args, launch, rules, tile, common):
-    """The float mask's gradient in its own shape and dtype (`_attn_bwd_dmask`); `rules` are the
-    score arguments every backward pass takes, from len_q to softcap_log2."""
+def _mask_grad(q, k, v, do, lse_log2, delta, args, tensors, dq_pass):
+    """The float mask's gradient in its own shape and dtype (`_attn_bwd_dmask`), on the dQ pass's tiles
+    with its score arguments."""
     batch, num_heads_q, len_q, _ = q.shape
     len_k = k.shape[2]
     shape = (1,) * (4 - args.mask.dim()) + tuple(args.mask.shape)
     dmask = torch.empty(shape, dtype=args.mask.dtype, device=q.device)
     rows_summed, cols_summed = shape[2] == 1, shape[3] == 1
-    tiles = (1 if rows_summed else triton.cdiv(len_q, tile.block_m)) * (1 if cols_summed else triton.cdiv(len_k, tile.block_n))
+    tiles = ((1 if rows_summed else cdiv(len_q, dq_pass.block_m))
+             * (1 if cols_summed else cdiv(len_k, dq_pass.block_n)))
+    launch = launch_args(q, k, v.shape[-1], args)
+    options = {name: value for name, value in dq_pass.options.items() if name != "TMA"}
     if dmask.numel():
         _attn_bwd_dmask[(shape[0] * shape[1] * tiles,)](
-            q, k, v, launch.mask, launch.alibi, launch.seed, do, lse_log2, delta, dmask,
+            q, k, v, tensors.mask, tensors.alibi, tensors.seed, do, lse_log2, delta, dmask,
             *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
-            *dmask.stride(), shape[0], shape[1], batch, num_heads_q, num_heads_q // k.shape[1], *rules, args.dropout_p,
-            launch.dropout_scale, **common, ROWS_SUMMED=rows_summed, COLS_SUMMED=cols_summed, BLOCK_M=tile.block_m,
-            BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
+            *dmask.stride(), shape[0], shape[1], batch, num_heads_q, num_heads_q // k.shape[1], len_q, len_k,
+            launch.band_lo, launch.band_hi, args.diagonal_shift, launch.qk_scale, launch.softcap_log2,
+            args.dropout_p, launch.dropout_scale, **options, ROWS_SUMMED=rows_summed, COLS_SUMMED=cols_summed,
         )
     return dmask.view(args.mask.shape)

@@ -7,11 +7,13 @@ replaces ``exp`` (exp2 is the hardware instruction; exp costs an extra multiply)
 import triton
 import triton.language as tl
 
-from .config import ADD_MASK, BOOL_MASK, NO_MASK
+from .config import ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK
 
 # Globals a kernel reads must be tl.constexpr instances (compiled Triton rejects plain globals).
 LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2)
 FLOAT_MIN = tl.constexpr(-3.4028234663852886e38)
+SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)
+RUN_BY_INTERPRETER = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
@@ -77,13 +79,32 @@ def _segment(SEGMENT: tl.constexpr, lo, full_lo, full_hi, hi):
 
 
 @triton.jit
-def _dot(a, b, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    # The interpreter's bf16 dot multiplies the raw bits; upcasting first is exact (a product of two
-    # bf16 values fits in fp32) and accumulates in fp32, as the GPU's bf16 tensor cores do.
-    if INTERPRETED_BF16:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+def _dot(a, b, INPUT_PRECISION: tl.constexpr):
+    """a @ b, accumulated in float32.
+
+    The interpreter runs tl.dot as numpy's matmul, whose summation order depends on the CPU's BLAS
+    kernel and on which operand is which: the dK/dV pass's transposed scores ``k @ q^T`` then
+    differ from the forward's ``q @ k^T`` in the last bits, and at scores of ~1e4 (log2 units) that
+    moves ``exp2(s - lse)`` by percents (AVX2 vs AVX-512 BLAS gave different gradients). The GPU's
+    matmuls sum the same exact products in an order fixed by the reduction index, whichever operand
+    is A. So the interpreter sums in float64 (every product of two fp32, fp16 or bf16 values is
+    exact there) and rounds once to float32: the same scores in every pass, on every CPU. It also
+    spares its bf16 dot, which multiplies the raw bits.
+    """
+    if RUN_BY_INTERPRETER:
+        return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
     return tl.dot(a, b, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _score_operand(x, qk_scale):
+    """`x` (q's tile, or k's in the transposed dK/dV tiles), negated where the scale is negative.
+
+    Every pass then computes the scores with the scale's magnitude (`_masked_scores`), so that the
+    running max of `_online_softmax` is the max of the scaled scores for any finite scale, and the
+    scale folds into exp2's FMA. Loaded once per program: the negation is outside the key loop.
+    """
+    return tl.where(qk_scale < 0, -x, x)
 
 
 @triton.jit
@@ -123,14 +144,17 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, len_q, len_k, 
     unit) of one [BLOCK_M, BLOCK_N] tile: ``s * unit`` are its log2-domain scores, -inf where a key is
     not visible.
 
-    Plain scores (no cap, ALiBi or float mask) stay unscaled, ``unit = qk_scale``: the caller folds
+    Plain scores (no cap, ALiBi or float mask) stay unscaled, ``unit = |qk_scale|``: the caller folds
     the scale into its exp2's argument, one FMA per score (``s * unit - max``) instead of a multiply
-    and a subtract. The others need them scaled first: ``unit = 1``.
+    and a subtract. The others need them scaled first: ``unit = 1``. The scale's sign is in q (or k)
+    already (`_score_operand`). A zero scale becomes the smallest normal float: every score times it
+    is 0 to float32's precision (the plain average SDPA gives), and a masked -inf stays -inf, where
+    -inf * 0 would be NaN.
     """
-    s = _dot(q, k_t, INTERPRETED_BF16, INPUT_PRECISION)
-    unit = qk_scale
+    s = _dot(q, k_t, INPUT_PRECISION)
+    unit = tl.maximum(tl.abs(qk_scale), SMALLEST_NORMAL)
     if SOFTCAP or ALIBI or MASK_KIND == ADD_MASK:
-        s *= qk_scale
+        s *= unit
         unit = 1.0
     cap_slope = 1.0
     if SOFTCAP:  # s is s_nat / softcap here (see launch_args): softcap * tanh(s) * log2(e)

@@ -23,15 +23,17 @@ are those of `_masked_scores`, with that shift.
 """
 
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _masked_scores, _rounded, _segment, _store_tile, _visible_blocks,
-                          _wide)
+from .attn_common import (LOG2E, _alibi_log2, _dot, _masked_scores, _rounded, _score_operand, _segment, _store_tile,
+                          _visible_blocks, _wide)
 from .attn_fwd import _normalized, _online_softmax, _with_sink
-from .attn_launch import launch_args
-from .config import NO_MASK, decode_tile, head_dim_pad
+from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, remembered
+from .config import BOOL_MASK, NO_MASK, cdiv, decode_tile, device_properties, head_dim_pad, next_power_of_2
 from .layout import empty_like_q
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -50,46 +52,48 @@ def _cache_rows(Table, offs_n, in_cache, stride_block, stride_n, page_size, PAGE
 
 
 @triton.jit
-def _decode_tiles(acc, l_i, m_i, q, K, V, Table, alibi_log2, offs_i, offs_d, offs_dv, start, stop,
-                  stride_kblock, stride_kn, stride_kd, stride_vblock, stride_vn, stride_vd, page_size, len_q, len_k,
-                  band_lo, band_hi, shift, qk_scale, softcap_log2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                  BLOCK_N: tl.constexpr, EDGE: tl.constexpr, PAGED: tl.constexpr, SOFTCAP: tl.constexpr,
-                  ALIBI: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _decode_tiles(acc, l_i, m_i, q, K, V, Table, mask_row_ptrs, alibi_log2, offs_i, offs_d, offs_dv, start, stop,
+                  stride_kblock, stride_kn, stride_kd, stride_vblock, stride_vn, stride_vd, stride_mn, page_size,
+                  len_q, len_k, band_lo, band_hi, shift, qk_scale, softcap_log2, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, PAGED: tl.constexpr,
+                  MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_cache = offs_n < len_k
         k_rows = _cache_rows(Table, offs_n, in_cache, stride_kblock, stride_kn, page_size, PAGED)
         k_t = tl.load(K + k_rows[None, :] + _wide(offs_d)[:, None] * stride_kd,
                       mask=(offs_d[:, None] < HEAD_DIM) & in_cache[None, :], other=0.0)
-        # K stands in for the mask pointer, which NO_MASK never reads.
-        s, _, unit = _masked_scores(q, k_t, offs_i, offs_n, K, alibi_log2, len_q, len_k, band_lo, band_hi, shift,
-                                    qk_scale, softcap_log2, NO_MASK, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16,
-                                    INPUT_PRECISION)
+        s, _, unit = _masked_scores(q, k_t, offs_i, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn,
+                                    alibi_log2, len_q, len_k, band_lo, band_hi, shift, qk_scale, softcap_log2,
+                                    MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
         p, alpha, l_i, m_i = _online_softmax(s, unit, m_i, l_i)
         v_rows = _cache_rows(Table, offs_n, in_cache, stride_vblock, stride_vn, page_size, PAGED)
         v = tl.load(V + v_rows[:, None] + _wide(offs_dv)[None, :] * stride_vd,
                     mask=in_cache[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INTERPRETED_BF16,
-                                          INPUT_PRECISION)
+        acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INPUT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _decode_split(Q, K, V, Table, Seqlens, Alibi, Sinks, Out, Lse,
+def _decode_split(Q, K, V, Table, Seqlens, KeyMask, Alibi, Sinks, Out, Lse,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
                   stride_tb,
+                  stride_mb, stride_mn,
                   stride_ab, stride_ah,
                   stride_ob, stride_oh, stride_om, stride_os, stride_od,
                   num_heads_kv, group_size, len_q, len_new, num_splits, page_size, band_lo, band_hi, qk_scale,
                   softcap_log2,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                  PAGED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
-                  INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                  PAGED: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                  SINKS: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Grid (B * Hkv * splits, row blocks). Dense: K/V strides b, h, n, d of [B, Hkv, L_max, D];
-    paged: of [num_blocks, Hkv, page_size, D] (stride_kb steps a block). With SPLIT, Out is the float32
+    paged: of [num_blocks, Hkv, page_size, D] (stride_kb steps a block). With ``MASK_KIND`` BOOL_MASK,
+    KeyMask is a uint8 key mask [B, capacity] (nonzero = may attend), by each sequence's positions.
+    With SPLIT, Out is the float32
     partial output [B, Hq, Lq, splits, Dv] and Lse [B, Hq, Lq, splits] in log2 units; without, Out is
     the output [B, Hq, Lq, Dv] and Lse [B, Hq, Lq] the natural-log LSE."""
     # Splits on the flat first axis (2**31 programs), not a second one (65535).
@@ -108,6 +112,7 @@ def _decode_split(Q, K, V, Table, Seqlens, Alibi, Sinks, Out, Lse,
     shift = len_k - len_q  # query i sits at position i + shift
     q = tl.load(Q + b * stride_qb + _wide(heads)[:, None] * stride_qh + _wide(offs_i)[:, None] * stride_qm
                 + _wide(offs_d)[None, :] * stride_qd, mask=live[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = _score_operand(q, qk_scale)
     alibi_log2 = _alibi_log2(Alibi, b, heads, stride_ab, stride_ah, ALIBI)
     if ALIBI:
         alibi_log2 = alibi_log2[:, None]  # one slope per row (its query head)
@@ -130,15 +135,17 @@ def _decode_split(Q, K, V, Table, Seqlens, Alibi, Sinks, Out, Lse,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    # The key mask's row of sequence b, the same for every row of the tile.
+    mask_row_ptrs = KeyMask + b * stride_mb + tl.zeros([BLOCK_M, 1], dtype=tl.int64)
     # Boundary tiles get the element-wise band mask, interior tiles skip it (see _attn_fwd_rows).
     for segment in tl.static_range(3):
         start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-        acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, K, V, Table + b * stride_tb, alibi_log2, offs_i, offs_d,
-                                      offs_dv, tl.maximum(start, split_lo), tl.minimum(stop, split_hi), stride_kb,
-                                      stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, page_size, len_q, len_k,
-                                      band_lo + shift, band_hi + shift, shift, qk_scale, softcap_log2, HEAD_DIM,
-                                      HEAD_DIM_V, BLOCK_N, segment != 1, PAGED, SOFTCAP, ALIBI, INTERPRETED_BF16,
-                                      INPUT_PRECISION)
+        acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, K, V, Table + b * stride_tb, mask_row_ptrs, alibi_log2,
+                                      offs_i, offs_d, offs_dv, tl.maximum(start, split_lo), tl.minimum(stop, split_hi),
+                                      stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_mn,
+                                      page_size, len_q, len_k, band_lo + shift, band_hi + shift, shift, qk_scale,
+                                      softcap_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_N, segment != 1, PAGED, MASK_KIND,
+                                      SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
     if SINKS and not SPLIT:  # with splits the sink joins once, in the merge
         acc, l_i, m_i = _with_sink(acc, l_i, m_i, tl.load(Sinks + heads))
     out, lse = _normalized(acc, l_i, m_i)
@@ -204,73 +211,116 @@ def split_count(programs, max_keys, multiprocessors):
     `max_keys` capacity (the lengths are on the device; reading them would cost a host sync)."""
     if programs >= multiprocessors:
         return 1
-    return max(1, min(triton.cdiv(2 * multiprocessors, programs), triton.cdiv(max_keys, MIN_KEYS_PER_SPLIT),
+    return max(1, min(cdiv(2 * multiprocessors, programs), cdiv(max_keys, MIN_KEYS_PER_SPLIT),
                       MAX_SPLITS))
 
 
 def _multiprocessors(device):
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return device_properties(device).multi_processor_count
     # The interpreter: a small stand-in GPU, so that num_splits=None splits there too.
     return 8
 
 
-def decode_fwd(q, k_cache, v_cache, seqlens, table, len_new, num_splits, args, *, config=None):
+class DecodePlan(NamedTuple):
+    """What a decoding launch derives from the call's static parts: the split kernel's grid, strides,
+    scalars and options, and with splits the partial results' shapes and the merge's."""
+
+    split: PassPlan
+    num_splits: int
+    partial_shape: tuple  # [B, Hq, Lq, splits, Dv] (its LSE's: all but the last)
+    combine: PassPlan  # None without splits
+
+
+_PLANS = {}
+
+
+@on_inputs_device
+def decode_fwd(q, k_cache, v_cache, seqlens, table, len_new, num_splits, args, *, config=None, plans=None):
     """Launches the decoding kernels; returns (out ``[B, Hq, Lq, Dv]`` laid out like q, natural-log
     lse ``[B, Hq, Lq]`` float32).
 
     `seqlens` int32 [B]: keys already in each cache (the new ones are at ``seqlens[b] ...``, `len_new`
     of them); `table`: None (dense cache) or the int32 block table; `num_splits`: None or >= 1;
     `args`: a `KernelArgs` (scale, band relative to each query's bottom-right diagonal, softcap,
-    ALiBi, sinks).
+    ALiBi, sinks; ``mask``: None or a bool key mask [B, capacity], True = may attend, by position in
+    the sequence). ``plans``: as `attn_fwd`'s (the CacheProblem's).
     """
+    out = empty_like_q(q, v_cache.shape[-1])
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    # The kernel reads them as cache_seqlens[b] and table[b, j] at unit stride.
+    seqlens, table = seqlens.contiguous(), None if table is None else table.contiguous()
+    plan = None if plans is None else plans.get("decode")
+    if plan is None:
+        key = (launch_key(args, q, k_cache, v_cache, out), None if table is None else table.shape, len_new,
+               num_splits, config)
+        plan = remembered(_PLANS, key, lambda: _plan(q, k_cache, v_cache, out, table, len_new, num_splits, args,
+                                                     config))
+        if plans is not None:
+            plans["decode"] = plan
+    tensors = launch_tensors(q, args)
+    if plan.combine is None:
+        split_out, split_lse = out, lse
+    else:
+        split_out = q.new_empty(plan.partial_shape, dtype=torch.float32)
+        split_lse = q.new_empty(plan.partial_shape[:-1], dtype=torch.float32)
+    _decode_split[plan.split.grid](q, k_cache, v_cache, q if table is None else table, seqlens, tensors.mask,
+                                   tensors.alibi, tensors.sinks, split_out, split_lse, *plan.split.scalars,
+                                   **plan.split.options)
+    if plan.combine is not None:
+        _decode_combine[plan.combine.grid](split_out, split_lse, tensors.sinks, out, lse, *plan.combine.scalars,
+                                           **plan.combine.options)
+    return out, lse
+
+
+def _plan(q, k_cache, v_cache, out, table, len_new, num_splits, args, config):
     batch, heads_q, len_q, head_dim = q.shape
     heads_kv, head_dim_v = k_cache.shape[1], v_cache.shape[-1]
     group = heads_q // heads_kv
-    out = empty_like_q(q, head_dim_v)
-    lse = torch.empty(batch, heads_q, len_q, device=q.device, dtype=torch.float32)
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
     paged = table is not None
-    # The kernel reads them as cache_seqlens[b] and table[b, j] at unit stride.
-    seqlens, table = seqlens.contiguous(), table.contiguous() if paged else None
     capacity = table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     tile = decode_tile(q, max(head_dim, head_dim_v), group * len_q, config)
-    block_m = tile.block_m
-    row_blocks = triton.cdiv(group * len_q, block_m)
+    row_blocks = cdiv(group * len_q, tile.block_m)
     if num_splits is None:
         num_splits = split_count(batch * heads_kv * row_blocks, capacity, _multiprocessors(q.device))
-    launch = launch_args(q, k_cache, head_dim_v, args)
+    launch = launch_args(q, k_cache, head_dim_v, args._replace(mask=None))  # the key mask is read as [B, capacity]
     # launch_args bounds an unbounded band by q's and k_cache's lengths; a paged k_cache's length is
     # one page, so bound it here by the capacity.
     reach = capacity + len_q
     band_lo = -reach if args.band_lo is None else args.band_lo
     band_hi = reach if args.band_hi is None else args.band_hi
     split = num_splits > 1
-    if split:
-        partial = q.new_empty(batch, heads_q, len_q, num_splits, head_dim_v, dtype=torch.float32)
-        partial_lse = q.new_empty(batch, heads_q, len_q, num_splits, dtype=torch.float32)
-        out_strides = (*partial.stride()[:3], partial.stride(3), partial.stride(4))
-        split_out, split_lse = partial, partial_lse
+    partial_shape = (batch, heads_q, len_q, num_splits, head_dim_v)
+    if split:  # contiguous float32 partial results
+        partial_strides = torch.empty(partial_shape, device="meta").stride()
+        out_strides = (*partial_strides[:3], partial_strides[3], partial_strides[4])
     else:
         out_strides = (*out.stride()[:3], 0, out.stride(3))
-        split_out, split_lse = out, lse
-    _decode_split[(batch * heads_kv * num_splits, row_blocks)](
-        q, k_cache, v_cache, q if table is None else table, seqlens, launch.alibi, launch.sinks, split_out, split_lse,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), 0 if table is None else table.stride(0),
-        *launch.alibi_strides, *out_strides,
-        heads_kv, group, len_q, len_new, num_splits, k_cache.shape[2] if paged else 1, band_lo, band_hi,
-        launch.qk_scale, launch.softcap_log2,
-        **{name: value for name, value in launch.constexprs.items() if name != "DROPOUT"}, BLOCK_M=block_m,
-        BLOCK_N=tile.block_n, SPLIT=split, PAGED=paged,
-        SINKS=args.sinks is not None, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    split_plan = PassPlan(
+        grid=(batch * heads_kv * num_splits, row_blocks),
+        block_m=tile.block_m,
+        block_n=tile.block_n,
+        layouts=(),
+        scalars=(*q.stride(), *k_cache.stride(), *v_cache.stride(), 0 if table is None else table.stride(0),
+                 *((0, 0) if args.mask is None else args.mask.stride()), *launch.alibi_strides, *out_strides, heads_kv, group, len_q, len_new, num_splits,
+                 k_cache.shape[2] if paged else 1, band_lo, band_hi, launch.qk_scale, launch.softcap_log2),
+        options=dict({name: value for name, value in launch.constexprs.items() if name != "DROPOUT"},
+                     BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SPLIT=split, PAGED=paged,
+                     MASK_KIND=(NO_MASK if args.mask is None else BOOL_MASK).value, SINKS=args.sinks is not None,
+                     num_warps=tile.num_warps, num_stages=tile.num_stages),
     )
+    combine = None
     if split:
-        _decode_combine[(batch * heads_q * len_q,)](
-            partial, partial_lse, launch.sinks, out, lse, *out.stride(), heads_q, len_q, num_splits,
-            HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PAD=head_dim_pad(head_dim_v),
-            BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
-            SINKS=args.sinks is not None, INTERPRETED_BF16=launch.constexprs["INTERPRETED_BF16"],
-            num_warps=4 if head_dim_v > 64 else 2,
+        combine = PassPlan(
+            grid=(batch * heads_q * len_q,),
+            block_m=1,
+            block_n=1,
+            layouts=(),
+            scalars=(*out.stride(), heads_q, len_q, num_splits),
+            options=dict(HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PAD=head_dim_pad(head_dim_v),
+                         BLOCK_S=min(16, next_power_of_2(num_splits)), SINKS=args.sinks is not None,
+                         INTERPRETED_BF16=launch.constexprs["INTERPRETED_BF16"], num_warps=4 if head_dim_v > 64 else 2),
         )
-    return out, lse
+    return DecodePlan(split=split_plan, num_splits=num_splits, partial_shape=partial_shape, combine=combine)

@@ -6,9 +6,11 @@ import triton
 import triton.language as tl
 
 from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_rows, _masked_scores,
-                          _program_block, _rounded, _row_stats, _segment, _store_rows, _visible_blocks, _wide)
-from .attn_launch import descriptors, launch_args, uses_tma
-from .config import NO_MASK, tile_config
+                          _program_block, _rounded, _row_stats, _score_operand, _segment, _store_rows, _visible_blocks,
+                          _wide)
+from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
+                          on_inputs_device, remembered, uses_tma)
+from .config import NO_MASK, cdiv, tile_config
 from .layout import empty_like_q
 
 
@@ -67,8 +69,7 @@ def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, off
             keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p)
             p = tl.where(keep, p * dropout_scale, 0.0)
         v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V, False, TMA)
-        acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INTERPRETED_BF16,
-                                          INPUT_PRECISION)
+        acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -89,7 +90,8 @@ def _attn_fwd_rows(Q, K, V, Mask, alibi_log2, Sinks, Seed, Out, Lse, start_m, b,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA)
+    q = _score_operand(_load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA),
+                       qk_scale)
     mask_row_ptrs = Mask + _wide(offs_m)[:, None] * stride_mm
     seed = tl.load(Seed) if DROPOUT else 0
 
@@ -143,7 +145,11 @@ def _attn_fwd(Q, K, V, Mask, Alibi, Sinks, Seed, Out, Lse,
                    SOFTCAP, ALIBI, SINKS, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, TMA)
 
 
-def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None):
+_PLANS = {}
+
+
+@on_inputs_device
+def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None, plans=None):
     """Launches the forward for `args` (a `KernelArgs`); returns (out [B, Hq, Lq, Dv] laid out like q,
     lse_log2).
 
@@ -151,24 +157,42 @@ def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None):
     ``lse_log2`` is ``[B, Hq, Lq]`` float32 in log2 units (times ln 2 it is the natural-log LSE);
     the backward takes it as is. ``tma``: None reads through tensor descriptors where
     `uses_tma`; False forces the pointer path.
+
+    ``plans``: None, or a dict shared by every call whose static parts (shapes, strides, dtypes,
+    alignment, rules) are this call's, with the default options (`attn_ops`' `Problem.plans`): the
+    launch plan is kept there and found without computing its `launch_key`.
     """
+    out = empty_like_q(q, v.shape[-1], out_dtype)
+    lse_log2 = q.new_empty(q.shape[:3], dtype=torch.float32)
+    plan = None if plans is None else plans.get("fwd")
+    if plan is None:
+        plan = remembered(_PLANS, (launch_key(args, q, k, v, out), config, tma),
+                          lambda: _plan(q, k, v, out, args, config, tma))
+        if plans is not None:
+            plans["fwd"] = plan
+    tensors = launch_tensors(q, args)
+    q_, k_, v_, out_ = descriptors(plan.layouts, q, k, v, out)
+    _attn_fwd[plan.grid](q_, k_, v_, tensors.mask, tensors.alibi, tensors.sinks, tensors.seed, out_, lse_log2,
+                         *plan.scalars, **plan.options)
+    return out, lse_log2
+
+
+def _plan(q, k, v, out, args, config, tma):
     batch, num_heads_q, len_q, head_dim = q.shape
     head_dim_v = v.shape[-1]
-    out = empty_like_q(q, head_dim_v, out_dtype)
-    lse_log2 = torch.empty((batch, num_heads_q, len_q), device=q.device, dtype=torch.float32)
-    launch = launch_args(q, k, v.shape[-1], args)
+    launch = launch_args(q, k, head_dim_v, args)
     if tma is None:
         tma = uses_tma("fwd", max(head_dim, head_dim_v), q, k, v, out)
     block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", max(head_dim, head_dim_v), config, tma,
                                                               launch.plain)
-    grid = (triton.cdiv(len_q, block_m) * batch * num_heads_q,)
-    _attn_fwd[grid](
-        *descriptors(tma, (q, block_m), (k, block_n), (v, block_n)), launch.mask, launch.alibi, launch.sinks,
-        launch.seed, *descriptors(tma, (out, block_m)), lse_log2,
-        *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *out.stride(),
-        num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], launch.band_lo, launch.band_hi,
-        args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.dropout_p, launch.dropout_scale,
-        **launch.constexprs, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=launch.mask_kind,
-        SINKS=args.sinks is not None, TMA=tma, num_warps=num_warps, num_stages=num_stages,
+    return PassPlan(
+        grid=(cdiv(len_q, block_m) * batch * num_heads_q,),
+        block_m=block_m,
+        block_n=block_n,
+        layouts=descriptor_layouts(tma, (q, block_m), (k, block_n), (v, block_n), (out, block_m)),
+        scalars=(*q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *out.stride(),
+                 num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], launch.band_lo, launch.band_hi,
+                 args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.dropout_p, launch.dropout_scale),
+        options=dict(launch.constexprs, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=launch.mask_kind,
+                     SINKS=args.sinks is not None, TMA=tma, num_warps=num_warps, num_stages=num_stages),
     )
-    return out, lse_log2

@@ -1,21 +1,23 @@
 """What every launcher takes besides its tensors (`KernelArgs`), and the kernel arguments each pass
 derives from it the same way (`launch_args`)."""
 
-from dataclasses import dataclass, fields
+import functools
 from typing import NamedTuple, Optional
 
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attn_common import LOG2E
-from .config import ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK, TMA_MAX_HEAD_DIM, head_dim_pad
+from .precision import tf32_allowed
+from .config import (ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK, TMA_MAX_HEAD_DIM, device_properties,
+                     head_dim_pad)
 
 
-@dataclass(frozen=True)
-class KernelArgs:
+class KernelArgs(NamedTuple):
     """The rules of one attention call as the kernels take them: flat, typed fields, so that the
     custom ops' schemas are derived from this class (`attn_ops.fused`) and a new argument is one
-    field here, its use in `launch_args` and the kernels, and nothing else.
+    field here, its use in `launch_args` and the kernels, and nothing else. A named tuple: made on
+    every call, and passed on as the ops' flat arguments as it is.
 
     ``band_lo``/``band_hi``: query i sees key j iff ``i + band_lo <= j <= i + band_hi`` (None:
     unbounded). ``mask``: bool (True = may attend) or float (added), broadcastable to
@@ -46,29 +48,43 @@ class KernelArgs:
 
     def flat(self):
         """The fields in order, as the custom ops take them."""
-        return tuple(getattr(self, name) for name in KERNEL_ARG_NAMES)
+        return tuple(self)
+
+    def static_key(self):
+        """The fields as a launcher's static work depends on them: the tensors by shape, strides and
+        dtype, never their values (see `launch_key`)."""
+        return tuple((x.shape, x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x for x in self)
 
 
-KERNEL_ARG_NAMES = tuple(f.name for f in fields(KernelArgs))
+KERNEL_ARG_NAMES = KernelArgs._fields
 
 
 class LaunchArgs(NamedTuple):
-    mask: torch.Tensor
+    """The kernel arguments of one call that depend only on its static parts (shapes, strides,
+    dtypes, rules): a launcher computes them once per `launch_key` (see `remembered`)."""
+
     mask_strides: tuple
     mask_kind: int
-    seed: torch.Tensor
     band_lo: int
     band_hi: int
     qk_scale: float
     softcap_log2: float
-    alibi: torch.Tensor
     alibi_strides: tuple
-    sinks: torch.Tensor
     dropout_scale: float
     plain: bool  # no mask, dropout, cap or ALiBi: the scores are the scaled dot products (bigger tiles fit)
     # The compile-time switches every pass takes: head dims (and their tile padding), which score
     # modifiers and dropout run, and how the dot runs (fp32's TF32 switch, the interpreter's bf16).
     constexprs: dict
+
+
+class LaunchTensors(NamedTuple):
+    """The tensors every pass reads beside q, k, v; q stands in for an absent one (a pointer the
+    kernel never reads)."""
+
+    mask: torch.Tensor  # a bool mask as its uint8 view (nonzero = may attend)
+    alibi: torch.Tensor
+    sinks: torch.Tensor  # read as sinks[h]: [Hq], unit stride
+    seed: torch.Tensor
 
 
 def launch_args(q, k, v_head_dim, args):
@@ -79,35 +95,28 @@ def launch_args(q, k, v_head_dim, args):
     len_q, len_k = (q.shape[0], k.shape[0]) if args.cu_seqlens_q is not None else (q.shape[2], k.shape[2])
     mask = args.mask
     if mask is None:
-        mask, mask_strides, mask_kind = q, (0, 0, 0, 0), NO_MASK.value
+        mask_strides, mask_kind = (0, 0, 0, 0), NO_MASK.value
     else:
-        # A broadcast view: size-1 dimensions get stride 0, nothing is copied.
-        mask = mask.expand(*q.shape[:2], len_q, len_k)
+        # The strides of a broadcast view: size-1 dimensions get stride 0, nothing is copied.
+        mask_strides = mask.expand(*q.shape[:2], len_q, len_k).stride()
         mask_kind = BOOL_MASK.value if mask.dtype == torch.bool else ADD_MASK.value
-        if mask_kind == BOOL_MASK.value:
-            mask = mask.view(torch.uint8)
-        mask_strides = mask.stride()
     # [Hq] slopes are shared by the batch: stride 0 over it.
     alibi = args.alibi_slopes
     alibi_strides = (0, 0) if alibi is None else (0, *alibi.stride()) if alibi.dim() == 1 else alibi.stride()
     # An unbounded side of the band becomes an offset no index pair can reach.
     reach = len_q + len_k
     fp32 = q.dtype == torch.float32
-    tf32 = fp32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    tf32 = fp32 and q.is_cuda and tf32_allowed()
     return LaunchArgs(
-        mask=mask,
         mask_strides=mask_strides,
         mask_kind=mask_kind,
-        seed=args.seed if args.dropout_p > 0 else q,  # a dummy pointer the kernel never reads
         band_lo=-reach if args.band_lo is None else args.band_lo,
         band_hi=reach if args.band_hi is None else args.band_hi,
         # With a cap, the dot times qk_scale is the argument of tanh, and softcap_log2 scales tanh
         # back into log2-domain scores: softcap * tanh(s / softcap) * log2(e).
         qk_scale=args.scale * LOG2E.value if args.softcap is None else args.scale / args.softcap,
         softcap_log2=0.0 if args.softcap is None else args.softcap * LOG2E.value,
-        alibi=q if alibi is None else alibi,  # q: a dummy pointer the kernel never reads
         alibi_strides=alibi_strides,
-        sinks=q if args.sinks is None else args.sinks.contiguous(),  # read as sinks[h]: [Hq], unit stride
         # dropout_p = 1 keeps nothing: a scale of 0, not 1 / 0.
         dropout_scale=1.0 / (1.0 - args.dropout_p) if args.dropout_p < 1 else 0.0,
         plain=mask_kind == NO_MASK.value and args.dropout_p == 0 and args.softcap is None and alibi is None,
@@ -120,12 +129,59 @@ def launch_args(q, k, v_head_dim, args):
     )
 
 
+def launch_tensors(q, args):
+    """This call's `LaunchTensors`."""
+    mask = q if args.mask is None else args.mask.view(torch.uint8) if args.mask.dtype == torch.bool else args.mask
+    return LaunchTensors(
+        mask=mask,
+        alibi=q if args.alibi_slopes is None else args.alibi_slopes,
+        sinks=q if args.sinks is None else args.sinks.contiguous(),
+        seed=args.seed if args.dropout_p > 0 else q,
+    )
+
+
+def launch_key(args, *tensors):
+    """What a launcher's static work depends on: the tensors' shapes, strides, dtypes and 16-byte
+    alignment (TMA), their device, torch's TF32 switch for float32, and the rules with their tensors
+    by shape, strides and dtype (never their values)."""
+    first = tensors[0]
+    return (tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors), first.device,
+            first.dtype == torch.float32 and first.is_cuda and tf32_allowed(),
+            args.static_key())
+
+
+class PassPlan(NamedTuple):
+    """What one kernel launch derives from the call's static parts (`launch_key`)."""
+
+    grid: tuple
+    block_m: int
+    block_n: int
+    layouts: tuple  # `descriptor_layouts` of its tensors that may go through TMA, in argument order
+    scalars: tuple  # the kernel's strides and scalar arguments, in order
+    options: dict  # its compile-time arguments (TMA among them), warps and stages
+
+
+MAX_REMEMBERED = 1024
+
+
+def remembered(plans, key, make):
+    """``plans[key]``, made by ``make()`` the first time: a launcher's static work, done once per
+    `launch_key`. Bounded: a stream of new shapes (growing caches, varying lengths) starts over."""
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= MAX_REMEMBERED:
+            plans.clear()
+        plan = plans[key] = make()
+    return plan
+
 
 def uses_tma(kernel, head_dim, *tensors):
     """Whether pass `kernel` ("fwd", "dkdv", "dq") at head dim `head_dim` reads and writes these
-    tensors through TMA descriptors: where `tma_allowed`, and its padded head dim up to
-    `TMA_MAX_HEAD_DIM`."""
-    return head_dim_pad(head_dim) <= TMA_MAX_HEAD_DIM[kernel] and tma_allowed(*tensors)
+    tensors through TMA descriptors: where `tma_allowed`, for 2-byte dtypes, and its padded head
+    dim up to `TMA_MAX_HEAD_DIM`. float32 keeps pointers: its tiles fed from descriptor-loaded
+    shared memory spill up to 3.7 KB per thread on sm_90, through pointers none (compile check)."""
+    return (tensors[0].element_size() == 2 and head_dim_pad(head_dim) <= TMA_MAX_HEAD_DIM[kernel]
+            and tma_allowed(*tensors))
 
 
 def tma_allowed(*tensors):
@@ -133,27 +189,62 @@ def tma_allowed(*tensors):
     Hopper or later (or in Triton's interpreter, which runs descriptors too), each tensor 16-byte
     aligned, not empty, its last dimension contiguous and its other strides multiples of 16 bytes (the
     copy engine's rules). Otherwise the kernels take the pointer path."""
-    if not INTERPRETED and not (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
+    if not INTERPRETED and not (tensors[0].is_cuda and device_properties(tensors[0].device).major >= 9):
         return False
-    return all(t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-               and all(stride * t.element_size() % 16 == 0 and stride > 0
-                       for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
-               for t in tensors)
+    for t in tensors:  # plain loops: this runs on every call, for up to 8 tensors
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or t.numel() == 0:
+            return False
+        element_size = t.element_size()
+        for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
+            if size > 1 and (stride <= 0 or stride * element_size % 16):
+                return False
+    return True
 
 
-def descriptors(tma, *tiles):
-    """For each (tensor [B, H, L, D], rows per tile) of `tiles`: with `tma`, a tensor descriptor whose
-    box is one tile of rows (the head dim padded as the kernels pad it; the copy engine fills the
-    padding and rows past L with zeros); else the tensor itself (the pointer path)."""
+def descriptor_layouts(tma, *tiles):
+    """For each (tensor [B, H, L, D], rows per tile) of `tiles`: with `tma`, the fields of its tensor
+    descriptor but the tensor itself, whose box is one tile of rows (the head dim padded as the
+    kernels pad it; the copy engine fills the padding and rows past L with zeros); else None (the
+    pointer path). Made once per plan: Triton's constructor validates every field, microseconds per
+    descriptor, and `tma_allowed` has checked the same rules."""
     if not tma:
-        return tuple(t for t, _ in tiles)
-    return tuple(TensorDescriptor(t, list(t.shape), [_box_stride(t, d) for d in range(4)],
-                                  [1, 1, rows, head_dim_pad(t.shape[-1])]) for t, rows in tiles)
+        return (None,) * len(tiles)
+    return tuple(dict(vars(TensorDescriptor(t, list(t.shape), [_box_stride(t, d) for d in range(4)],
+                                            [1, 1, rows, head_dim_pad(t.shape[-1])])), base=None)
+                 for t, rows in tiles)  # base None: a plan keeps no tensor alive
+
+
+def descriptors(layouts, *tensors):
+    """The launch arguments of `tensors`, laid out as planned (`descriptor_layouts`): a tensor
+    descriptor of each, or the tensor itself on the pointer path."""
+    return tuple(t if fields is None else _described(fields, t) for fields, t in zip(layouts, tensors))
+
+
+def _described(fields, t):
+    descriptor = object.__new__(TensorDescriptor)
+    descriptor.__dict__.update(fields, base=t)
+    return descriptor
 
 
 def _box_stride(t, dim):
     # A size-1 dimension is only ever read at 0, so its stride is free; the copy engine still wants a
-    # multiple of 16 bytes there (a [B, 1, L, D] view may carry stride 1).
+    # multiple of 16 bytes there (a [B, 1, L, D] view may carry stride 1, a [1, 1, 1, 40] bf16 row
+    # spans 80 bytes): the tensor's span, rounded up to 16 bytes.
     if t.shape[dim] > 1 or dim == 3:
         return t.stride(dim)
-    return max(t.stride(d) * t.shape[d] for d in range(4))
+    per_16_bytes = 16 // t.element_size()
+    return -(-max(t.stride(d) * t.shape[d] for d in range(4)) // per_16_bytes) * per_16_bytes
+
+
+def on_inputs_device(launcher):
+    """`launcher` run with its first argument's CUDA device current: Triton launches on the current
+    device and its current stream, not on its arguments' device."""
+
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+
+    return launch

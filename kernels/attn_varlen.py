@@ -18,7 +18,7 @@ import triton.language as tl
 from .attn_bwd import _attn_bwd_dkdv_cols, _attn_bwd_dq_rows, row_deltas, sink_grads
 from .attn_common import _alibi_log2
 from .attn_fwd import _attn_fwd_rows
-from .attn_launch import launch_args
+from .attn_launch import launch_args, launch_tensors, on_inputs_device
 from .config import NO_MASK, tile_config
 
 
@@ -62,7 +62,7 @@ def _varlen_fwd(Q, K, V, Alibi, Sinks, Seed, Out, Lse, CuQ, CuK, TileSeq, TileFi
                    SOFTCAP, ALIBI, SINKS, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group_size"])  # as _attn_bwd_dkdv's: no wgmma serialization for MHA
 def _varlen_bwd_dkdv(Q, K, V, Alibi, Seed, dO, Lse, Delta, dK, dV, CuQ, CuK, TileSeq, TileFirst,
                      stride_qt, stride_qh, stride_qd,
                      stride_kt, stride_kh, stride_kd,
@@ -144,6 +144,7 @@ def _cu_seqlens(args):
     return args.cu_seqlens_q.contiguous(), args.cu_seqlens_k.contiguous()
 
 
+@on_inputs_device
 def varlen_fwd(q, k, v, args, *, config=None):
     """Launches the packed forward for `args` (a `KernelArgs` with cu_seqlens); returns (out
     ``[total_q, Hq, Dv]`` contiguous in q's dtype, lse_log2 ``[Hq, total_q]`` float32 in log2 units)."""
@@ -152,12 +153,13 @@ def varlen_fwd(q, k, v, args, *, config=None):
     out = q.new_empty(total_q, num_heads_q, head_dim_v)
     lse_log2 = torch.empty(num_heads_q, total_q, device=q.device, dtype=torch.float32)
     launch = launch_args(q, k, head_dim_v, args)
+    tensors = launch_tensors(q, args)
     tile = tile_config(q, "fwd", max(head_dim, head_dim_v), config)
     cu_seqlens = _cu_seqlens(args)
     tile_seq, tile_first, grid = tile_schedule(cu_seqlens[0], tile.block_m, total_q)
     if grid:
         _varlen_fwd[(grid, num_heads_q)](
-            q, k, v, launch.alibi, launch.sinks, launch.seed, out, lse_log2, *cu_seqlens, tile_seq, tile_first,
+            q, k, v, tensors.alibi, tensors.sinks, tensors.seed, out, lse_log2, *cu_seqlens, tile_seq, tile_first,
             *q.stride(), *k.stride(), *v.stride(), *launch.alibi_strides, *out.stride(),
             len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, total_q, launch.band_lo, launch.band_hi,
             int(args.bottom_right), launch.qk_scale, launch.softcap_log2, args.dropout_p, launch.dropout_scale,
@@ -167,12 +169,14 @@ def varlen_fwd(q, k, v, args, *, config=None):
     return out, lse_log2
 
 
+@on_inputs_device
 def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
     """Launches the packed backward; returns (dq, dk, dv, None, dsinks or None), as `attn_bwd` does
     (a packed call has no mask)."""
     total_q, num_heads_q, head_dim = q.shape
     total_k, num_heads_kv, head_dim_v = v.shape
     launch = launch_args(q, k, head_dim_v, args)
+    tensors = launch_tensors(q, args)
     dkdv = tile_config(q, "dkdv", max(head_dim, head_dim_v), config)
     dq_tile = tile_config(q, "dq", max(head_dim, head_dim_v), config)
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
@@ -186,7 +190,7 @@ def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
     tile_seq, tile_first, grid = tile_schedule(cu_seqlens[1], dkdv.block_n, total_k)  # tiles of keys
     if grid:
         _varlen_bwd_dkdv[(grid, num_heads_kv)](
-            q, k, v, launch.alibi, launch.seed, do, lse_log2, delta, dk, dv, *cu_seqlens, tile_seq, tile_first,
+            q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dk, dv, *cu_seqlens, tile_seq, tile_first,
             *q.stride(), *k.stride(), *v.stride(), *launch.alibi_strides, *do.stride(), *dk.stride(), *dv.stride(),
             *scalars, **launch.constexprs, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
             num_stages=dkdv.num_stages,
@@ -194,7 +198,7 @@ def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
     tile_seq, tile_first, grid = tile_schedule(cu_seqlens[0], dq_tile.block_m, total_q)
     if grid:
         _varlen_bwd_dq[(grid, num_heads_q)](
-            q, k, v, launch.alibi, launch.seed, do, lse_log2, delta, dq, *cu_seqlens, tile_seq, tile_first,
+            q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dq, *cu_seqlens, tile_seq, tile_first,
             *q.stride(), *k.stride(), *v.stride(), *launch.alibi_strides, *do.stride(), *dq.stride(),
             *scalars, **launch.constexprs, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, num_warps=dq_tile.num_warps,
             num_stages=dq_tile.num_stages,

@@ -29,9 +29,32 @@ INTERPRETED = isinstance(_probe, InterpretedFunction)
 MAX_HEAD_DIM = 256  # head dims the tile tables cover
 
 
+# Host arithmetic in plain ints: triton.cdiv and triton.next_power_of_2 are constexpr functions,
+# microseconds per call from the host, several times per launch.
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def head_dim_pad(head_dim):
     """Tiles span a power of two of at least 16 (tl.dot's smallest K); loads mask the padding."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
+
+
+_DEVICE_PROPERTIES = {}
+
+
+def device_properties(device):
+    """torch's properties of a CUDA device (compute capability, multiprocessors), asked once per
+    device: each query costs microseconds of every call's host time."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    properties = _DEVICE_PROPERTIES.get(index)
+    if properties is None:
+        properties = _DEVICE_PROPERTIES[index] = torch.cuda.get_device_properties(index)
+    return properties
 
 
 class TileConfig(NamedTuple):
@@ -92,7 +115,7 @@ def tile_config(q, kernel, head_dim, config=None, tma=False, plain=False):
         return TileConfig(*config)
     if INTERPRETED:
         return INTERPRETER_TILE
-    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
+    major = device_properties(q.device).major if q.is_cuda else 9
     return tile_for(q.element_size(), kernel, head_dim, major, tma, plain)
 
 
@@ -103,7 +126,7 @@ def decode_tile(q, head_dim, rows, config=None):
         return TileConfig(*config)
     if INTERPRETED:
         return _decode_rows(INTERPRETER_TILE, head_dim, rows)
-    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
+    major = device_properties(q.device).major if q.is_cuda else 9
     return decode_tile_for(q.element_size(), head_dim, rows, major)
 
 
@@ -121,7 +144,7 @@ def _decode_rows(tile, head_dim, rows):
     """`tile` fitted to `rows`: block_m as many rows as there are, padded to a power of two of at
     least 16 (tl.dot's smallest M), up to the tile's; 4 warps up to 16 x 256 (or 32 x 128, 64 x 64)
     elements of rows, 8 beyond."""
-    block_m = min(tile.block_m, max(16, triton.next_power_of_2(rows)))
+    block_m = min(tile.block_m, max(16, next_power_of_2(rows)))
     return tile._replace(block_m=block_m, num_warps=4 if block_m * head_dim_pad(head_dim) <= 4096 else 8)
 
 

@@ -9,6 +9,8 @@ def memory_order(t):
 def empty_like_q(q, last_dim, dtype=None):
     """An empty [B, Hq, Lq, last_dim] tensor whose dimensions are ordered in memory as q's are (a
     [B, L, H, D] view in gives a [B, L, H, Dv] view out); q's dtype unless `dtype` is given."""
-    order = memory_order(q)
     shape = (*q.shape[:3], last_dim)
+    if q.is_contiguous():  # the common case, without sorting strides
+        return q.new_empty(shape, dtype=dtype)
+    order = memory_order(q)
     return q.new_empty([shape[d] for d in order], dtype=dtype).permute([order.index(d) for d in range(4)])

@@ -137,11 +137,17 @@ def error_cases(rank, world):
     def qkv(length, heads=2):
         return [torch.randn(1, heads, length, 8) for _ in range(3)]
 
+    def checked(call):  # ranks that disagree are found by an all-gather, run on request only
+        def run():
+            with attn_ops.checked_values():
+                call()
+        return run
+
     return {
-        "unequal-shards": (lambda: attn_ops.ring_attention(*qkv(8 + 2 * rank)), ValueError,
+        "unequal-shards": (checked(lambda: attn_ops.ring_attention(*qkv(8 + 2 * rank))), ValueError,
                            ("q, k, v", "every rank", "shard_sequence")),
-        "layouts-differ": (lambda: attn_ops.ring_attention(*qkv(8), causal=True,
-                                                           layout=("zigzag", "contiguous")[rank % 2]),
+        "layouts-differ": (checked(lambda: attn_ops.ring_attention(*qkv(8), causal=True,
+                                                                   layout=("zigzag", "contiguous")[rank % 2])),
                            ValueError, ("every rank", "layout")),
         "odd-zigzag-shard": (lambda: attn_ops.ring_attention(*qkv(7), causal=True), ValueError, ("zigzag", "even")),
         "unsplittable-length": (lambda: attn_ops.shard_sequence(torch.zeros(1, 1, 2 * world + 1, 4)),

@@ -291,6 +291,33 @@ def test_default_scale_is_inverse_sqrt_head_dim(device):
     torch.testing.assert_close(out, attn_ops.attention(q, k, v, backend="triton", scale=0.2))
 
 
+SCALE_RULES = {
+    "plain": lambda q, k: {},
+    "causal, bool mask": lambda q, k: dict(causal=True, mask=torch.rand(q.shape[2], k.shape[2], device=q.device) > 0.3),
+    "window, float mask, cap, ALiBi": lambda q, k: dict(
+        window=(9, 3), mask=torch.randn(q.shape[2], k.shape[2], device=q.device), softcap=5.0,
+        alibi_slopes=torch.rand(q.shape[1], device=q.device)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [-0.5, -4.0, 0.0], ids=str)
+@pytest.mark.parametrize("rules", SCALE_RULES)
+def test_any_finite_scale_as_sdpa_takes_it(device, scale, rules):
+    # A negative scale flips the scores: the row max must be of the scaled scores (the max of the
+    # unscaled ones is then the min, and exp2 overflows). 0 is the plain average of the visible values.
+    q, k, v = make_qkv(1, 2, 1, 40, 50, 16, torch.float32, device)
+    check(q, k, v, scale=scale, **SCALE_RULES[rules](q, k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_scale_averages_the_visible_values(device):
+    q, k, v = make_qkv(1, 1, 1, 30, 30, 16, torch.float32, device, scale=100.0)
+    out = attn_ops.attention(q, k, v, causal=True, scale=0.0, backend="triton")
+    counts = torch.arange(1, 31, device=device, dtype=torch.float32)[:, None]
+    torch.testing.assert_close(out[0, 0], v[0, 0].cumsum(0) / counts)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_is_bitwise_deterministic(device):
     q, k, v = make_qkv(2, 4, 1, 100, 100, 32, torch.bfloat16, device)

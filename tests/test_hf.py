@@ -1,11 +1,13 @@
 """attn_implementation="attn_ops" against "sdpa" on tiny, randomly initialised transformers models."""
 
 import sys
+import types
 
 import pytest
 import torch
 
 import attn_ops
+import attn_ops.decode
 import attn_ops.hf
 from truth import DEVICES
 
@@ -118,7 +120,10 @@ def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache, calls, decode
     assert len(calls) == 2 * 4
     expected_mask_dims = {"dynamic": 2, "static": 4}[cache]
     assert all(m.dim() == expected_mask_dims for m in calls)
-    assert not decode_calls  # left padding: a row's keys are not a prefix of its cache
+    # The decoding steps on the split-KV path, the padding as a key mask read by the kernels: each row
+    # visits its keys up to its last visible one, the token just written (the static cache's unused
+    # tail is never visited).
+    assert decode_calls == [[SEQ + step] * ids.shape[0] for step in (1, 2, 3) for _layer in range(2)]
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=DEVICES[0].marks)])
@@ -332,16 +337,41 @@ def test_missing_transformers_raises_a_clear_import_error(monkeypatch):
         attn_ops.register_transformers()
 
 
-def test_decoding_lengths_follow_a_mask_updated_in_place_and_only_per_row_shapes():
-    from attn_ops.hf import _decoding_lengths
+def test_a_decoding_step_passes_its_key_mask_and_visits_no_key_past_a_rows_last_visible_one():
+    from attn_ops.hf import _decoding_step
 
     query, key = torch.randn(2, 2, 1, 8), torch.randn(2, 1, 6, 8)
+    assert _decoding_step(query, key, key, None, None, 0.0) == (6, None)  # no mask: every key, an int
     mask = torch.zeros(2, 1, 1, 6, dtype=torch.bool)
-    mask[..., :4] = True
-    assert _decoding_lengths(query, key, key, None, mask, 0.0).tolist() == [4, 4]
-    mask[..., 4] = True  # a static cache's mask, one more token filled, in place
-    assert _decoding_lengths(query, key, key, None, mask, 0.0).tolist() == [5, 5]
+    mask[..., :4] = True  # a static cache's mask: its unused tail hidden
+    lengths, key_mask = _decoding_step(query, key, key, None, mask, 0.0)
+    assert lengths.tolist() == [4, 4] and key_mask.data_ptr() == mask.data_ptr()  # a view, as it is
+    mask[1, ..., 0] = False  # left padding
+    mask[1, ..., 5] = True
+    lengths, key_mask = _decoding_step(query, key, key, None, mask, 0.0)
+    assert lengths.tolist() == [4, 6] and torch.equal(key_mask, mask.view(2, 6))
     # A per-head mask [1, Hq, 1, Lk] is not a per-row one, even with Hq = B elements to spare.
-    assert _decoding_lengths(query, key, key, None, mask.view(1, 2, 1, 6), 0.0) is None
-    mask[1, ..., 0] = False  # left padding: not a prefix
-    assert _decoding_lengths(query, key, key, None, mask, 0.0) is None
+    assert _decoding_step(query, key, key, None, mask.view(1, 2, 1, 6), 0.0) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compiled_static_cache_decoding_step_takes_the_split_kv_kernels(device, monkeypatch):
+    # transformers compiles static-cache generation: its decoding steps pass a [B, 1, 1, capacity]
+    # bool mask (the unused tail and any padding hidden), which must reach the split-KV kernels
+    # without a host read (a graph break under fullgraph=True) and without scanning the whole buffer.
+    launches = []
+    decode_fwd = attn_ops.decode.decode_fwd
+    monkeypatch.setattr(attn_ops.decode, "decode_fwd",
+                        lambda *args, **kw: launches.append(args[3]) or decode_fwd(*args, **kw))
+    module = types.SimpleNamespace(is_causal=True)
+    q = torch.randn(2, 4, 1, 8, device=device)
+    k, v = torch.randn(2, 2, 16, 8, device=device), torch.randn(2, 2, 16, 8, device=device)
+    mask = torch.zeros(2, 1, 1, 16, dtype=torch.bool, device=device)
+    mask[..., :6] = True
+    mask[1, ..., :2] = False  # left padding
+    step = torch.compile(lambda *inputs: attn_ops.hf.attention_forward(module, *inputs, scaling=0.3)[0], fullgraph=True)
+    with attn_ops.use_backend("triton"), torch.no_grad():
+        out = step(q, k, v, mask)
+    assert [lengths.tolist() for lengths in launches] == [[6, 6]]
+    expected = attn_ops.reference.attention(q, k, v, mask=mask, scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)

@@ -246,3 +246,67 @@ def test_num_splits_none_splits_a_long_cache(device):
     q = torch.randn(1, 4, 1, 16, device=device)
     out, lse = attn_ops.attention_with_kvcache(q, k_cache, v_cache, 700, return_lse=True, backend="triton")
     check_each_sequence(q, k_cache, v_cache, lengths, out, lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_key_mask_hides_keys_as_a_generations_padding_does(device, layout, num_splits):
+    # Left padding (the first keys hidden), holes, a sequence with every key hidden: each sequence
+    # against float64 math with the same mask over the keys it sees, the kernels reading it by position.
+    lengths = (40, 33, 9, 70)
+    k_cache, v_cache = make_cache(lengths, 96, 2, 32, torch.float32, device)
+    key_mask = torch.rand(4, 96, device=device) > 0.3
+    key_mask[0, :12] = False
+    key_mask[2] = False
+    q = torch.randn(4, 4, 2, 32, device=device)
+    k_in, v_in, table = paged(k_cache, v_cache, 16) if layout == "paged" else (k_cache, v_cache, None)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    out, lse = attn_ops.attention_with_kvcache(q, k_in, v_in, seqlens, block_table=table, key_mask=key_mask,
+                                               causal=True, num_splits=num_splits, return_lse=True, backend="triton")
+    reference = attn_ops.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), seqlens,
+                                                key_mask=key_mask, causal=True, return_lse=True, backend="reference")
+    for b, n in enumerate(lengths):
+        mask = key_mask[b, None, None, None, :n]
+        check_against_float64(q[b : b + 1], cached_rows(k_cache, b, n), cached_rows(v_cache, b, n), out[b : b + 1],
+                              causal="bottom_right", mask=mask)
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.all(lse[2] == float("-inf"))
+    torch.testing.assert_close(out.double(), reference[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA graphs")
+def test_a_decoding_step_with_its_append_replays_in_a_cuda_graph():
+    # No host read and no host-side decision on values anywhere in the step: captured once, it replays
+    # with new queries, tokens and lengths written into its inputs, and equals the eager step.
+    batch, heads_q, heads_kv, dim, capacity = 4, 8, 2, 64, 512
+    k_cache, v_cache = (torch.randn(batch, heads_kv, capacity, dim, device="cuda", dtype=torch.bfloat16)
+                        for _ in range(2))
+    q = torch.randn(batch, heads_q, 1, dim, device="cuda", dtype=torch.bfloat16)
+    k_new, v_new = (torch.randn(batch, heads_kv, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([3, 100, 0, 300], dtype=torch.int32, device="cuda")
+
+    def step():
+        return attn_ops.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, causal=True)
+
+    side = torch.cuda.Stream()  # warm up (compile, plan) off the capturing stream, as capture requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    before = k_cache.clone(), v_cache.clone()
+    for lengths in ([7, 0, 200, 511], [1, 2, 3, 4]):
+        for t in (q, k_new, v_new):
+            t.copy_(torch.randn_like(t))
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        k_cache.copy_(before[0])
+        v_cache.copy_(before[1])
+        graph.replay()
+        replayed = captured.clone(), k_cache.clone(), v_cache.clone()
+        k_cache.copy_(before[0])
+        v_cache.copy_(before[1])
+        eager = step(), k_cache, v_cache
+        for a, b in zip(replayed, eager):
+            assert torch.equal(a, b)

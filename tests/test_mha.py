@@ -143,6 +143,23 @@ def test_is_causal_without_attn_mask_raises():
         ours(*_inputs(False), is_causal=True)
 
 
+@pytest.mark.parametrize("is_causal", ["False", "no", "0", 1, None])
+def test_is_causal_must_be_a_bool(is_causal):
+    # A truthy string would otherwise turn on the causal rule the caller switched off.
+    _, ours = _pair()
+    with pytest.raises(TypeError, match="is_causal"):
+        ours(*_inputs(), attn_mask=torch.zeros(LEN_Q, LEN_K), is_causal=is_causal, need_weights=False)
+
+
+@pytest.mark.parametrize("name", ["query", "key", "value"])
+def test_input_of_the_wrong_embedding_size_is_named(name):
+    _, ours = _pair(batch_first=True)
+    inputs = dict(zip(("query", "key", "value"), _inputs()))
+    inputs[name] = torch.randn(BATCH, LEN_Q if name == "query" else LEN_K, EMBED + 3)
+    with pytest.raises(ValueError, match=f"{name}'s last dimension must be {EMBED}"):
+        ours(**inputs)
+
+
 def test_3d_attn_mask_reaches_the_op_as_a_view(op_calls):
     seen = op_calls(attn_ops.mha)
     _, ours = _pair(batch_first=True)

@@ -112,6 +112,14 @@ def test_dropout_is_applied_and_repeatable_under_manual_seed():
     assert not torch.allclose(first, attn_ops.scaled_dot_product_attention(q, k, v))
 
 
+@pytest.mark.parametrize("is_causal", ["False", "no", "0", 1, None])
+def test_is_causal_must_be_a_bool_like_sdpa(is_causal):
+    # torch's SDPA raises TypeError; a truthy string must not turn on a causal mask.
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="is_causal"):
+        attn_ops.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+
 def test_is_causal_with_attn_mask_raises():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="is_causal"):

@@ -10,7 +10,7 @@ import torch
 
 from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_fwd import attn_fwd
-from attn_ops.kernels.attn_launch import KernelArgs, descriptors, tma_allowed
+from attn_ops.kernels.attn_launch import KernelArgs, descriptor_layouts, descriptors, tma_allowed
 from attn_ops.kernels.config import INTERPRETED
 from truth import DEVICES, make_qkv
 
@@ -90,4 +90,4 @@ def test_layouts_the_copy_engine_cannot_read_take_the_pointer_path(device):
     # A size-1 dimension's stride is never used: any value is fine, and the descriptor gets a legal one.
     one_head = q[:, :1].as_strided((1, 1, 8, 64), (1024, 1, 64, 1))
     assert tma_allowed(one_head)
-    assert all(s % 8 == 0 for s in descriptors(True, (one_head, 16))[0].strides[:-1])
+    assert all(s % 8 == 0 for s in descriptors(descriptor_layouts(True, (one_head, 16)), one_head)[0].strides[:-1])

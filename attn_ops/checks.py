@@ -180,6 +180,9 @@ def check_cache_lengths(cache_seqlens, len_new, block_table, k_cache, names=KVCA
     where = (f"{names['block_table']} {_shape(block_table)} of blocks of {page}" if block_table is not None
              else f"{names['k']} {_shape(k_cache)}")
     if isinstance(cache_seqlens, INTS):
+        if cache_seqlens < 0:  # checked with the type, and here for each call of an already checked type
+            raise ValueError(f"{names['cache_seqlens']} must be an int32 tensor [B] or an int >= 0, got "
+                             f"{cache_seqlens!r}")
         if cache_seqlens + len_new > capacity:
             raise ValueError(f"{names['cache_seqlens']} = {cache_seqlens} plus {len_new} new tokens exceeds the "
                              f"cache's capacity of {capacity} ({where})")

@@ -10,7 +10,8 @@ custom op with a fake implementation, so decoding steps trace into graphs (and C
 import torch
 
 from .cache import append
-from .fused import kernel_args_schema, not_supported_reasons  # the generic kernels' limits hold here too
+from .fused import (kernel_args_schema, launchers_run_directly,
+                    not_supported_reasons)  # the generic kernels' limits hold here too
 from .kernels.attn_append import append_rows
 from .kernels.attn_decode import decode_fwd
 from .kernels.attn_launch import KernelArgs
@@ -39,12 +40,12 @@ def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
     """(out, natural-log lse) of a `CacheProblem` through the kernels, after appending k_new and v_new."""
     args = KernelArgs(scale=problem.scale, mask=problem.key_mask, band_lo=problem.band_lo, band_hi=problem.band_hi,
                       softcap=problem.softcap, alibi_slopes=problem.alibi_slopes, sinks=problem.sinks)
-    if torch.compiler.is_compiling():
+    if not launchers_run_directly():
         if problem.len_new:
             append(k_cache, v_cache, k_new, v_new, problem)
         return torch.ops.attn_ops.attention_decode(q, k_cache, v_cache, problem.cache_seqlens, problem.block_table,
                                                    problem.len_new, problem.num_splits, *args)
     if problem.len_new:
-        append_rows(k_new, v_new, k_cache, v_cache, problem.cache_seqlens, problem.block_table)
+        append_rows(k_new, v_new, k_cache, v_cache, problem.cache_seqlens, problem.block_table, plans=problem.plans)
     return decode_fwd(q, k_cache, v_cache, problem.cache_seqlens, problem.block_table, problem.len_new,
                       problem.num_splits, args, plans=problem.plans)

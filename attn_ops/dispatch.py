@@ -40,6 +40,7 @@ def choose(problem, backend, fused=None):
     `use_backend` set, else the fused kernels on CUDA and the reference elsewhere; on CUDA it never
     falls back to the reference silently, except for float64, which only the reference computes.
     """
+    check_backend(backend, problem.names)
     planned = ("implementation", backend, _auto_backend, fused)  # the answer depends on these and the static parts
     implementation = problem.plans.get(planned)
     if implementation is None:
@@ -48,7 +49,6 @@ def choose(problem, backend, fused=None):
 
 
 def _choose(problem, backend, fused):
-    check_backend(backend, problem.names)
     chosen = _auto_backend if backend == "auto" else backend
     if chosen == "auto":
         on_cuda = problem.device.type == "cuda"

@@ -81,6 +81,12 @@ attention_bwd = torch.library.custom_op(
 attention_bwd.register_fake(_bwd_fake)
 
 
+def launchers_run_directly():
+    """Whether a call may run the launchers itself: not while torch.compile traces (Dynamo, compiled
+    autograd) nor under a dispatch mode (FakeTensorMode, make_fx), which must see the custom ops."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
 class FusedAttention(torch.autograd.Function):
     """Saves q, k, v, out and lse_log2, and the tensors among the `KernelArgs` `args` (the caller's
     mask, slopes, sinks and the seed): no [Lq, Lk] tensor. Returns the log2 LSE (`run` converts it).
@@ -109,7 +115,7 @@ class FusedAttention(torch.autograd.Function):
         if dout is None:  # only the lse was used
             dout = torch.zeros_like(out)
         mask_grad = ctx.needs_input_grad[3]
-        if ctx.plans is None:
+        if ctx.plans is None or not launchers_run_directly():
             grads = torch.ops.attn_ops.attention_bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *args)
         else:
             grads = _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *args, plans=ctx.plans)
@@ -137,11 +143,11 @@ def run(q, k, v, problem):
 
     In eager mode the launchers run directly, with the Problem's `plans` (tiles, grids and launch
     arguments made by the first call with the same static parts): the custom-op layer alone would
-    cost more host time than the rest of the call. While torch.compile traces, the custom ops run,
-    so that graphs record them (with their fakes).
+    cost more host time than the rest of the call. While torch.compile traces, or under a dispatch
+    mode, the custom ops run, so that graphs and modes see them (with their fakes).
     """
     args = _kernel_args(problem)
-    plans = None if torch.compiler.is_compiling() else problem.plans
+    plans = problem.plans if launchers_run_directly() else None
     if problem.requires_grad:
         out, lse_log2 = FusedAttention.apply(q, k, v, args.mask, args.sinks, plans, args)
     elif plans is None:

@@ -19,18 +19,21 @@ Two functions are registered under one name, as transformers needs both:
   own eager, sdpa and flash names drive continuous batching.
 
 Decoding steps (one new token per row, after transformers has written it into its cache) run
-through `attention_with_kvcache`, the split-KV kernels: the layer's keys are a dense cache, and each
-row sees a prefix of them (all of a dynamic cache's; a static cache's filled part, which its mask
-says). A step whose rows are not prefixes (left padding) takes the dense path with its mask.
+through `attention_with_kvcache`, the split-KV kernels, the layer's keys a dense cache: without a
+mask over all of them; with a bool key mask (padding, a static cache's unused tail) as the kernels'
+`key_mask`, each row visiting its keys up to its last visible one. Nothing is read on the host, so
+compiled static-cache generation takes the same kernels.
 
 Packed batches (one row of several sequences, ``position_ids`` restarting at 0 as
 `DataCollatorWithFlattening` makes, or flash-attn's ``cu_seq_lens_q``/``cu_seq_lens_k`` keywords) run
 through `varlen_attention`, each sequence attending to itself alone: work proportional to the sum
-of the sequences' squared lengths, not the row's. transformers still builds its dense
+of the sequences' squared lengths, not the row's. The keywords are taken as transformers'
+flash-attention path takes them: the sequences they give, the module's causal rule and its
+``sliding_window``, the mask not read. With ``position_ids`` alone, transformers builds its dense
 block-diagonal mask for such a row; the varlen path is taken only where that mask says exactly
-"each token sees its own sequence's tokens (the earlier ones, for a causal module)", checked once
-per forward (the layers share the mask object). Any other mask (a sliding window, say) takes the
-dense path.
+"each token sees its own sequence's tokens (the earlier ones, for a causal module)", which finding
+the sequences and comparing the mask read on the host once per forward (the layers share the mask
+object; the keywords avoid that read). Any other mask (a sliding window, say) takes the dense path.
 """
 
 import inspect
@@ -125,11 +128,14 @@ def attention_forward(
         out = attention_with_kvcache(query, key, value, cache_seqlens, key_mask=key_mask, scale=scaling,
                                      softcap=softcap, sinks=s_aux)
         return out.transpose(1, 2).contiguous(), None
-    cu_seqlens = None if position_bias is not None else _packed_sequences(query, key, attention_mask, is_causal, kwargs)
-    if cu_seqlens is not None:
+    packed = None if position_bias is not None else _packed_sequences(query, key, attention_mask, is_causal, kwargs)
+    if packed is not None:
+        cu_seqlens, window = packed
+        # Bottom-right, as flash-attn aligns a causal rule (the same where the lengths are equal).
         out = varlen_attention(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), *cu_seqlens,
-            causal=bool(is_causal), scale=scaling, softcap=softcap, sinks=s_aux, dropout_p=dropout,
+            causal="bottom_right" if is_causal else False, window=window, scale=scaling, softcap=softcap,
+            sinks=s_aux, dropout_p=dropout,
         )
         return out[None], None
     out = attention(
@@ -163,7 +169,7 @@ def _decoding_step(query, key, value, sinks, attention_mask, dropout):
     """
     batch, _, len_q, _ = query.shape
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, sinks))
-    if len_q != 1 or dropout or needs_grad:
+    if len_q != 1 or dropout or needs_grad or key.shape[2] == 0:
         return None
     if attention_mask is None:
         return key.shape[2], None
@@ -181,22 +187,25 @@ _checked_masks = WeakIdKeyDictionary()
 
 
 def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
-    """(cu_seqlens_q, cu_seqlens_k) int32 of a packed row, or None when the call is not one (or its
-    mask says more).
+    """((cu_seqlens_q, cu_seqlens_k) int32, window) of a packed row, or None when the call is not one
+    (or its mask says more).
 
     flash-attn's keywords ``cu_seq_lens_q``/``cu_seq_lens_k`` (`DataCollatorWithFlattening` with
-    ``return_flash_attn_kwargs=True``) are taken as they are, read by the kernels only, as
-    transformers' flash-attention path takes them. Without them, a row whose ``position_ids`` restart
-    is packed only where transformers' mask says exactly "each token sees its own sequence's (earlier)
-    tokens": finding the sequences and comparing the mask read values on the host, once per forward
-    (the layers share the mask object); the keywords avoid that read.
+    ``return_flash_attn_kwargs=True``) are taken as transformers' flash-attention path takes them:
+    their sequences, read by the kernels only, with the module's ``sliding_window`` (transformers'
+    ``q - W < kv``) and not the mask. Without them, a row whose ``position_ids`` restart is packed only
+    where transformers' mask says exactly "each token sees its own sequence's (earlier) tokens":
+    finding the sequences and comparing the mask read values on the host, once per forward (the
+    layers share the mask object); the keywords avoid that read.
     """
     length = query.shape[2]
     if query.shape[0] != 1 or key.shape[2] != length or length < 2:
         return None
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None:
-        return cu_q.to(torch.int32), cu_k.to(torch.int32)
+        sliding_window = kwargs.get("sliding_window")
+        window = None if sliding_window is None else (sliding_window - 1, 0)
+        return (cu_q.to(torch.int32), cu_k.to(torch.int32)), window
     position_ids = kwargs.get("position_ids")
     if attention_mask is None or position_ids is None or position_ids.numel() != length:
         # transformers detects packing only without a cache, and then always builds a mask: no mask
@@ -207,7 +216,7 @@ def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
     if checked is None or checked[0] is not key[0] or checked[1:3] != key[1:]:
         checked = (*key, _sequences_the_mask_keeps_apart(attention_mask, position_ids.reshape(-1), is_causal))
         _checked_masks[attention_mask] = checked
-    return None if checked[3] is None else (checked[3], checked[3])
+    return None if checked[3] is None else ((checked[3], checked[3]), None)
 
 
 def _sequences_the_mask_keeps_apart(mask, positions, causal):

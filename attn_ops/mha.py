@@ -150,8 +150,15 @@ def _to_op_convention(mask, name):
 
 def _names(attn_mask, key_padding_mask):
     """How the op's errors name things: the module's inputs, and the mask as the caller gave it."""
-    given = [name for name, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)) if m is not None]
-    return {**OP_NAMES, "q": "query", "k": "key", "v": "value", "mask": " merged with ".join(given) or "attn_mask"}
+    return _NAMES[attn_mask is not None, key_padding_mask is not None]
+
+
+# One dict per pair of given masks, made once: the op reuses a call's checks by the names' identity.
+_NAMES = {(has_attn_mask, has_padding): {
+    **OP_NAMES, "q": "query", "k": "key", "v": "value",
+    "mask": " merged with ".join(name for name, given in (("attn_mask", has_attn_mask),
+                                                          ("key_padding_mask", has_padding)) if given) or "attn_mask"}
+    for has_attn_mask in (False, True) for has_padding in (False, True)}
 
 
 def _additive(mask):

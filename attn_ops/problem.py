@@ -5,6 +5,7 @@ A new argument is a field here, its check in `checks.py`, and its use in the imp
 take it; implementations that cannot take it say so in their `not_supported_reasons`.
 """
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -76,8 +77,8 @@ def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale
     its Problem with this call's tensors (`_described`): the host time of a repeated call is a few
     microseconds, not the tens the checks take.
     """
-    key = _static_key((q, k, v, mask, alibi_slopes, sinks), (causal, window, align, scale, softcap, dropout_p,
-                                                             seed is None, return_lse, id(names)), q, k, v)
+    key = _static_key("dense", (q, k, v, mask, alibi_slopes, sinks),
+                      (causal, window, align, scale, softcap, dropout_p, seed is None, return_lse, id(names)), q, k, v)
     return _described(key, dict(mask=mask, alibi_slopes=alibi_slopes, sinks=sinks), seed, lambda: _describe(
         q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse, names=names))
@@ -87,21 +88,26 @@ _DESCRIBED = {}  # a call's static key -> the Problem of the first call with it
 MAX_DESCRIBED = 1024
 
 
-def _static_key(tensors, values, *operands):
-    """The static parts of a call's arguments as a dict key: `tensors` (tensor arguments, or None) by
-    shape, strides, dtype, device, layout and whether they require grad, never their values;
-    `values` and anything else by type and value (True is not 1 to the checks); grad mode; and what
-    the plans depend on besides: whether each of the `operands` sits on a 16-byte boundary (TMA), and
-    torch's TF32 switch for float32. None under torch.compile, which traces the checks once."""
+def _static_key(entry, tensors, values, *operands):
+    """The static parts of a call of `entry` (which describe it is) as a dict key: `tensors` (tensor
+    arguments, or None) by shape, strides, dtype, device and whether they require grad, never their
+    values; `values` by type and value, within tuples too (True and 1.0 are not 1 to the checks);
+    grad mode; and what the plans depend on besides: whether each of the `operands` sits on a 16-byte
+    boundary (TMA), and torch's TF32 switch for float32. None under torch.compile, which traces the
+    checks once."""
     if torch.compiler.is_compiling():
         return None
     try:
-        return (tuple((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor)
-                      else (type(t), t) for t in tensors),
-                tuple(map(type, values)), values, torch.is_grad_enabled(),
-                tuple(t.data_ptr() % 16 == 0 for t in operands), operands[0].dtype == torch.float32 and tf32_allowed())
-    except (AttributeError, RuntimeError):  # not a tensor, or a sparse one (no strides): the checks refuse it
+        return (entry, tuple((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor)
+                             else (type(t), t) for t in tensors),
+                _typed(values), torch.is_grad_enabled(), tuple(t.data_ptr() % 16 == 0 for t in operands),
+                operands[0].dtype == torch.float32 and tf32_allowed())
+    except (AttributeError, RuntimeError):  # not a tensor, a fake or a sparse one: the checks take it
         return None
+
+
+def _typed(value):
+    return tuple(map(_typed, value)) if type(value) is tuple else (type(value), value)
 
 
 def _described(key, tensors, seed, describe_now):
@@ -117,15 +123,20 @@ def _described(key, tensors, seed, describe_now):
         if key is not None:
             if len(_DESCRIBED) >= MAX_DESCRIBED:
                 _DESCRIBED.clear()
-            _DESCRIBED[key] = problem  # it keeps `names` alive, whose id the key holds
+            # Without this call's tensors, which it must not keep alive; it keeps `names`, whose id
+            # the key holds.
+            template = _DESCRIBED[key] = object.__new__(type(problem))
+            vars(template).update(vars(problem), **dict.fromkeys(tensors))
+            if isinstance(problem, Problem):
+                vars(template)["seed"] = None
         return problem
     if seed is not None:  # the key holds only that a seed was given
         check_dropout(template.dropout_p, seed, template.names)
     # A frozen dataclass copied field by field, without __init__'s per-field setattr.
     problem = object.__new__(type(template))
     vars(problem).update(vars(template), **tensors)
-    if isinstance(template, Problem):
-        vars(problem)["seed"] = dropout_seed(seed, template.device) if template.dropout_p > 0 else None
+    if isinstance(template, Problem) and template.dropout_p > 0:
+        vars(problem)["seed"] = dropout_seed(seed, template.device)
     return problem
 
 
@@ -144,7 +155,7 @@ def describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, m
                     seed=None, return_lse=False, names=VARLEN_NAMES):
     """`describe` for packed sequences (`attn_ops.varlen_attention`), the cu_seqlens' values checked
     only under `checked_values`."""
-    key = _static_key((q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks),
+    key = _static_key("packed", (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks),
                       (max_seqlen_q, max_seqlen_k, causal, window, align, scale, softcap, dropout_p, seed is None,
                        return_lse, id(names)), q, k, v)
     problem = _described(key, dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes,
@@ -235,18 +246,25 @@ def describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None
     `describe` does (an int `cache_seqlens` is part of the static key: its tensor is made once); the
     values of a tensor `cache_seqlens` and of the block table only under `checked_values`."""
     given = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
-    key = _static_key((q, k_cache, v_cache, given, k_new, v_new, block_table, key_mask, alibi_slopes, sinks),
-                      (cache_seqlens if given is None else None, causal, window, scale, softcap, return_lse,
-                       num_splits, id(names)), q, k_cache, v_cache)
-    tensors = dict(block_table=block_table, key_mask=key_mask, alibi_slopes=alibi_slopes, sinks=sinks)
-    if given is not None:
-        tensors["cache_seqlens"] = given
+    key = _static_key("cache", (q, k_cache, v_cache, given, k_new, v_new, block_table, key_mask, alibi_slopes, sinks),
+                      (type(cache_seqlens), causal, window, scale, softcap, return_lse, num_splits, id(names)), q,
+                      k_cache, v_cache)
+    tensors = dict(block_table=block_table, key_mask=key_mask, alibi_slopes=alibi_slopes, sinks=sinks,
+                   cache_seqlens=given if given is not None else _lengths_tensor(cache_seqlens, q))
     problem = _described(key, tensors, None, lambda: _describe_cache(
         q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, block_table=block_table, key_mask=key_mask,
         causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
         return_lse=return_lse, num_splits=num_splits, names=names))
     check_cache_lengths(cache_seqlens, problem.len_new, block_table, k_cache, names)
     return problem
+
+
+def _lengths_tensor(cache_seqlens, q):
+    """An int `cache_seqlens` as the int32 [B] tensor the kernels read, made for each call (filled on the
+    device, no host copy): a tensor kept across calls would be freed under a CUDA graph that reads it."""
+    if not isinstance(cache_seqlens, numbers.Integral) or not isinstance(q, torch.Tensor) or q.dim() < 1:
+        return None  # the checks refuse it
+    return torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
 
 
 def _describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new, v_new, block_table, key_mask, causal, window,
@@ -259,7 +277,7 @@ def _describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new, v_new, block_t
     check_return_lse(return_lse, names)
     _, window, _, band_lo, band_hi = band_rules(0, 0, bool(causal), window, "bottom_right", names)
     if not isinstance(cache_seqlens, torch.Tensor):
-        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+        cache_seqlens = _lengths_tensor(cache_seqlens, q)
     return CacheProblem(
         batch=q.shape[0], heads_q=q.shape[1], heads_kv=k_cache.shape[1], len_q=q.shape[2], len_new=len_new,
         head_dim=q.shape[-1], head_dim_v=v_cache.shape[-1], dtype=q.dtype, device=q.device,

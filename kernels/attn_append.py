@@ -48,19 +48,30 @@ def _append(KNew, VNew, KCache, VCache, Seqlens, Table, strides_kn, strides_vn, 
 
 
 @on_inputs_device
-def append_rows(k_new, v_new, k_cache, v_cache, seqlens, table):
+def append_rows(k_new, v_new, k_cache, v_cache, seqlens, table, plans=None):
     """Writes ``k_new``/``v_new`` (``[B, Hkv, L_new, D]``) into the caches in place at positions
-    ``seqlens[b] ...`` (int32 [B]) of sequence b, through the int32 block `table` when it is not None."""
-    batch, num_heads_kv, len_new, head_dim = k_new.shape
-    head_dim_v = v_new.shape[-1]
+    ``seqlens[b] ...`` (int32 [B]) of sequence b, through the int32 block `table` when it is not None.
+    ``plans``: None, or a dict shared by every call with these shapes and strides (a CacheProblem's),
+    where the launch's grid and arguments are kept."""
     if k_new.numel() == 0 and v_new.numel() == 0:
         return
-    paged = table is not None
     # Read as seqlens[b] and table[b, j]: unit strides.
-    seqlens, table = seqlens.contiguous(), table.contiguous() if paged else None
-    _append[(batch * len_new * num_heads_kv,)](
-        k_new, v_new, k_cache, v_cache, seqlens, k_new if table is None else table, k_new.stride(), v_new.stride(),
-        k_cache.stride(), v_cache.stride(), 0 if table is None else table.stride(0), num_heads_kv, len_new,
-        k_cache.shape[2], HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), HEAD_DIM_V=head_dim_v,
-        HEAD_DIM_V_PAD=head_dim_pad(head_dim_v), PAGED=paged, num_warps=1 if max(head_dim, head_dim_v) <= 128 else 2,
-    )
+    seqlens, table = seqlens.contiguous(), None if table is None else table.contiguous()
+    plan = None if plans is None else plans.get("append")
+    if plan is None:
+        plan = _plan(k_new, v_new, k_cache, v_cache, table)
+        if plans is not None:
+            plans["append"] = plan
+    grid, scalars, options = plan
+    _append[grid](k_new, v_new, k_cache, v_cache, seqlens, k_new if table is None else table, *scalars, **options)
+
+
+def _plan(k_new, v_new, k_cache, v_cache, table):
+    batch, num_heads_kv, len_new, head_dim = k_new.shape
+    head_dim_v = v_new.shape[-1]
+    return ((batch * len_new * num_heads_kv,),
+            (k_new.stride(), v_new.stride(), k_cache.stride(), v_cache.stride(), 0 if table is None else table.stride(0),
+             num_heads_kv, len_new, k_cache.shape[2]),
+            dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), HEAD_DIM_V=head_dim_v,
+                 HEAD_DIM_V_PAD=head_dim_pad(head_dim_v), PAGED=table is not None,
+                 num_warps=1 if max(head_dim, head_dim_v) <= 128 else 2))

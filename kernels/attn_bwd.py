@@ -12,6 +12,7 @@ from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _l
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, tma_allowed, uses_tma)
 from .config import cdiv, head_dim_pad, tile_config
+from .precision import tf32_allowed
 
 
 @triton.jit
@@ -365,7 +366,8 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     pointer path. ``plans``: as `attn_fwd`'s (the plan also depends on dO's layout).
     """
     dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
-    planned = None if plans is None else ("bwd", do.stride(), do.data_ptr() % 16 == 0)
+    planned = None if plans is None else ("bwd", do.stride(), do.data_ptr() % 16 == 0,
+                                          q.dtype == torch.float32 and tf32_allowed())
     plan = None if plans is None else plans.get(planned)
     if plan is None:
         plan = remembered(_PLANS, (launch_key(args, q, k, v, out, do, dq), config, tma),
@@ -374,7 +376,7 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
             plans[planned] = plan
     copy_do, deltas, dkdv, dq_pass = plan
     if copy_do:
-        do = do.contiguous()
+        do = do.clone(memory_format=torch.contiguous_format)
     delta = row_deltas(out, do, dlse_log2, dq_pass.block_m, deltas)
     tensors = launch_tensors(q, args)
     q_, k_, v_, do_, dk_, dv_ = descriptors(dkdv.layouts, q, k, v, do, dk, dv)
@@ -399,11 +401,12 @@ def _plan(do, q, k, v, out, dq, dk, dv, args, config, tma):
     copy_do = False
     if tma is None:  # one path for both passes: dK/dV and dQ share the head-dim limit
         tma = uses_tma("dkdv", max(head_dim, head_dim_v), q, k, v, dq, dk, dv)
-        # out.sum().backward() passes a stride-0 expand the copy engine cannot read: one copy the
-        # size of out keeps the whole backward on its descriptors.
+        # out.sum().backward() passes a stride-0 expand the copy engine cannot read (or a dO may sit
+        # off a 16-byte boundary): one fresh copy the size of out keeps the whole backward on its
+        # descriptors.
         copy_do = tma and not tma_allowed(do)
     if copy_do:
-        do = do.contiguous()  # once, for the plan's layouts; each call copies its own
+        do = do.clone(memory_format=torch.contiguous_format)  # once, for the plan's layouts
     strides = (*q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride())
     scalars = (num_heads_q, num_heads_q // num_heads_kv, len_q, len_k, launch.band_lo, launch.band_hi,
                args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.scale, args.dropout_p,

@@ -88,7 +88,8 @@ def _dot(a, b, INPUT_PRECISION: tl.constexpr):
     moves ``exp2(s - lse)`` by percents (AVX2 vs AVX-512 BLAS gave different gradients). The GPU's
     matmuls sum the same exact products in an order fixed by the reduction index, whichever operand
     is A. So the interpreter sums in float64 (every product of two fp32, fp16 or bf16 values is
-    exact there) and rounds once to float32: the same scores in every pass, on every CPU. It also
+    exact there) and rounds once to float32: the orders' differences stay far below float32's
+    rounding, so every pass gets the same scores on every CPU (but for ties of ~1e-9 odds). It also
     spares its bf16 dot, which multiplies the raw bits.
     """
     if RUN_BY_INTERPRETER:

@@ -375,3 +375,21 @@ def test_a_compiled_static_cache_decoding_step_takes_the_split_kv_kernels(device
     assert [lengths.tolist() for lengths in launches] == [[6, 6]]
     expected = attn_ops.reference.attention(q, k, v, mask=mask, scale=0.3).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_packed_row_keywords_with_a_sliding_window_keep_the_window(varlen_calls):
+    # flash-attn's cu_seq_lens keywords are taken as transformers' flash path takes them: with the
+    # module's sliding_window, not the mask, so a sliding layer's packed row keeps its window.
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=3,
+    )
+    model = transformers.MistralForCausalLM(config).eval()
+    ids = torch.randint(0, VOCAB, (1, 14))
+    positions = torch.cat([torch.arange(8), torch.arange(6)])[None]
+    cu = torch.tensor([0, 8, 14], dtype=torch.int32)
+    packed = _run(model, "attn_ops", input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                  max_length_q=8, max_length_k=8).logits
+    separate = torch.cat([_run(model, "sdpa", input_ids=ids[:, a:b]).logits for a, b in ((0, 8), (8, 14))], dim=1)
+    torch.testing.assert_close(packed, separate, **TOL)
+    assert varlen_calls == [[0, 8, 14]]

@@ -52,6 +52,21 @@ def test_a_stride_0_upstream_gradient_keeps_the_backward_on_descriptors(tma_laun
 
 
 @interpreted
+def test_a_contiguous_upstream_gradient_off_a_16_byte_boundary_is_copied(tma_launches):
+    # torch.cat([x, out.flatten()]).backward(g) hands the op a contiguous slice 2 bytes in: a copy,
+    # not .contiguous() (which returns the same misaligned tensor), keeps the descriptors valid.
+    q, k, v = make_qkv(1, 2, 2, 32, 32, 16, torch.bfloat16, "cpu")
+    out = attn_ops.attention(q, k, v, backend="triton")
+    storage = torch.randn(out.numel() + 1, dtype=out.dtype)
+    dout = storage[1:].view(out.shape)
+    assert dout.is_contiguous() and dout.data_ptr() % 16
+    grads = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    assert tma_launches and all(tma_launches)
+    for g, e in zip(grads, torch.autograd.grad(out, (q, k, v), dout.clone())):
+        assert torch.equal(g, e)
+
+
+@interpreted
 @pytest.mark.parametrize("head_dim", [12, 20, 36])
 def test_a_single_row_whose_size_is_no_multiple_of_16_bytes_builds_descriptors(head_dim):
     # [1, 1, 1, D]: every dimension but the last has size 1, so their strides are free; the copy

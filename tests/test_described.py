@@ -1,0 +1,53 @@
+"""A call's checks and plans are reused by later calls with the same static parts (`problem.describe`):
+never for a call the checks would refuse, never holding a call's tensors, and never where a tracer
+or a dispatch mode must see the custom ops."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import attn_ops
+from attn_ops import problem as problem_module
+from truth import DEVICES, make_qkv
+
+
+@pytest.mark.parametrize("window", [(True, 2), (1.0, 2), (1, 2.0)], ids=str)
+def test_a_window_of_other_types_is_refused_after_a_valid_one(window):
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, "cpu")
+    attn_ops.attention(q, k, v, window=(1, 2))  # checked and kept
+    with pytest.raises(ValueError, match="window must be None or"):
+        attn_ops.attention(q, k, v, window=window)  # equal as a key, but not to the checks
+
+
+def test_no_tensor_of_a_call_is_kept_alive():
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, "cpu")
+    mask, sinks = torch.rand(8, 8) > 0.3, torch.zeros(2)
+    alive = [weakref.ref(t) for t in (mask, sinks)]
+    attn_ops.attention(q, k, v, mask=mask, sinks=sinks, dropout_p=0.1)
+    del mask, sinks
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+
+
+def test_repeated_multihead_attention_calls_share_one_description():
+    module = attn_ops.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    module(x, x, x, key_padding_mask=padding)
+    entries = len(problem_module._DESCRIBED)
+    for _ in range(3):
+        module(x, x, x, key_padding_mask=padding)
+    assert len(problem_module._DESCRIBED) == entries
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_under_fake_tensors_the_custom_ops_run(device):
+    # A dispatch mode (FakeTensorMode, make_fx) must see the custom ops and their fakes, never the
+    # launchers, which would read real memory.
+    with FakeTensorMode():
+        q, k, v = (torch.empty(1, 2, 64, 16, device=device) for _ in range(3))
+        out = attn_ops.attention(q, k, v, causal=True, backend="triton")
+    assert out.shape == (1, 2, 64, 16)

@@ -10,7 +10,7 @@ custom op with a fake implementation, so decoding steps trace into graphs (and C
 import torch
 
 from .cache import append
-from .fused import (kernel_args_schema, launchers_run_directly,
+from .fused import (kernel_args_schema, kernel_operands, launchers_run_directly,
                     not_supported_reasons)  # the generic kernels' limits hold here too
 from .kernels.attn_append import append_rows
 from .kernels.attn_decode import decode_fwd
@@ -38,8 +38,9 @@ attention_decode.register_fake(_decode_fake)
 
 def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
     """(out, natural-log lse) of a `CacheProblem` through the kernels, after appending k_new and v_new."""
-    args = KernelArgs(scale=problem.scale, mask=problem.key_mask, band_lo=problem.band_lo, band_hi=problem.band_hi,
-                      softcap=problem.softcap, alibi_slopes=problem.alibi_slopes, sinks=problem.sinks)
+    q, args = kernel_operands(q, KernelArgs(scale=problem.scale, mask=problem.key_mask, band_lo=problem.band_lo,
+                                            band_hi=problem.band_hi, softcap=problem.softcap,
+                                            alibi_slopes=problem.alibi_slopes, sinks=problem.sinks))
     if not launchers_run_directly():
         if problem.len_new:
             append(k_cache, v_cache, k_new, v_new, problem)

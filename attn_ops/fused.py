@@ -146,7 +146,7 @@ def run(q, k, v, problem):
     cost more host time than the rest of the call. While torch.compile traces, or under a dispatch
     mode, the custom ops run, so that graphs and modes see them (with their fakes).
     """
-    args = _kernel_args(problem)
+    q, args = kernel_operands(q, _kernel_args(problem))
     plans = problem.plans if launchers_run_directly() else None
     if problem.requires_grad:
         out, lse_log2 = FusedAttention.apply(q, k, v, args.mask, args.sinks, plans, args)
@@ -164,15 +164,31 @@ LSE_BASE = 2.0
 
 def run_block(q, k, v, problem):
     """(out float32, lse_log2) of the queries against this block of keys; no autograd."""
-    return attn_fwd(q, k, v, _kernel_args(problem), out_dtype=torch.float32)
+    q, args = kernel_operands(q, _kernel_args(problem))
+    return attn_fwd(q, k, v, args, out_dtype=torch.float32)
 
 
 def block_grads(dout, dlse_log2, q, k, v, out, lse_log2, problem):
     """float32 (dq, dk, dv) of the rows' final `out` and `lse_log2` (over every block of keys, merged)
     with respect to q and this block's k and v: each block's share of the full backward. The kernels
     read the LSE as [B * Hq, Lq] rows: a slice of rows is made contiguous first."""
-    return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2.contiguous(), _kernel_args(problem),
-                    grad_dtype=torch.float32)[:3]
+    q_operand, args = kernel_operands(q, _kernel_args(problem))
+    dq, dk, dv = attn_bwd(dout, dlse_log2, q_operand, k, v, out, lse_log2.contiguous(), args,
+                          grad_dtype=torch.float32)[:3]
+    # d q_operand / d q: -1 for a negative scale, 0 for a zero one (kernel_operands).
+    return dq if problem.scale > 0 else dq * (-1.0 if problem.scale < 0 else 0.0), dk, dv
+
+
+def kernel_operands(q, args):
+    """(q, args) as the kernels take them: with a positive scale, their online softmax keeping the max
+    of the unscaled scores times it. Any other finite scale (SDPA takes them) runs on another q, one
+    elementwise op only then, through which autograd carries dq back: a negative scale as its
+    magnitude on -q, a zero one (the plain average of the visible values) as 1 on q * 0."""
+    if args.scale > 0:
+        return q, args
+    if args.scale < 0:
+        return -q, args._replace(scale=-args.scale)
+    return q * 0.0, args._replace(scale=1.0)
 
 
 def _kernel_args(problem):

@@ -97,17 +97,15 @@ def _static_key(entry, tensors, values, *operands):
     checks once."""
     if torch.compiler.is_compiling():
         return None
+    types = tuple(map(type, values))
     try:
         return (entry, tuple((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor)
                              else (type(t), t) for t in tensors),
-                _typed(values), torch.is_grad_enabled(), tuple(t.data_ptr() % 16 == 0 for t in operands),
+                values, types, tuple(tuple(map(type, x)) for x in values if type(x) is tuple) if tuple in types else (),
+                torch.is_grad_enabled(), tuple(t.data_ptr() % 16 == 0 for t in operands),
                 operands[0].dtype == torch.float32 and tf32_allowed())
     except (AttributeError, RuntimeError):  # not a tensor, a fake or a sparse one: the checks take it
         return None
-
-
-def _typed(value):
-    return tuple(map(_typed, value)) if type(value) is tuple else (type(value), value)
 
 
 def _described(key, tensors, seed, describe_now):

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_rows, _load_tile, _masked_scores,
-                          _program_block, _rounded, _row_stats, _score_operand, _segment, _store_rows, _store_tile,
+                          _program_block, _rounded, _row_stats, _segment, _store_rows, _store_tile,
                           _visible_blocks, _wide)
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, tma_allowed, uses_tma)
@@ -105,9 +105,7 @@ def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, star
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    # k is the scores' first operand in these transposed tiles: it carries the scale's sign.
-    k = _score_operand(_load_rows(K, b, h_kv, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM, False,
-                                  TMA), qk_scale)
+    k = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM, False, TMA)
     v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V, False, TMA)
     seed = tl.load(Seed) if DROPOUT else 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -213,8 +211,7 @@ def _attn_bwd_dq_rows(Q, K, V, Mask, alibi_log2, Seed, dO, Lse, Delta, dQ, start
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _score_operand(_load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA),
-                       qk_scale)
+    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA)
     do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V, False, TMA)
     lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
     mask_row_ptrs = Mask + _wide(offs_m)[:, None] * stride_mm
@@ -310,8 +307,8 @@ def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask,
             alibi_log2 = _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI)
             for start_m in range(m_first, m_stop, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
-                q = _score_operand(_load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
-                                              len_q, HEAD_DIM), qk_scale)
+                q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q,
+                               HEAD_DIM)
                 do = _load_tile(dO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, len_q,
                                 HEAD_DIM_V)
                 lse2, delta = _load_row_stats(_row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q),

@@ -12,7 +12,6 @@ from .config import ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK
 # Globals a kernel reads must be tl.constexpr instances (compiled Triton rejects plain globals).
 LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2)
 FLOAT_MIN = tl.constexpr(-3.4028234663852886e38)
-SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)
 RUN_BY_INTERPRETER = tl.constexpr(INTERPRETED)
 
 
@@ -98,17 +97,6 @@ def _dot(a, b, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _score_operand(x, qk_scale):
-    """`x` (q's tile, or k's in the transposed dK/dV tiles), negated where the scale is negative.
-
-    Every pass then computes the scores with the scale's magnitude (`_masked_scores`), so that the
-    running max of `_online_softmax` is the max of the scaled scores for any finite scale, and the
-    scale folds into exp2's FMA. Loaded once per program: the negation is outside the key loop.
-    """
-    return tl.where(qk_scale < 0, -x, x)
-
-
-@triton.jit
 def _rounded(x, INTERPRETED_BF16: tl.constexpr):
     """x, ready for a cast to bf16 that rounds to nearest even, as the GPU's does.
 
@@ -145,17 +133,16 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, len_q, len_k, 
     unit) of one [BLOCK_M, BLOCK_N] tile: ``s * unit`` are its log2-domain scores, -inf where a key is
     not visible.
 
-    Plain scores (no cap, ALiBi or float mask) stay unscaled, ``unit = |qk_scale|``: the caller folds
+    Plain scores (no cap, ALiBi or float mask) stay unscaled, ``unit = qk_scale``: the caller folds
     the scale into its exp2's argument, one FMA per score (``s * unit - max``) instead of a multiply
-    and a subtract. The others need them scaled first: ``unit = 1``. The scale's sign is in q (or k)
-    already (`_score_operand`). A zero scale becomes the smallest normal float: every score times it
-    is 0 to float32's precision (the plain average SDPA gives), and a masked -inf stays -inf, where
-    -inf * 0 would be NaN.
+    and a subtract. The others need them scaled first: ``unit = 1``. The scale is positive (callers
+    run any other on -q or on zeros: attn_ops's `kernel_operands`), so the running max of
+    ``s * unit`` is ``max(s) * unit``.
     """
     s = _dot(q, k_t, INPUT_PRECISION)
-    unit = tl.maximum(tl.abs(qk_scale), SMALLEST_NORMAL)
+    unit = qk_scale
     if SOFTCAP or ALIBI or MASK_KIND == ADD_MASK:
-        s *= unit
+        s *= qk_scale
         unit = 1.0
     cap_slope = 1.0
     if SOFTCAP:  # s is s_nat / softcap here (see launch_args): softcap * tanh(s) * log2(e)

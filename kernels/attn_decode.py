@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _masked_scores, _rounded, _score_operand, _segment, _store_tile,
+from .attn_common import (LOG2E, _alibi_log2, _dot, _masked_scores, _rounded, _segment, _store_tile,
                           _visible_blocks, _wide)
 from .attn_fwd import _normalized, _online_softmax, _with_sink
 from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, remembered
@@ -112,7 +112,6 @@ def _decode_split(Q, K, V, Table, Seqlens, KeyMask, Alibi, Sinks, Out, Lse,
     shift = len_k - len_q  # query i sits at position i + shift
     q = tl.load(Q + b * stride_qb + _wide(heads)[:, None] * stride_qh + _wide(offs_i)[:, None] * stride_qm
                 + _wide(offs_d)[None, :] * stride_qd, mask=live[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    q = _score_operand(q, qk_scale)
     alibi_log2 = _alibi_log2(Alibi, b, heads, stride_ab, stride_ah, ALIBI)
     if ALIBI:
         alibi_log2 = alibi_log2[:, None]  # one slope per row (its query head)
@@ -247,7 +246,7 @@ def decode_fwd(q, k_cache, v_cache, seqlens, table, len_new, num_splits, args, *
     the sequence). ``plans``: as `attn_fwd`'s (the CacheProblem's).
     """
     out = empty_like_q(q, v_cache.shape[-1])
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     # The kernel reads them as cache_seqlens[b] and table[b, j] at unit stride.

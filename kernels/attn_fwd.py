@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_rows, _masked_scores,
-                          _program_block, _rounded, _row_stats, _score_operand, _segment, _store_rows, _visible_blocks,
+                          _program_block, _rounded, _row_stats, _segment, _store_rows, _visible_blocks,
                           _wide)
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, uses_tma)
@@ -90,8 +90,7 @@ def _attn_fwd_rows(Q, K, V, Mask, alibi_log2, Sinks, Seed, Out, Lse, start_m, b,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _score_operand(_load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA),
-                       qk_scale)
+    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA)
     mask_row_ptrs = Mask + _wide(offs_m)[:, None] * stride_mm
     seed = tl.load(Seed) if DROPOUT else 0
 
@@ -163,7 +162,7 @@ def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None, plans=None
     launch plan is kept there and found without computing its `launch_key`.
     """
     out = empty_like_q(q, v.shape[-1], out_dtype)
-    lse_log2 = q.new_empty(q.shape[:3], dtype=torch.float32)
+    lse_log2 = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     plan = None if plans is None else plans.get("fwd")
     if plan is None:
         plan = remembered(_PLANS, (launch_key(args, q, k, v, out), config, tma),

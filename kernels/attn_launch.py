@@ -216,8 +216,10 @@ def descriptor_layouts(tma, *tiles):
 
 def descriptors(layouts, *tensors):
     """The launch arguments of `tensors`, laid out as planned (`descriptor_layouts`): a tensor
-    descriptor of each, or the tensor itself on the pointer path."""
-    return tuple(t if fields is None else _described(fields, t) for fields, t in zip(layouts, tensors))
+    descriptor of each, or on the pointer path the tensors themselves."""
+    if layouts[0] is None:
+        return tensors
+    return tuple(_described(fields, t) for fields, t in zip(layouts, tensors))
 
 
 def _described(fields, t):

@@ -310,3 +310,15 @@ def test_a_decoding_step_with_its_append_replays_in_a_cuda_graph():
         eager = step(), k_cache, v_cache
         for a, b in zip(replayed, eager):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [-0.7, 0.0], ids=str)
+def test_any_finite_scale_as_sdpa_takes_it(device, scale):
+    lengths = (5, 40)
+    k_cache, v_cache = make_cache(lengths, 64, 2, 16, torch.float32, device)
+    q = torch.randn(2, 4, 2, 16, device=device)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    out, lse = attn_ops.attention_with_kvcache(q, k_cache, v_cache, seqlens, causal=True, scale=scale, num_splits=2,
+                                               return_lse=True, backend="triton")
+    check_each_sequence(q, k_cache, v_cache, lengths, out, lse, causal=True, scale=scale)

@@ -102,6 +102,14 @@ def test_softcap_alibi_and_sinks_within_each_sequence(device, slopes_per_sequenc
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [-0.7, 0.0], ids=str)
+def test_any_finite_scale_as_sdpa_takes_it(device, scale):
+    (q, k, v), cu_q, cu_k = pack((5, 40, 17), (12, 30, 9), 4, 2, 16, torch.float32, device)
+    out, lse, grads, dout = run_packed(q, k, v, cu_q, cu_k, causal="bottom_right", scale=scale)
+    check_each_sequence(q, k, v, cu_q, cu_k, out, lse, grads, dout, causal="bottom_right", scale=scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_sequence_does_not_depend_on_its_neighbours(device):
     (q, k, v), cu_q, cu_k = pack((20, 37, 9), (25, 37, 50), 2, 2, 16, torch.float32, device)
     middle = [t[20:57] for t in (q, k, v)]

@@ -3,8 +3,9 @@ launches stubbed out, beside a tiny `torch.nn.functional.scaled_dot_product_atte
 the same run. That call is the unit of the targets: a forward within 5x of it, a decoding step (with
 its append) within 5x, a forward+backward within 15x. Wall-clock times are reported beside them.
 
-What is timed is everything the host does per call (argument checks, dispatch, the custom ops and
-autograd, allocations, the launchers' own work) up to each ``kernel[grid](...)``, which returns at
+What is timed is everything the host does per call (argument checks, dispatch, autograd, the custom
+ops where a call goes through them, allocations, the launchers' own work) up to each
+``kernel[grid](...)``, which returns at
 once (`stubbed_launches`). Without a GPU the tensors are on the CPU and the kernels are Triton
 InterpretedFunctions (TRITON_INTERPRET=1, set here before triton is imported); on CUDA they are
 JITFunctions. What the stub leaves out:

@@ -179,7 +179,8 @@ def uses_tma(kernel, head_dim, *tensors):
     """Whether pass `kernel` ("fwd", "dkdv", "dq") at head dim `head_dim` reads and writes these
     tensors through TMA descriptors: where `tma_allowed`, for 2-byte dtypes, and its padded head
     dim up to `TMA_MAX_HEAD_DIM`. float32 keeps pointers: its tiles fed from descriptor-loaded
-    shared memory spill up to 3.7 KB per thread on sm_90, through pointers none (compile check)."""
+    shared memory spill up to 3.7 KB per thread on sm_90, through pointers at most 72 bytes (compile
+    check)."""
     return (tensors[0].element_size() == 2 and head_dim_pad(head_dim) <= TMA_MAX_HEAD_DIM[kernel]
             and tma_allowed(*tensors))
 
@@ -191,7 +192,7 @@ def tma_allowed(*tensors):
     copy engine's rules). Otherwise the kernels take the pointer path."""
     if not INTERPRETED and not (tensors[0].is_cuda and device_properties(tensors[0].device).major >= 9):
         return False
-    for t in tensors:  # plain loops: this runs on every call, for up to 8 tensors
+    for t in tensors:
         if t.data_ptr() % 16 or t.stride(-1) != 1 or t.numel() == 0:
             return False
         element_size = t.element_size()

@@ -317,15 +317,19 @@ def test_restarting_positions_with_a_cache_are_one_sequence_as_in_sdpa(varlen_ca
     assert varlen_calls == [[0, 8, 14]] * 2
 
 
-def test_packed_row_with_a_sliding_window_keeps_the_dense_mask(varlen_calls):
-    # The mask transformers builds for a sliding layer says more than "within each sequence".
+def _packed_sliding_window_row():
+    """A one-layer Mistral with a window of 3, and one row packing sequences of 8 and 6 tokens."""
     config = transformers.MistralConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, sliding_window=3,
     )
-    model = transformers.MistralForCausalLM(config).eval()
-    ids = torch.randint(0, VOCAB, (1, 14))
     positions = torch.cat([torch.arange(8), torch.arange(6)])[None]
+    return transformers.MistralForCausalLM(config).eval(), torch.randint(0, VOCAB, (1, 14)), positions
+
+
+def test_packed_row_with_a_sliding_window_keeps_the_dense_mask(varlen_calls):
+    # The mask transformers builds for a sliding layer says more than "within each sequence".
+    model, ids, positions = _packed_sliding_window_row()
     expected = _run(model, "sdpa", input_ids=ids, position_ids=positions).logits
     torch.testing.assert_close(_run(model, "attn_ops", input_ids=ids, position_ids=positions).logits, expected, **TOL)
     assert varlen_calls == []
@@ -380,13 +384,7 @@ def test_a_compiled_static_cache_decoding_step_takes_the_split_kv_kernels(device
 def test_packed_row_keywords_with_a_sliding_window_keep_the_window(varlen_calls):
     # flash-attn's cu_seq_lens keywords are taken as transformers' flash path takes them: with the
     # module's sliding_window, not the mask, so a sliding layer's packed row keeps its window.
-    config = transformers.MistralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=3,
-    )
-    model = transformers.MistralForCausalLM(config).eval()
-    ids = torch.randint(0, VOCAB, (1, 14))
-    positions = torch.cat([torch.arange(8), torch.arange(6)])[None]
+    model, ids, positions = _packed_sliding_window_row()
     cu = torch.tensor([0, 8, 14], dtype=torch.int32)
     packed = _run(model, "attn_ops", input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                   max_length_q=8, max_length_k=8).logits

@@ -38,9 +38,12 @@ def kernel_args_schema(leading, returns):
     return f"({leading}, {rest}) -> {returns}"
 
 
-def _fwd(q, k, v, *flat, plans=None):
-    """The forward launchers for the `KernelArgs` fields `flat`; `plans`: see `run`."""
-    args = KernelArgs._make(flat)
+def _fwd(q, k, v, *flat):
+    return _forward(q, k, v, KernelArgs._make(flat))
+
+
+def _forward(q, k, v, args, plans=None):
+    """The forward launchers for `args` (a `KernelArgs`); `plans`: see `run`."""
     if args.cu_seqlens_q is not None:
         return varlen_fwd(q, k, v, args)
     return attn_fwd(q, k, v, args, plans=plans)
@@ -52,9 +55,12 @@ def _fwd_fake(q, k, v, *flat):
     return empty_like_q(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat, plans=None):
-    """The backward launchers for the `KernelArgs` fields `flat`; `plans`: see `run`."""
-    args = KernelArgs._make(flat)
+def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
+    return _backward(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, KernelArgs._make(flat))
+
+
+def _backward(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, args, plans=None):
+    """The backward launchers for `args` (a `KernelArgs`); `plans`: see `run`."""
     if args.cu_seqlens_q is not None:
         return varlen_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args)
     return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args, mask_grad=mask_grad, plans=plans)
@@ -99,7 +105,7 @@ class FusedAttention(torch.autograd.Function):
         if plans is None:
             out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *args)
         else:
-            out, lse_log2 = _fwd(q, k, v, *args, plans=plans)
+            out, lse_log2 = _forward(q, k, v, args, plans)
         ctx.save_for_backward(q, k, v, out, lse_log2, *(x for x in args if isinstance(x, Tensor)))
         ctx.is_tensor = tuple(isinstance(x, Tensor) for x in args)
         ctx.args = tuple(None if t else x for x, t in zip(args, ctx.is_tensor))
@@ -111,14 +117,14 @@ class FusedAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse_log2):
         q, k, v, out, lse_log2, *tensors = ctx.saved_tensors
         tensors = iter(tensors)
-        args = tuple(next(tensors) if t else x for x, t in zip(ctx.args, ctx.is_tensor))
+        args = KernelArgs._make(next(tensors) if t else x for x, t in zip(ctx.args, ctx.is_tensor))
         if dout is None:  # only the lse was used
             dout = torch.zeros_like(out)
         mask_grad = ctx.needs_input_grad[3]
         if ctx.plans is None or not launchers_run_directly():
             grads = torch.ops.attn_ops.attention_bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *args)
         else:
-            grads = _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *args, plans=ctx.plans)
+            grads = _backward(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, args, ctx.plans)
         dq, dk, dv, dmask, dsinks = grads
         return dq, dk, dv, dmask, dsinks, None, None
 
@@ -153,7 +159,7 @@ def run(q, k, v, problem):
     elif plans is None:
         out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *args)
     else:
-        out, lse_log2 = _fwd(q, k, v, *args, plans=plans)
+        out, lse_log2 = _forward(q, k, v, args, plans)
     return out, lse_log2 * LN2 if problem.return_lse else None
 
 

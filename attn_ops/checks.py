@@ -175,20 +175,21 @@ def check_cache_lengths(cache_seqlens, len_new, block_table, k_cache, names=KVCA
     """Each sequence's ``cache_seqlens[b] + len_new`` keys fit in its cache (an int: always checked,
     on the host where it is), and, under `checked_values`, the values of a tensor `cache_seqlens`
     and the blocks they occupy are valid indices of the pool (one device-to-host copy)."""
+    checked = values_checked()
+    if not checked and isinstance(cache_seqlens, torch.Tensor):  # every decoding step's case: nothing to do
+        return
     page = k_cache.shape[2]
     capacity = page * block_table.shape[1] if block_table is not None else page
-    where = (f"{names['block_table']} {_shape(block_table)} of blocks of {page}" if block_table is not None
-             else f"{names['k']} {_shape(k_cache)}")
     if isinstance(cache_seqlens, INTS):
         if cache_seqlens < 0:  # checked with the type, and here for each call of an already checked type
             raise ValueError(f"{names['cache_seqlens']} must be an int32 tensor [B] or an int >= 0, got "
                              f"{cache_seqlens!r}")
         if cache_seqlens + len_new > capacity:
             raise ValueError(f"{names['cache_seqlens']} = {cache_seqlens} plus {len_new} new tokens exceeds the "
-                             f"cache's capacity of {capacity} ({where})")
+                             f"cache's capacity of {capacity} ({_cache_where(block_table, k_cache, names)})")
         if block_table is None:
             return
-    if not values_checked():
+    if not checked:
         return
     lengths = cache_seqlens + len_new if isinstance(cache_seqlens, torch.Tensor) else None
     bad_blocks = None
@@ -206,12 +207,19 @@ def check_cache_lengths(cache_seqlens, len_new, block_table, k_cache, names=KVCA
         for b, n in enumerate(seqlens):
             if n < 0 or n + len_new > capacity:
                 raise ValueError(f"{names['cache_seqlens']}[{b}] = {n}: with {len_new} new tokens it must lie in "
-                                 f"[0, {capacity - len_new}], the cache's capacity of {capacity} ({where})")
+                                 f"[0, {capacity - len_new}], the cache's capacity of {capacity} ({_cache_where(block_table, k_cache, names)})")
     if block_table is not None:
         b = next((b for b, bad in enumerate(values[0]) if bad), None)
         if b is not None:
             raise ValueError(f"{names['block_table']}[{b}] names a block outside the pool of {k_cache.shape[0]} blocks "
                              f"({names['k']} {_shape(k_cache)}) among the blocks sequence {b} uses")
+
+
+def _cache_where(block_table, k_cache, names):
+    """Where the capacity of the caches comes from, for the errors."""
+    if block_table is not None:
+        return f"{names['block_table']} {_shape(block_table)} of blocks of {k_cache.shape[2]}"
+    return f"{names['k']} {_shape(k_cache)}"
 
 
 def check_key_mask(key_mask, q, k_cache, block_table, names=KVCACHE_NAMES):

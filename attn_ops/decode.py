@@ -38,9 +38,7 @@ attention_decode.register_fake(_decode_fake)
 
 def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
     """(out, natural-log lse) of a `CacheProblem` through the kernels, after appending k_new and v_new."""
-    q, args = kernel_operands(q, KernelArgs(scale=problem.scale, mask=problem.key_mask, band_lo=problem.band_lo,
-                                            band_hi=problem.band_hi, softcap=problem.softcap,
-                                            alibi_slopes=problem.alibi_slopes, sinks=problem.sinks))
+    q, args = kernel_operands(q, _kernel_args(problem))
     if not launchers_run_directly():
         if problem.len_new:
             append(k_cache, v_cache, k_new, v_new, problem)
@@ -50,3 +48,16 @@ def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
         append_rows(k_new, v_new, k_cache, v_cache, problem.cache_seqlens, problem.block_table, plans=problem.plans)
     return decode_fwd(q, k_cache, v_cache, problem.cache_seqlens, problem.block_table, problem.len_new,
                       problem.num_splits, args, plans=problem.plans)
+
+
+def _kernel_args(problem):
+    """The `KernelArgs` of a `CacheProblem` (the key mask as their mask; no dropout), kept in its plans
+    where they hold no tensor, as `fused` keeps a Problem's."""
+    args = problem.plans.get(KernelArgs)
+    if args is None:
+        args = KernelArgs(scale=problem.scale, mask=problem.key_mask, band_lo=problem.band_lo,
+                          band_hi=problem.band_hi, softcap=problem.softcap, alibi_slopes=problem.alibi_slopes,
+                          sinks=problem.sinks)
+        if problem.key_mask is None and problem.alibi_slopes is None and problem.sinks is None:
+            problem.plans[KernelArgs] = args
+    return args

@@ -106,9 +106,12 @@ class FusedAttention(torch.autograd.Function):
             out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *args)
         else:
             out, lse_log2 = _forward(q, k, v, args, plans)
-        ctx.save_for_backward(q, k, v, out, lse_log2, *(x for x in args if isinstance(x, Tensor)))
-        ctx.is_tensor = tuple(isinstance(x, Tensor) for x in args)
-        ctx.args = tuple(None if t else x for x, t in zip(args, ctx.is_tensor))
+        tensors = [x for x in args if isinstance(x, Tensor)]
+        ctx.save_for_backward(q, k, v, out, lse_log2, *tensors)
+        ctx.args = args
+        if tensors:  # saved_tensors gives them back (version-checked); ctx keeps the rest
+            ctx.is_tensor = [isinstance(x, Tensor) for x in args]
+            ctx.args = [None if t else x for x, t in zip(args, ctx.is_tensor)]
         ctx.plans = plans
         ctx.set_materialize_grads(False)  # an unused lse passes None, not a tensor of zeros
         return out, lse_log2
@@ -116,8 +119,10 @@ class FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse_log2):
         q, k, v, out, lse_log2, *tensors = ctx.saved_tensors
-        tensors = iter(tensors)
-        args = KernelArgs._make(next(tensors) if t else x for x, t in zip(ctx.args, ctx.is_tensor))
+        args = ctx.args
+        if tensors:
+            tensors = iter(tensors)
+            args = KernelArgs._make([next(tensors) if t else x for x, t in zip(args, ctx.is_tensor)])
         if dout is None:  # only the lse was used
             dout = torch.zeros_like(out)
         mask_grad = ctx.needs_input_grad[3]
@@ -198,4 +203,11 @@ def kernel_operands(q, args):
 
 
 def _kernel_args(problem):
-    return KernelArgs._make(getattr(problem, name) for name in KERNEL_ARG_NAMES)
+    """The `KernelArgs` of `problem`: kept in its plans where they hold no tensor, as then for every
+    call with its static parts (those with a mask, say, hold this call's)."""
+    args = problem.plans.get(KernelArgs)
+    if args is None:
+        args = KernelArgs._make([getattr(problem, name) for name in KERNEL_ARG_NAMES])
+        if not any([isinstance(x, Tensor) for x in args]):
+            problem.plans[KernelArgs] = args
+    return args

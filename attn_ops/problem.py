@@ -92,17 +92,16 @@ def _static_key(entry, tensors, values, *operands):
     """The static parts of a call of `entry` (which describe it is) as a dict key: `tensors` (tensor
     arguments, or None) by shape, strides, dtype, device and whether they require grad, never their
     values; `values` by type and value, within tuples too (True and 1.0 are not 1 to the checks);
-    grad mode; and what the plans depend on besides: whether each of the `operands` sits on a 16-byte
-    boundary (TMA), and torch's TF32 switch for float32. None under torch.compile, which traces the
-    checks once."""
+    grad mode; and what the plans depend on besides: whether the `operands` all sit on 16-byte
+    boundaries (TMA), and torch's TF32 switch for float32. None under torch.compile, which traces the
+    checks once. Lists, not generators: this runs on every call."""
     if torch.compiler.is_compiling():
         return None
-    types = tuple(map(type, values))
     try:
-        return (entry, tuple((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor)
-                             else (type(t), t) for t in tensors),
-                values, types, tuple(tuple(map(type, x)) for x in values if type(x) is tuple) if tuple in types else (),
-                torch.is_grad_enabled(), tuple(t.data_ptr() % 16 == 0 for t in operands),
+        metas = tuple([t if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+                       if isinstance(t, torch.Tensor) else (type(t), t) for t in tensors])
+        types = tuple([(tuple, *map(type, x)) if type(x) is tuple else type(x) for x in values])
+        return (entry, metas, values, types, torch.is_grad_enabled(), not sum([t.data_ptr() % 16 for t in operands]),
                 operands[0].dtype == torch.float32 and tf32_allowed())
     except (AttributeError, RuntimeError):  # not a tensor, a fake or a sparse one: the checks take it
         return None
@@ -111,7 +110,9 @@ def _static_key(entry, tensors, values, *operands):
 def _described(key, tensors, seed, describe_now):
     """The Problem of a call with static parts `key` and these `tensors` (fields by name), its dropout
     seed made from `seed` for this call (a Problem's; None for a CacheProblem, which has no dropout);
-    `describe_now()` checks and describes a call seen first."""
+    `describe_now()` checks and describes a call seen first. A call that brings no tensors besides
+    its operands (no mask, no dropout seed to draw...) gets the first call's Problem itself: frozen,
+    it holds nothing of any one call."""
     try:
         template = None if key is None else _DESCRIBED.get(key)
     except TypeError:  # an unhashable argument (a list, say): such calls take the checks every time
@@ -130,10 +131,13 @@ def _described(key, tensors, seed, describe_now):
         return problem
     if seed is not None:  # the key holds only that a seed was given
         check_dropout(template.dropout_p, seed, template.names)
+    dropout = isinstance(template, Problem) and template.dropout_p > 0
+    if not dropout and not any([t is not None for t in tensors.values()]):
+        return template
     # A frozen dataclass copied field by field, without __init__'s per-field setattr.
     problem = object.__new__(type(template))
     vars(problem).update(vars(template), **tensors)
-    if isinstance(template, Problem) and template.dropout_p > 0:
+    if dropout:
         vars(problem)["seed"] = dropout_seed(seed, template.device)
     return problem
 

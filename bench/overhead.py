@@ -107,6 +107,23 @@ def keep_freed_memory():
         pass
 
 
+class BareFunction(torch.autograd.Function):
+    """What any differentiable op written in Python pays before doing anything (the floor of the
+    autograd rows): allocates the output and its LSE and saves them with q, k, v; the backward
+    allocates the three gradients. No checks, no launches."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def steps(device):
     """{name: Step}: the tiny SDPA unit, then each entry point through the kernels. The inputs'
     values are never read (the kernels do not run), so they are left uninitialised, except the
@@ -121,6 +138,10 @@ def steps(device):
     def forward_backward():
         out = attn_ops.attention(*leaves, causal=True, backend="triton")
         torch.autograd.grad(out, leaves, grad)  # not .backward: nothing accumulates into .grad
+
+    def bare_forward_backward():
+        out, _ = BareFunction.apply(*leaves)
+        torch.autograd.grad(out, leaves, grad)
 
     lengths = torch.tensor([1024, 512, 384, 128], dtype=torch.int32, device=device)
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
@@ -146,6 +167,11 @@ def steps(device):
                                    lambda: attn_ops.attention(*leaves, causal=True, backend="triton"), grad=True),
         "attention_fwd_bwd": Step("attention fwd+bwd, the same, autograd.grad with a preallocated grad",
                                   forward_backward, grad=True),
+        "bare_function_fwd_grad": Step("a bare autograd.Function's forward (BareFunction: torch's floor for the "
+                                       "two rows above), the same q/k/v",
+                                       lambda: BareFunction.apply(*leaves), grad=True),
+        "bare_function_fwd_bwd": Step("a bare autograd.Function's forward+backward, the same, autograd.grad",
+                                      bare_forward_backward, grad=True),
         "varlen_fwd": Step("varlen_attention fwd, bf16 4 sequences (1024, 512, 384, 128) H16 D128 causal",
                            lambda: attn_ops.varlen_attention(*packed, cu_seqlens, cu_seqlens, causal=True,
                                                              backend="triton"), grad=False),

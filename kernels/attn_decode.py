@@ -246,7 +246,7 @@ def decode_fwd(q, k_cache, v_cache, seqlens, table, len_new, num_splits, args, *
     the sequence). ``plans``: as `attn_fwd`'s (the CacheProblem's).
     """
     out = empty_like_q(q, v_cache.shape[-1])
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     # The kernel reads them as cache_seqlens[b] and table[b, j] at unit stride.

@@ -162,7 +162,7 @@ def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None, plans=None
     launch plan is kept there and found without computing its `launch_key`.
     """
     out = empty_like_q(q, v.shape[-1], out_dtype)
-    lse_log2 = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    lse_log2 = q.new_empty(q.shape[:3], dtype=torch.float32)
     plan = None if plans is None else plans.get("fwd")
     if plan is None:
         plan = remembered(_PLANS, (launch_key(args, q, k, v, out), config, tma),

@@ -220,12 +220,12 @@ def descriptors(layouts, *tensors):
     descriptor of each, or on the pointer path the tensors themselves."""
     if layouts[0] is None:
         return tensors
-    return tuple(_described(fields, t) for fields, t in zip(layouts, tensors))
+    return [_described(fields, t) for fields, t in zip(layouts, tensors)]
 
 
 def _described(fields, t):
     descriptor = object.__new__(TensorDescriptor)
-    descriptor.__dict__.update(fields, base=t)
+    descriptor.__dict__ = {**fields, "base": t}
     return descriptor
 
 

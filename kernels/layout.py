@@ -1,5 +1,7 @@
 """Where outputs live in memory: torch only, so the reference uses it without loading Triton."""
 
+import torch
+
 
 def memory_order(t):
     """t's dimensions, outermost in memory first."""
@@ -9,8 +11,10 @@ def memory_order(t):
 def empty_like_q(q, last_dim, dtype=None):
     """An empty [B, Hq, Lq, last_dim] tensor whose dimensions are ordered in memory as q's are (a
     [B, L, H, D] view in gives a [B, L, H, Dv] view out); q's dtype unless `dtype` is given."""
-    shape = (*q.shape[:3], last_dim)
     if q.is_contiguous():  # the common case, without sorting strides
-        return q.new_empty(shape, dtype=dtype)
+        if last_dim == q.shape[-1]:
+            return torch.empty_like(q, dtype=dtype)  # the cheapest allocation torch has
+        return q.new_empty((*q.shape[:3], last_dim), dtype=dtype)
+    shape = (*q.shape[:3], last_dim)
     order = memory_order(q)
     return q.new_empty([shape[d] for d in order], dtype=dtype).permute([order.index(d) for d in range(4)])

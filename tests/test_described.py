@@ -32,6 +32,35 @@ def test_no_tensor_of_a_call_is_kept_alive():
     assert all(ref() is None for ref in alive)
 
 
+def test_calls_without_tensors_of_their_own_share_one_problem():
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, "cpu")
+    mask = torch.rand(8, 8) > 0.3
+    plain = [problem_module.describe(q, k, v, causal=True) for _ in range(3)]
+    masked = [problem_module.describe(q, k, v, mask=mask) for _ in range(3)]
+    assert plain[1] is plain[2] and plain[1].plans is plain[0].plans
+    assert masked[1] is not masked[2] and all(p.mask is mask for p in masked)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_each_call_runs_with_its_own_tensors(backend):
+    # Calls that share their static parts (and plans) but not their masks, slopes, sinks or lengths.
+    q, k, v = make_qkv(2, 2, 2, 8, 8, 16, torch.float32, "cpu")
+    for _ in range(2):
+        mask, slopes, sinks = torch.rand(8, 8) > 0.3, torch.rand(2), torch.randn(2)
+        out = attn_ops.attention(q, k, v, mask=mask, alibi_slopes=slopes, sinks=sinks, backend=backend)
+        expected = attn_ops.attention(q, k, v, mask=mask, alibi_slopes=slopes, sinks=sinks, backend="reference")
+        torch.testing.assert_close(out, expected)
+    k_cache, v_cache = torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16)
+    for lengths in ([3, 9], [12, 1]):
+        key_mask = torch.rand(2, 16) > 0.2
+        out = attn_ops.attention_with_kvcache(q[:, :, :1].detach(), k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32),
+                                              key_mask=key_mask, backend=backend)
+        expected = attn_ops.attention_with_kvcache(q[:, :, :1].detach(), k_cache, v_cache,
+                                                   torch.tensor(lengths, dtype=torch.int32), key_mask=key_mask,
+                                                   backend="reference")
+        torch.testing.assert_close(out, expected)
+
+
 def test_repeated_multihead_attention_calls_share_one_description():
     module = attn_ops.MultiheadAttention(16, 4, batch_first=True)
     x = torch.randn(2, 5, 16)

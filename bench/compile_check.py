@@ -174,6 +174,32 @@ def kernel_args(heads, head_dim, mask=None, dropout=False, softcap_alibi=False, 
                       sinks=torch.zeros(heads) if sinks else None, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens)
 
 
+def compile_time(kwargs):
+    """A launch's compile-time arguments by name: its `Switches` bundle's fields (``SW``) with the
+    kernel's own constexprs (``SPLIT``, ``ROWS_SUMMED``...) and launch options."""
+    switches = kwargs.get("SW")
+    return {**kwargs, **(switches.values() if switches is not None else {})}
+
+
+def constants(kernel, signature):
+    """The arguments a launch made constants (ints equal to 1), named as the kernel's parameters and
+    the bundles' fields spell them (``sc.len_q``, ``st.q[3]``), beside the declared constexprs."""
+    found = []
+
+    def walk(name, types):
+        if types == "constexpr":
+            found.append(name)
+        elif isinstance(types, tuple):  # a bundle: a named tuple by field, a plain one by index
+            fields = getattr(types, "_fields", None)
+            for index, inner in enumerate(types):
+                walk(f"{name}.{fields[index]}" if fields else f"{name}[{index}]", inner)
+
+    for param in kernel.params:
+        if not param.is_constexpr:
+            walk(param.name, signature[param.name])
+    return found
+
+
 def named(launches):
     return {KERNEL_NAMES[launch.kernel.fn.__name__]: launch for launch in launches}
 
@@ -238,7 +264,7 @@ def variants(arch):
                 pointers = dense_launches(arch, dtype, head_dim, head_dim_v, args, tma=False) if plain else {}
                 for name in ("fwd", "dkdv", "dq"):
                     yield Variant(name, dtype, label, mask_kind, dropout, launches[name])
-                    if plain and launches[name].kwargs["TMA"]:
+                    if plain and compile_time(launches[name].kwargs)["TMA"]:
                         yield Variant(name + " pointers", dtype, label, mask_kind, dropout, pointers[name])
                 if plain and head_dim == 128:
                     preprocess = launches["preprocess"]
@@ -266,9 +292,10 @@ def variants(arch):
                 for paged in (False, True):
                     launches = decode_launches(arch, dtype, head_dim, len_q, paged, args)
                     split = launches["decode"]
-                    if (paged, split.kwargs["BLOCK_M"]) in tiles:  # fp32 takes 16-row tiles for 64 rows too
+                    block_m = compile_time(split.kwargs)["BLOCK_M"]
+                    if (paged, block_m) in tiles:  # fp32 takes 16-row tiles for 64 rows too
                         continue
-                    tiles.add((paged, split.kwargs["BLOCK_M"]))
+                    tiles.add((paged, block_m))
                     yield Variant(f"decode {'paged' if paged else 'dense'}", dtype, head_dim, NO_MASK.value, False,
                                   split)
                     if len_q == 1 and not paged:
@@ -410,7 +437,8 @@ def compile_variant(job):
         except Exception as e:  # a tile shape that does not compile is what this tool is for
             return dict(error=str(e).splitlines()[0][:200])
     regs, spills, sass = cubin_report(compiled.asm["cubin"])
-    constexprs = {kernel.arg_names[path[0]]: value for path, value in binding.constexprs.items()}
+    constexprs = compile_time({kernel.arg_names[path[0]]: value for path, value in binding.constexprs.items()
+                               if len(path) == 1})  # deeper paths: a bundle's ints equal to 1
     wgmma, mma_sync, tma, per_mflop = matmul_report(sass, name, constexprs)
     warnings = performance_warnings(log.getvalue())
     return dict(regs=regs, spills=spills, smem=compiled.metadata.shared, wgmma=wgmma, mma_sync=mma_sync, tma=tma,
@@ -464,10 +492,8 @@ def main(argv=None):
     pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) if args.jobs > 1 else None
     reports = pool.map(compile_variant, jobs) if pool else map(compile_variant, jobs)
     for variant, binding, report in zip(selected, bindings, reports):
-        options, kwargs = binding.options, variant.launch.kwargs
-        # The arguments a launch made constants (ints equal to 1), beside the declared constexprs.
-        constant_args = [param.name for param in variant.launch.kernel.params
-                         if not param.is_constexpr and binding.signature[param.name] == "constexpr"]
+        options, kwargs = binding.options, compile_time(variant.launch.kwargs)
+        constant_args = constants(variant.launch.kernel, binding.signature)
         record = dict(kernel=variant.name, arch=meta["arch"], dtype=TRITON_DTYPE[variant.dtype],
                       head_dim=variant.head_dim, mask=MASK_KIND_NAMES[variant.mask_kind], dropout=variant.dropout,
                       block_m=kwargs.get("BLOCK_M"), block_n=kwargs.get("BLOCK_N"), num_warps=options["num_warps"],

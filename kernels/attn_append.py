@@ -16,13 +16,15 @@ from .config import head_dim_pad
 
 
 @triton.jit
-def _append_row(New, Cache, b, h, t, block, row, stride_nb, stride_nh, stride_nt, stride_nd, stride_cb, stride_ch,
-                stride_cn, stride_cd, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+def _append_row(New, Cache, b, h, t, block, row, strides_new, strides_cache, HEAD_DIM: tl.constexpr,
+                HEAD_DIM_PAD: tl.constexpr):
+    """Row t of (b, h) of `New` into row `row` of block `block` (the batch, for a dense cache) of
+    `Cache`; each tensor's strides (batch or block, head, row, dim)."""
     offs = tl.arange(0, HEAD_DIM_PAD)
-    values = tl.load(New + b * stride_nb + h * stride_nh + t * stride_nt + _wide(offs) * stride_nd,
+    values = tl.load(New + b * strides_new[0] + h * strides_new[1] + t * strides_new[2] + _wide(offs) * strides_new[3],
                      mask=offs < HEAD_DIM)
-    tl.store(Cache + block * stride_cb + h * stride_ch + row * stride_cn + _wide(offs) * stride_cd, values,
-             mask=offs < HEAD_DIM)
+    tl.store(Cache + block * strides_cache[0] + h * strides_cache[1] + row * strides_cache[2]
+             + _wide(offs) * strides_cache[3], values, mask=offs < HEAD_DIM)
 
 
 @triton.jit
@@ -41,10 +43,8 @@ def _append(KNew, VNew, KCache, VCache, Seqlens, Table, strides_kn, strides_vn, 
         row = (position % page_size).to(tl.int64)
     else:
         block, row = b, position.to(tl.int64)
-    _append_row(KNew, KCache, b, h, t, block, row, strides_kn[0], strides_kn[1], strides_kn[2], strides_kn[3],
-                strides_kc[0], strides_kc[1], strides_kc[2], strides_kc[3], HEAD_DIM, HEAD_DIM_PAD)
-    _append_row(VNew, VCache, b, h, t, block, row, strides_vn[0], strides_vn[1], strides_vn[2], strides_vn[3],
-                strides_vc[0], strides_vc[1], strides_vc[2], strides_vc[3], HEAD_DIM_V, HEAD_DIM_V_PAD)
+    _append_row(KNew, KCache, b, h, t, block, row, strides_kn, strides_kc, HEAD_DIM, HEAD_DIM_PAD)
+    _append_row(VNew, VCache, b, h, t, block, row, strides_vn, strides_vc, HEAD_DIM_V, HEAD_DIM_V_PAD)
 
 
 @on_inputs_device

@@ -6,26 +6,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_rows, _load_tile, _masked_scores,
-                          _program_block, _rounded, _row_stats, _segment, _store_rows, _store_tile,
+from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _head_rows, _load_rows, _load_tile,
+                          _masked_scores, _program_block, _rounded, _row_stats, _segment, _store_rows, _store_tile,
                           _visible_blocks, _wide)
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, tma_allowed, uses_tma)
+from .bundles import Strides
 from .config import cdiv, head_dim_pad, tile_config
 from .precision import tf32_allowed
 
 
 @triton.jit
-def _attn_bwd_preprocess(Out, dOut, Delta,
-                         stride_ob, stride_oh, stride_om, stride_od,
-                         stride_dob, stride_doh, stride_dom, stride_dod,
-                         num_heads_q, len_q,
-                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_preprocess(Out, dOut, Delta, st, num_heads_q, len_q, HEAD_DIM: tl.constexpr,
+                         HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) of BLOCK_M rows of one (batch, head); `st`: the `Strides` of out and do."""
     head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    o = _load_tile(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, len_q, HEAD_DIM)
-    do = _load_tile(dOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, len_q, HEAD_DIM)
+    o = _load_tile(_head_rows(Out, b, h, st.out), offs_m, offs_d, st.out[2], st.out[3], len_q, HEAD_DIM)
+    do = _load_tile(_head_rows(dOut, b, h, st.do), offs_m, offs_d, st.do[2], st.do[3], len_q, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(_row_stats(Delta, head_index, len_q) + offs_m, delta, mask=offs_m < len_q)
 
@@ -40,296 +39,243 @@ def _load_row_stats(Lse, Delta, offs_m, len_q):
 
 
 @triton.jit
-def _score_grads(s, unit, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, dropout_p, dropout_scale,
-                 DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _score_grads(s, unit, row_stats, do, v_t, seed, offs_m, offs_n, head_index, sc, SW: tl.constexpr):
     """dL/d(final natural-log scores) of one tile (log2-domain scores ``s * unit``, as `_masked_scores`
-    gives them), ``p * (dp - delta)``, dP seen through the dropout pattern."""
+    gives them), ``p * (dp - delta)``, dP seen through the dropout pattern; `row_stats`: the rows'
+    (lse2, delta)."""
+    lse2, delta = row_stats
     p = tl.math.exp2(s * unit - lse2[:, None])
-    dp = _dot(do, v_t, INPUT_PRECISION)
-    if DROPOUT:
-        keep = _dropout_keep(seed, offs_m, offs_n, head_index, dropout_p)
-        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    dp = _dot(do, v_t, SW.INPUT_PRECISION)
+    if SW.DROPOUT:
+        keep = _dropout_keep(seed, offs_m, offs_n, head_index, sc.dropout_p)
+        dp = tl.where(keep, dp * sc.dropout_scale, 0.0)
     return p * (dp - delta[:, None])
 
 
 @triton.jit
-def _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, dO, Lse, Delta, mask_row_ptrs, alibi_log2, seed, offs_n, offs_d, offs_dv,
-                         b, h, drop_head, drop_q0, drop_k0, start, stop,
-                         stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
-                         len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
-                         dropout_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                         MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                         DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                         TMA: tl.constexpr):
+def _attn_bwd_dkdv_tiles(grads, kv, Q, dO, stats, extra, offs, at, drop, span, st, sc, EDGE: tl.constexpr,
+                         SW: tl.constexpr):
+    """(dK, dV) `grads` of the key rows `offs` = (keys, head dims of K, of V), whose tiles are `kv`,
+    summed over query tiles [start, stop) = `span` of (b, h) = `at`; `stats`: the head's (LSE,
+    delta) rows; `extra`: the keys' mask pointers, ALiBi slope and dropout seed; `drop`: the dropout
+    key's (head, query, key) offsets."""
+    dk, dv = grads
+    k, v = kv
+    Lse, Delta = stats
+    mask_row_ptrs, alibi_log2, seed = extra
+    offs_n, offs_d, offs_dv = offs
+    b, h = at
+    drop_head, drop_q0, drop_k0 = drop
+    start, stop = span
     # Transposed tiles, [keys, queries]: every matmul has the BLOCK_N keys as its M (Hopper's wgmma
     # needs 64 or more; the BLOCK_M queries are 16 or 32). The scores see the band from the key side
     # (query - key in [-hi, -lo]) and ALiBi's |key - shift - query|, which is the same distance.
-    for start_m in range(start, stop, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_t = _load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, True, TMA)
-        do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V, False, TMA)
-        lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
-        s_t, cap_slope, unit = _masked_scores(k, q_t, offs_n, offs_m,
-                                              mask_row_ptrs + _wide(offs_m)[None, :] * stride_mm, alibi_log2, len_k,
-                                              len_q, -band_hi, -band_lo, -diagonal_shift, qk_scale, softcap_log2,
-                                              MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
+    for start_m in range(start, stop, SW.BLOCK_M):
+        offs_m = start_m + tl.arange(0, SW.BLOCK_M)
+        q_t = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, True, SW.TMA)
+        do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, st.do, sc.len_q, SW.HEAD_DIM_V, False, SW.TMA)
+        lse2, delta = _load_row_stats(Lse, Delta, offs_m, sc.len_q)
+        mask_ptrs = mask_row_ptrs + _wide(offs_m)[None, :] * st.mask[2]
+        s_t, cap_slope, unit = _masked_scores(k, q_t, offs_n, offs_m, mask_ptrs, alibi_log2, sc, EDGE, SW, True)
         p_t = tl.math.exp2(s_t * unit - lse2[None, :])
-        dp_t = _dot(v, tl.trans(do), INPUT_PRECISION)
+        dp_t = _dot(v, tl.trans(do), SW.INPUT_PRECISION)
         p_out = p_t
-        if DROPOUT:  # O used the kept, rescaled probabilities: dV and dP see the same pattern
-            keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p, True)
-            p_out = tl.where(keep, p_t * dropout_scale, 0.0)
-            dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
-        dv += _dot(_rounded(p_out, INTERPRETED_BF16).to(do.dtype), do, INPUT_PRECISION)
+        if SW.DROPOUT:  # O used the kept, rescaled probabilities: dV and dP see the same pattern
+            keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, sc.dropout_p, True)
+            p_out = tl.where(keep, p_t * sc.dropout_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * sc.dropout_scale, 0.0)
+        dv += _dot(_rounded(p_out, SW.INTERPRETED_BF16).to(do.dtype), do, SW.INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :]) * cap_slope  # cap_slope: through the softcap's tanh
-        dk += _dot(_rounded(ds_t, INTERPRETED_BF16).to(q_t.dtype), tl.trans(q_t), INPUT_PRECISION)
+        dk += _dot(_rounded(ds_t, SW.INTERPRETED_BF16).to(q_t.dtype), tl.trans(q_t), SW.INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_cols(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, start_n, b, h_kv, group_size,
-                        drop_head0, drop_q0, drop_k0,
-                        stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
-                        stride_mh, stride_mm, stride_mn, stride_ah, stride_doh, stride_dom, stride_dod, stride_lse_h,
-                        stride_dkn, stride_dkd, stride_dvn, stride_dvd,
-                        len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, scale, dropout_p,
-                        dropout_scale,
-                        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                        HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                        INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """dK, dV of keys [start_n, start_n + BLOCK_N) of one (sequence, kv head h_kv): K, V, dK, dV point at
-    its first key row; Q, dO, Mask, Alibi, Lse and Delta at the sequence's first row of query head 0
-    (head h is ``stride_*h`` further on). With ``TMA``, Q, K, V, dO, dK and dV are tensor descriptors
-    and (b, head) pick the rows (`_load_rows`). The dropout key of head h is ``drop_head0 + h``."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    k = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM, False, TMA)
-    v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V, False, TMA)
-    seed = tl.load(Seed) if DROPOUT else 0
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
+def _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, Mask, Alibi, Seed, stats, at, group_size, drop, st, sc,
+                        SW: tl.constexpr):
+    """dK, dV of keys [start_n, start_n + BLOCK_N) of one (sequence, kv head h_kv), `at` = (start_n, b,
+    h_kv): K, V, dK, dV point at its first key row; Q, dO, Mask and Alibi at the sequence's first
+    row of query head 0 (head h is its `Strides` entry's head stride further on); `stats` = (Lse,
+    Delta, head stride) the same for the row statistics. With ``TMA``, Q, K, V, dO, dK and dV are
+    tensor descriptors and (b, head) pick the rows (`_load_rows`). `drop` = (head 0's dropout key,
+    q0, k0): head h's is ``drop[0] + h``."""
+    start_n, b, h_kv = at
+    Lse, Delta, stride_stats_h = stats
+    drop_head0, drop_q0, drop_k0 = drop
+    offs_n = start_n + tl.arange(0, SW.BLOCK_N)
+    offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, SW.HEAD_DIM_V_PAD)
+    k = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, False, SW.TMA)
+    v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, False, SW.TMA)
+    seed = tl.load(Seed) if SW.DROPOUT else 0
+    dk = tl.zeros([SW.BLOCK_N, SW.HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([SW.BLOCK_N, SW.HEAD_DIM_V_PAD], dtype=tl.float32)
     # Query j - hi <= i <= j - lo sees key j: the same band, seen from the key side.
-    lo, full_lo, full_hi, hi = _visible_blocks(start_n, len_k, len_q, -band_hi, -band_lo, BLOCK_N, BLOCK_M)
+    lo, full_lo, full_hi, hi = _visible_blocks(start_n, sc.len_k, sc.len_q, -sc.band_hi, -sc.band_lo, SW.BLOCK_N,
+                                               SW.BLOCK_M)
     # GQA: the query heads sharing this kv head are summed here, in order, instead of with atomics.
     for g in range(group_size):
         h = h_kv * group_size + g
-        mask_row_ptrs = Mask + h * stride_mh + _wide(offs_n)[:, None] * stride_mn  # the transposed tile's rows
-        alibi_log2 = _alibi_log2(Alibi, 0, h, 0, stride_ah, ALIBI)
+        mask_row_ptrs = Mask + h * st.mask[1] + _wide(offs_n)[:, None] * st.mask[3]  # the transposed tile's rows
+        alibi_log2 = _alibi_log2(Alibi, 0, h, st.alibi, SW.ALIBI)
         Q_h, dO_h = Q, dO
-        if not TMA:
-            Q_h, dO_h = Q + h * stride_qh, dO + h * stride_doh
+        if not SW.TMA:
+            Q_h, dO_h = Q + h * st.q[1], dO + h * st.do[1]
         for segment in tl.static_range(3):
-            start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-            dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k, v, Q_h, dO_h, Lse + h * stride_lse_h, Delta + h * stride_lse_h,
-                                          mask_row_ptrs, alibi_log2, seed, offs_n, offs_d, offs_dv, b, h,
-                                          drop_head0 + h, drop_q0, drop_k0, start, stop,
-                                          stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, len_q, len_k,
-                                          band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
-                                          dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, segment != 1,
-                                          SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, TMA)
-    dk *= scale  # ds is the gradient of the natural-log scores s = scale * q.k
-    _store_rows(dK, b, h_kv, start_n, dk, offs_n, offs_d, stride_dkn, stride_dkd, len_k, HEAD_DIM, INTERPRETED_BF16,
-                TMA)
-    _store_rows(dV, b, h_kv, start_n, dv, offs_n, offs_dv, stride_dvn, stride_dvd, len_k, HEAD_DIM_V,
-                INTERPRETED_BF16, TMA)
+            dk, dv = _attn_bwd_dkdv_tiles((dk, dv), (k, v), Q_h, dO_h,
+                                          (Lse + h * stride_stats_h, Delta + h * stride_stats_h),
+                                          (mask_row_ptrs, alibi_log2, seed), (offs_n, offs_d, offs_dv), (b, h),
+                                          (drop_head0 + h, drop_q0, drop_k0),
+                                          _segment(segment, lo, full_lo, full_hi, hi), st, sc, segment != 1, SW)
+    dk *= sc.scale  # ds is the gradient of the natural-log scores s = scale * q.k
+    _store_rows(dK, b, h_kv, start_n, dk, offs_n, offs_d, st.out, sc.len_k, SW.HEAD_DIM, SW.INTERPRETED_BF16, SW.TMA)
+    _store_rows(dV, b, h_kv, start_n, dv, offs_n, offs_dv, st.out_v, sc.len_k, SW.HEAD_DIM_V, SW.INTERPRETED_BF16,
+                SW.TMA)
 
 
 # group_size must not become a constant when it is 1 (MHA): ptxas then serializes every wgmma of the
 # loop over the group (warning C7515), 40 fences per iteration instead of 6.
 @triton.jit(do_not_specialize=["group_size"])
-def _attn_bwd_dkdv(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV,
-                   stride_qb, stride_qh, stride_qm, stride_qd,
-                   stride_kb, stride_kh, stride_kn, stride_kd,
-                   stride_vb, stride_vh, stride_vn, stride_vd,
-                   stride_mb, stride_mh, stride_mm, stride_mn,
-                   stride_ab, stride_ah,
-                   stride_dob, stride_doh, stride_dom, stride_dod,
-                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                   num_heads_q, group_size, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
-                   softcap_log2, scale, dropout_p, dropout_scale,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    _, b, h_kv, start_n = _program_block(len_k, num_heads_q // group_size, BLOCK_N)
-    if not TMA:  # pointers at the rows of batch b (and kv head h_kv); descriptors take them as coordinates
-        K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
-        dK, dV = _kv_heads(dK, dV, b, h_kv, stride_dkb, stride_dkh, stride_dvb, stride_dvh)
-        Q += b * stride_qb
-        dO += b * stride_dob
+def _attn_bwd_dkdv(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, st, num_heads_q, group_size, sc,
+                   SW: tl.constexpr):
+    """A program per block of BLOCK_N keys of one (batch, kv head). `st.out` and `st.out_v`: dK's and
+    dV's strides."""
+    _, b, h_kv, start_n = _program_block(sc.len_k, num_heads_q // group_size, SW.BLOCK_N)
+    if not SW.TMA:  # pointers at the rows of batch b (and kv head h_kv); descriptors take them as coordinates
+        K = _head_rows(K, b, h_kv, st.k)
+        V = _head_rows(V, b, h_kv, st.v)
+        dK = _head_rows(dK, b, h_kv, st.out)
+        dV = _head_rows(dV, b, h_kv, st.out_v)
+        Q += b * st.q[0]
+        dO += b * st.do[0]
     # The LSE and delta are [B * Hq, Lq] rows: batch b's heads start at row b * Hq, len_q apart.
-    stats = b * num_heads_q * len_q
-    _attn_bwd_dkdv_cols(Q, K, V, Mask + b * stride_mb, Alibi + b * stride_ab, Seed, dO, Lse + stats, Delta + stats,
-                        dK, dV, start_n, b, h_kv, group_size, b * num_heads_q, 0, 0,
-                        stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mh,
-                        stride_mm, stride_mn, stride_ah, stride_doh, stride_dom, stride_dod, len_q, stride_dkn,
-                        stride_dkd, stride_dvn, stride_dvd, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
-                        softcap_log2, scale, dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
-                        HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, MASK_KIND, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16,
-                        INPUT_PRECISION, TMA)
+    stats = b * num_heads_q * sc.len_q
+    _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, Mask + b * st.mask[0], Alibi + b * st.alibi[0], Seed,
+                        (Lse + stats, Delta + stats, sc.len_q), (start_n, b, h_kv), group_size, (b * num_heads_q, 0, 0),
+                        st, sc, SW)
 
 
 @triton.jit
-def _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv,
-                       b, h_kv, drop_head, drop_q0, drop_k0, start, stop,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                       len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
-                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                       DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                       TMA: tl.constexpr):
-    for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM, True, TMA)
-        v_t = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V, True, TMA)
-        s, cap_slope, unit = _masked_scores(q, k_t, offs_m, offs_n,
-                                            mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, alibi_log2, len_q,
-                                            len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
-                                            MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
-        ds = _score_grads(s, unit, lse2, delta, do, v_t, seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p,
-                          dropout_scale, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION) * cap_slope
-        dq += _dot(_rounded(ds, INTERPRETED_BF16).to(k_t.dtype), tl.trans(k_t), INPUT_PRECISION)
+def _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, extra, offs, at, drop, span, st, sc, EDGE: tl.constexpr,
+                       SW: tl.constexpr):
+    """dQ of the query rows `offs` = (queries, head dims of K, of V), whose q and dO tiles are given,
+    summed over key tiles [start, stop) = `span` of (b, h_kv) = `at`; `row_stats`: their (lse2, delta);
+    `extra` and `drop` as `_attn_fwd_tiles`'s."""
+    mask_row_ptrs, alibi_log2, seed = extra
+    offs_m, offs_d, offs_dv = offs
+    b, h_kv = at
+    drop_head, drop_q0, drop_k0 = drop
+    start, stop = span
+    for start_n in range(start, stop, SW.BLOCK_N):
+        offs_n = start_n + tl.arange(0, SW.BLOCK_N)
+        k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, True, SW.TMA)
+        v_t = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, True, SW.TMA)
+        s, cap_slope, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3],
+                                            alibi_log2, sc, EDGE, SW)
+        ds = _score_grads(s, unit, row_stats, do, v_t, seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, sc,
+                          SW) * cap_slope
+        dq += _dot(_rounded(ds, SW.INTERPRETED_BF16).to(k_t.dtype), tl.trans(k_t), SW.INPUT_PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_rows(Q, K, V, Mask, alibi_log2, Seed, dO, Lse, Delta, dQ, start_m, b, h, h_kv, drop_head, drop_q0,
-                      drop_k0,
-                      stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                      stride_dom, stride_dod, stride_dqm, stride_dqd,
-                      len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, scale, dropout_p,
-                      dropout_scale,
-                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                      HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                      INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """dQ of queries [start_m, start_m + BLOCK_M) of one (sequence, head), every pointer at its first row
-    (with ``TMA`` Q, K, V, dO and dQ descriptors; as `_attn_fwd_rows`)."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA)
-    do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, stride_dom, stride_dod, len_q, HEAD_DIM_V, False, TMA)
-    lse2, delta = _load_row_stats(Lse, Delta, offs_m, len_q)
-    mask_row_ptrs = Mask + _wide(offs_m)[:, None] * stride_mm
-    seed = tl.load(Seed) if DROPOUT else 0
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
+def _attn_bwd_dq_rows(Q, K, V, dO, dQ, Mask, alibi_log2, Seed, stats, at, drop, st, sc, SW: tl.constexpr):
+    """dQ of queries [start_m, start_m + BLOCK_M) of one (sequence, head), `at` = (start_m, b, h,
+    h_kv), every pointer at its first row, `stats` = (Lse, Delta) too (with ``TMA`` Q, K, V, dO and
+    dQ descriptors; as `_attn_fwd_rows`)."""
+    start_m, b, h, h_kv = at
+    Lse, Delta = stats
+    offs_m = start_m + tl.arange(0, SW.BLOCK_M)
+    offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, SW.HEAD_DIM_V_PAD)
+    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, False, SW.TMA)
+    do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, st.do, sc.len_q, SW.HEAD_DIM_V, False, SW.TMA)
+    row_stats = _load_row_stats(Lse, Delta, offs_m, sc.len_q)
+    mask_row_ptrs = Mask + _wide(offs_m)[:, None] * st.mask[2]
+    seed = tl.load(Seed) if SW.DROPOUT else 0
+    dq = tl.zeros([SW.BLOCK_M, SW.HEAD_DIM_PAD], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _visible_blocks(start_m, sc.len_q, sc.len_k, sc.band_lo, sc.band_hi, SW.BLOCK_M,
+                                               SW.BLOCK_N)
     for segment in tl.static_range(3):
-        start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-        dq = _attn_bwd_dq_tiles(dq, q, do, lse2, delta, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv,
-                                b, h_kv, drop_head, drop_q0, drop_k0, start, stop, stride_kn, stride_kd, stride_vn,
-                                stride_vd,
-                                stride_mn, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
-                                dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1,
-                                SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, TMA)
-    dq *= scale
-    _store_rows(dQ, b, h, start_m, dq, offs_m, offs_d, stride_dqm, stride_dqd, len_q, HEAD_DIM, INTERPRETED_BF16, TMA)
+        dq = _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, (mask_row_ptrs, alibi_log2, seed),
+                                (offs_m, offs_d, offs_dv), (b, h_kv), drop, _segment(segment, lo, full_lo, full_hi, hi),
+                                st, sc, segment != 1, SW)
+    dq *= sc.scale
+    _store_rows(dQ, b, h, start_m, dq, offs_m, offs_d, st.out, sc.len_q, SW.HEAD_DIM, SW.INTERPRETED_BF16, SW.TMA)
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dQ,
-                 stride_qb, stride_qh, stride_qm, stride_qd,
-                 stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_vb, stride_vh, stride_vn, stride_vd,
-                 stride_mb, stride_mh, stride_mm, stride_mn,
-                 stride_ab, stride_ah,
-                 stride_dob, stride_doh, stride_dom, stride_dod,
-                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                 num_heads_q, group_size, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale,
-                 softcap_log2, scale, dropout_p, dropout_scale,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                 HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M, True)
+def _attn_bwd_dq(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dQ, st, num_heads_q, group_size, sc, SW: tl.constexpr):
+    """A program per block of BLOCK_M queries of one (batch, query head), the heaviest first; `st.out`:
+    dQ's strides."""
+    head_index, b, h, start_m = _program_block(sc.len_q, num_heads_q, SW.BLOCK_M, True)
     h_kv = h // group_size
-    if not TMA:  # pointers at (b, h)'s first rows; descriptors take (b, h) as coordinates
-        K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
-        Q += b * stride_qb + h * stride_qh
-        dO += b * stride_dob + h * stride_doh
-        dQ += b * stride_dqb + h * stride_dqh
-    _attn_bwd_dq_rows(Q, K, V, Mask + b * stride_mb + h * stride_mh,
-                      _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI),
-                      Seed, dO, _row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q), dQ, start_m,
-                      b, h, h_kv, head_index, 0, 0, stride_qm, stride_qd, stride_kn,
-                      stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_dom, stride_dod, stride_dqm,
-                      stride_dqd, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, scale,
-                      dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
-                      MASK_KIND, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, TMA)
+    if not SW.TMA:  # pointers at (b, h)'s first rows; descriptors take (b, h) as coordinates
+        K = _head_rows(K, b, h_kv, st.k)
+        V = _head_rows(V, b, h_kv, st.v)
+        Q = _head_rows(Q, b, h, st.q)
+        dO = _head_rows(dO, b, h, st.do)
+        dQ = _head_rows(dQ, b, h, st.out)
+    _attn_bwd_dq_rows(Q, K, V, dO, dQ, _head_rows(Mask, b, h, st.mask), _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI),
+                      Seed, (_row_stats(Lse, head_index, sc.len_q), _row_stats(Delta, head_index, sc.len_q)),
+                      (start_m, b, h, h_kv), (head_index, 0, 0), st, sc, SW)
 
 
 @triton.jit
-def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask,
-                    stride_qb, stride_qh, stride_qm, stride_qd,
-                    stride_kb, stride_kh, stride_kn, stride_kd,
-                    stride_vb, stride_vh, stride_vn, stride_vd,
-                    stride_mb, stride_mh, stride_mm, stride_mn,
-                    stride_ab, stride_ah,
-                    stride_dob, stride_doh, stride_dom, stride_dod,
-                    stride_gb, stride_gh, stride_gm, stride_gn,
-                    mask_batch, mask_heads, batch, num_heads_q, group_size, len_q, len_k, band_lo, band_hi,
-                    diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                    ROWS_SUMMED: tl.constexpr, COLS_SUMMED: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr):
-    """The gradient of a float mask in its own shape [mask_batch, mask_heads, 1 or Lq, 1 or Lk]:
-    each program owns one tile of it and sums dS over the dimensions the mask broadcasts (batches,
-    heads, rows or columns) in a fixed order, so the result is deterministic without atomics and
-    without a scratch tensor. dS is the gradient of the final scores, to which the mask is added
-    after the cap: no cap factor."""
-    row_tiles = 1 if ROWS_SUMMED else tl.cdiv(len_q, BLOCK_M)
-    col_tiles = 1 if COLS_SUMMED else tl.cdiv(len_k, BLOCK_N)
+def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask, st, mask_shape, batch, num_heads_q,
+                    group_size, sc, SW: tl.constexpr, ROWS_SUMMED: tl.constexpr, COLS_SUMMED: tl.constexpr):
+    """The gradient of a float mask in its own shape [mask_batch, mask_heads, 1 or Lq, 1 or Lk]
+    (`mask_shape` = (mask_batch, mask_heads); `st.out`: its strides): each program owns one tile of
+    it and sums dS over the dimensions the mask broadcasts (batches, heads, rows or columns) in a
+    fixed order, so the result is deterministic without atomics and without a scratch tensor. dS is
+    the gradient of the final scores, to which the mask is added after the cap: no cap factor.
+    Pointers only (SW.TMA is not read)."""
+    mask_batch, mask_heads = mask_shape
+    len_q, len_k = sc.len_q, sc.len_k
+    row_tiles = 1 if ROWS_SUMMED else tl.cdiv(len_q, SW.BLOCK_M)
+    col_tiles = 1 if COLS_SUMMED else tl.cdiv(len_k, SW.BLOCK_N)
     pid = tl.program_id(0)
-    col0 = (pid % col_tiles) * BLOCK_N
-    row0 = (pid // col_tiles % row_tiles) * BLOCK_M
+    col0 = (pid % col_tiles) * SW.BLOCK_N
+    row0 = (pid // col_tiles % row_tiles) * SW.BLOCK_M
     h_m = (pid // (col_tiles * row_tiles) % mask_heads).to(tl.int64)
     b_m = (pid // (col_tiles * row_tiles * mask_heads)).to(tl.int64)
-    m_first, m_stop = row0, row0 + BLOCK_M
+    m_first, m_stop = row0, row0 + SW.BLOCK_M
     if ROWS_SUMMED:
         m_first, m_stop = 0, len_q
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    seed = tl.load(Seed) if DROPOUT else 0
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, SW.HEAD_DIM_V_PAD)
+    seed = tl.load(Seed) if SW.DROPOUT else 0
+    acc = tl.zeros([SW.BLOCK_M, SW.BLOCK_N], dtype=tl.float32)
     # A mask dimension of size 1 is shared by every batch (head): b_m (h_m) is then 0 and all are summed.
     for b_step in range(batch // mask_batch):
         b = (b_m + b_step).to(tl.int64)
         for h_step in range(num_heads_q // mask_heads):
             h = (h_m + h_step).to(tl.int64)
             head_index = b * num_heads_q + h
-            K_h, V_h = _kv_heads(K, V, b, h // group_size, stride_kb, stride_kh, stride_vb, stride_vh)
-            alibi_log2 = _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI)
-            for start_m in range(m_first, m_stop, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, len_q,
-                               HEAD_DIM)
-                do = _load_tile(dO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, len_q,
-                                HEAD_DIM_V)
-                lse2, delta = _load_row_stats(_row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q),
-                                              offs_m, len_q)
-                mask_row_ptrs = Mask + b * stride_mb + h * stride_mh + _wide(offs_m)[:, None] * stride_mm
+            K_h, V_h = _head_rows(K, b, h // group_size, st.k), _head_rows(V, b, h // group_size, st.v)
+            alibi_log2 = _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI)
+            for start_m in range(m_first, m_stop, SW.BLOCK_M):
+                offs_m = start_m + tl.arange(0, SW.BLOCK_M)
+                q = _load_tile(_head_rows(Q, b, h, st.q), offs_m, offs_d, st.q[2], st.q[3], len_q, SW.HEAD_DIM)
+                do = _load_tile(_head_rows(dO, b, h, st.do), offs_m, offs_dv, st.do[2], st.do[3], len_q,
+                                SW.HEAD_DIM_V)
+                row_stats = _load_row_stats(_row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q),
+                                            offs_m, len_q)
+                mask_row_ptrs = _head_rows(Mask, b, h, st.mask) + _wide(offs_m)[:, None] * st.mask[2]
                 # Only the key tiles these rows can see: within this program's columns, at most one.
-                lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
+                lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, sc.band_lo, sc.band_hi, SW.BLOCK_M,
+                                                           SW.BLOCK_N)
                 if not COLS_SUMMED:
-                    lo, hi = tl.maximum(lo, col0), tl.minimum(hi, col0 + BLOCK_N)
-                for start_n in range(lo, hi, BLOCK_N):
-                    offs_n = start_n + tl.arange(0, BLOCK_N)
-                    k_t = _load_tile(K_h, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, len_k)
-                    v_t = _load_tile(V_h, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, len_k)
-                    s, _, unit = _masked_scores(q, k_t, offs_m, offs_n,
-                                                mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn, alibi_log2, len_q,
-                                                len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
-                                                MASK_KIND, True, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
-                    acc += _score_grads(s, unit, lse2, delta, do, v_t, seed, offs_m, offs_n, head_index, dropout_p,
-                                        dropout_scale, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
-    offs_r = row0 + tl.arange(0, BLOCK_M)
-    offs_c = col0 + tl.arange(0, BLOCK_N)
+                    lo, hi = tl.maximum(lo, col0), tl.minimum(hi, col0 + SW.BLOCK_N)
+                for start_n in range(lo, hi, SW.BLOCK_N):
+                    offs_n = start_n + tl.arange(0, SW.BLOCK_N)
+                    k_t = _load_tile(K_h, offs_d, offs_n, st.k[3], st.k[2], SW.HEAD_DIM, len_k)
+                    v_t = _load_tile(V_h, offs_dv, offs_n, st.v[3], st.v[2], SW.HEAD_DIM_V, len_k)
+                    mask_ptrs = mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3]
+                    s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, True, SW)
+                    acc += _score_grads(s, unit, row_stats, do, v_t, seed, offs_m, offs_n, head_index, sc, SW)
+    offs_r = row0 + tl.arange(0, SW.BLOCK_M)
+    offs_c = col0 + tl.arange(0, SW.BLOCK_N)
     len_r, len_c = len_q, len_k
     if ROWS_SUMMED:
         acc = tl.sum(acc, 0, keep_dims=True)
@@ -338,8 +284,8 @@ def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask,
         acc = tl.sum(acc, 1, keep_dims=True)
         offs_c, len_c = tl.zeros([1], dtype=tl.int32), 1
     # Every program stores its whole tile, zeros where no key was visible.
-    _store_tile(dMask + b_m * stride_gb + h_m * stride_gh, acc, offs_r, offs_c, stride_gm, stride_gn, len_r, len_c,
-                INTERPRETED_BF16)
+    _store_tile(_head_rows(dMask, b_m, h_m, st.out), acc, offs_r, offs_c, st.out[2], st.out[3], len_r, len_c,
+                SW.INTERPRETED_BF16)
 
 
 @on_inputs_device
@@ -404,11 +350,8 @@ def _plan(do, q, k, v, out, dq, dk, dv, args, config, tma):
         copy_do = tma and not tma_allowed(do)
     if copy_do:
         do = do.clone(memory_format=torch.contiguous_format)  # once, for the plan's layouts
-    strides = (*q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride())
-    scalars = (num_heads_q, num_heads_q // num_heads_kv, len_q, len_k, launch.band_lo, launch.band_hi,
-               args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.scale, args.dropout_p,
-               launch.dropout_scale)
-    common = dict(launch.constexprs, MASK_KIND=launch.mask_kind, TMA=tma)
+    strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), mask=launch.mask_strides, alibi=launch.alibi_strides,
+                   do=do.stride())
 
     def pass_plan(kernel, grid_rows, block_rows, outputs):
         tile = tile_config(q, kernel, max(head_dim, head_dim_v), config, tma, launch.plain)
@@ -419,9 +362,10 @@ def _plan(do, q, k, v, out, dq, dk, dv, args, config, tma):
             block_n=tile.block_n,
             layouts=descriptor_layouts(tma, (q, rows["queries"]), (k, rows["keys"]), (v, rows["keys"]),
                                        (do, rows["queries"]), *((t, rows[r]) for t, r in outputs)),
-            scalars=(*strides, *(stride for t, _ in outputs for stride in t.stride()), *scalars),
-            options=dict(common, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
-                         num_stages=tile.num_stages),
+            scalars=(Strides(**strides, **{field: t.stride() for field, (t, _) in zip(("out", "out_v"), outputs)}),
+                     num_heads_q, num_heads_q // num_heads_kv, launch.scores),
+            options=dict(SW=launch.switches(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, TMA=tma),
+                         num_warps=tile.num_warps, num_stages=tile.num_stages),
         )
 
     # dK/dV: a program per block of keys (of a kv head); dQ: per block of queries.
@@ -445,7 +389,7 @@ def row_deltas(out, do, dlse_log2, block_m, plan=None):
 def row_deltas_plan(out, do, block_m):
     batch, num_heads_q, len_q, head_dim_v = out.shape
     return PassPlan(grid=(cdiv(len_q, block_m) * batch * num_heads_q,), block_m=block_m, block_n=0, layouts=(),
-                    scalars=(*out.stride(), *do.stride(), num_heads_q, len_q),
+                    scalars=(Strides(out=out.stride(), do=do.stride()), num_heads_q, len_q),
                     options=dict(HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_pad(head_dim_v), BLOCK_M=block_m))
 
 
@@ -466,14 +410,13 @@ def _mask_grad(q, k, v, do, lse_log2, delta, args, tensors, dq_pass):
     rows_summed, cols_summed = shape[2] == 1, shape[3] == 1
     tiles = ((1 if rows_summed else cdiv(len_q, dq_pass.block_m))
              * (1 if cols_summed else cdiv(len_k, dq_pass.block_n)))
-    launch = launch_args(q, k, v.shape[-1], args)
-    options = {name: value for name, value in dq_pass.options.items() if name != "TMA"}
+    scalars = dq_pass.scalars
     if dmask.numel():
         _attn_bwd_dmask[(shape[0] * shape[1] * tiles,)](
             q, k, v, tensors.mask, tensors.alibi, tensors.seed, do, lse_log2, delta, dmask,
-            *q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *do.stride(),
-            *dmask.stride(), shape[0], shape[1], batch, num_heads_q, num_heads_q // k.shape[1], len_q, len_k,
-            launch.band_lo, launch.band_hi, args.diagonal_shift, launch.qk_scale, launch.softcap_log2,
-            args.dropout_p, launch.dropout_scale, **options, ROWS_SUMMED=rows_summed, COLS_SUMMED=cols_summed,
+            scalars[0]._replace(q=q.stride(), do=do.stride(), out=dmask.stride()), shape[:2], batch, num_heads_q,
+            num_heads_q // k.shape[1], scalars[-1], SW=dq_pass.options["SW"].replaced(TMA=False),
+            ROWS_SUMMED=rows_summed, COLS_SUMMED=cols_summed, num_warps=dq_pass.options["num_warps"],
+            num_stages=dq_pass.options["num_stages"],
         )
     return dmask.view(args.mask.shape)

@@ -7,6 +7,7 @@ replaces ``exp`` (exp2 is the hardware instruction; exp costs an extra multiply)
 import triton
 import triton.language as tl
 
+from .bundles import Scores
 from .config import ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK
 
 # Globals a kernel reads must be tl.constexpr instances (compiled Triton rejects plain globals).
@@ -36,15 +37,24 @@ def _program_block(length, num_heads, BLOCK: tl.constexpr, LAST_FIRST: tl.conste
 
 
 @triton.jit
-def _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh):
-    """Where the K and V rows of (batch b, kv head h_kv) start: the one place that knows the K/V layout."""
-    return K + b * stride_kb + h_kv * stride_kh, V + b * stride_vb + h_kv * stride_vh
+def _head_rows(X, b, h, strides):
+    """Where the rows of (batch b, head h) of a [B, H, L, D] tensor start, from its `Strides` entry:
+    the one place that knows the dense layout (packed rows: `attn_varlen`, paged: `attn_decode`)."""
+    return X + b * strides[0] + h * strides[1]
 
 
 @triton.jit
 def _row_stats(Stats, head_index, len_q):
     """Where the per-row statistics (LSE, delta) of one (batch, query head) start: [B * Hq, Lq] rows."""
     return Stats + head_index.to(tl.int64) * len_q
+
+
+@triton.jit
+def _shifted_scores(sc, len_q, len_k, shift):
+    """The `Scores` of one sequence of a packed batch or a KV cache: its own lengths, and the band and
+    ALiBi's diagonal moved by its shift (the launch's band is relative to each sequence's diagonal)."""
+    return Scores(len_q, len_k, sc.band_lo + shift, sc.band_hi + shift, shift, sc.qk_scale, sc.softcap_log2,
+                  sc.dropout_p, sc.dropout_scale, sc.scale)
 
 
 @triton.jit
@@ -117,21 +127,24 @@ def _tanh(x):
 
 
 @triton.jit
-def _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI: tl.constexpr):
-    """ALiBi's slope of (batch b, query head h) in log2-domain units (0 without ALiBi)."""
+def _alibi_log2(Alibi, b, h, strides, ALIBI: tl.constexpr):
+    """ALiBi's slope of (batch b, query head h) in log2-domain units (0 without ALiBi); `strides`:
+    the slopes' (batch, head)."""
     slope = 0.0
     if ALIBI:
-        slope = tl.load(Alibi + b * stride_ab + h * stride_ah) * LOG2E
+        slope = tl.load(Alibi + b * strides[0] + h * strides[1]) * LOG2E
     return slope
 
 
 @triton.jit
-def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift,
-                   qk_scale, softcap_log2, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SOFTCAP: tl.constexpr,
-                   ALIBI: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, EDGE: tl.constexpr, SW: tl.constexpr,
+                   TRANSPOSED: tl.constexpr = False):
     """(s, the derivative of the capped score by the scaled one (``1 - tanh**2``; 1.0 without a cap),
-    unit) of one [BLOCK_M, BLOCK_N] tile: ``s * unit`` are its log2-domain scores, -inf where a key is
-    not visible.
+    unit) of one [BLOCK_M, BLOCK_N] tile of the `Scores` `sc`: ``s * unit`` are its log2-domain
+    scores, -inf where a key is not visible. ``EDGE``: the tile may hold keys outside the band
+    (the element-wise band mask runs). ``TRANSPOSED``: `q` holds keys and `k_t` queries (the dK/dV
+    pass's [keys, queries] tiles, `offs_m` the keys): the band and ALiBi are seen from the key side
+    (query - key in [-hi, -lo], the same distances).
 
     Plain scores (no cap, ALiBi or float mask) stay unscaled, ``unit = qk_scale``: the caller folds
     the scale into its exp2's argument, one FMA per score (``s * unit - max``) instead of a multiply
@@ -139,22 +152,25 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, len_q, len_k, 
     run any other on -q or on zeros: attn_ops's `kernel_operands`), so the running max of
     ``s * unit`` is ``max(s) * unit``.
     """
-    s = _dot(q, k_t, INPUT_PRECISION)
-    unit = qk_scale
-    if SOFTCAP or ALIBI or MASK_KIND == ADD_MASK:
-        s *= qk_scale
+    len_r, len_c, band_lo, band_hi, shift = sc.len_q, sc.len_k, sc.band_lo, sc.band_hi, sc.diagonal_shift
+    if TRANSPOSED:
+        len_r, len_c, band_lo, band_hi, shift = sc.len_k, sc.len_q, -sc.band_hi, -sc.band_lo, -sc.diagonal_shift
+    s = _dot(q, k_t, SW.INPUT_PRECISION)
+    unit = sc.qk_scale
+    if SW.SOFTCAP or SW.ALIBI or SW.MASK_KIND == ADD_MASK:
+        s *= sc.qk_scale
         unit = 1.0
     cap_slope = 1.0
-    if SOFTCAP:  # s is s_nat / softcap here (see launch_args): softcap * tanh(s) * log2(e)
+    if SW.SOFTCAP:  # s is s_nat / softcap here (see launch_args): softcap * tanh(s) * log2(e)
         t = _tanh(s)
         cap_slope = 1.0 - t * t
-        s = t * softcap_log2
-    if ALIBI:  # -slope * |i' - j|; the distance is an exact float below 2**24
-        s -= alibi_log2 * tl.abs(offs_m[:, None] + diagonal_shift - offs_n[None, :]).to(tl.float32)
-    if MASK_KIND != NO_MASK:
-        in_bounds = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
+        s = t * sc.softcap_log2
+    if SW.ALIBI:  # -slope * |i' - j|; the distance is an exact float below 2**24
+        s -= alibi_log2 * tl.abs(offs_m[:, None] + shift - offs_n[None, :]).to(tl.float32)
+    if SW.MASK_KIND != NO_MASK:
+        in_bounds = (offs_m[:, None] < len_r) & (offs_n[None, :] < len_c)
         m = tl.load(mask_ptrs, mask=in_bounds, other=0)
-        if MASK_KIND == BOOL_MASK:
+        if SW.MASK_KIND == BOOL_MASK:
             s = tl.where(m != 0, s, float("-inf"))
         else:
             m = m.to(tl.float32)
@@ -163,7 +179,7 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, len_q, len_k, 
             s = tl.where(m == float("-inf"), float("-inf"), tl.maximum(s + m * LOG2E, FLOAT_MIN))
     if EDGE:
         rel = offs_n[None, :] - offs_m[:, None]
-        visible = (rel >= band_lo) & (rel <= band_hi) & (offs_n[None, :] < len_k)
+        visible = (rel >= band_lo) & (rel <= band_hi) & (offs_n[None, :] < len_c)
         s = tl.where(visible, s, float("-inf"))
     return s, cap_slope, unit
 
@@ -200,35 +216,34 @@ def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, len_r, len_c):
 
 
 @triton.jit
-def _load_rows(src, b, h, start, offs_r, offs_c, stride_r, stride_c, len_r, len_c, TRANSPOSED: tl.constexpr,
-               TMA: tl.constexpr):
+def _load_rows(src, b, h, start, offs_r, offs_c, strides, len_r, len_c, TRANSPOSED: tl.constexpr, TMA: tl.constexpr):
     """Rows [start, start + BLOCK) of (batch b, head h) as a [rows, cols] tile ([cols, rows] when
     ``TRANSPOSED``), zero outside ``len_r`` x ``len_c``. With ``TMA`` `src` is a [B, H, L, D] tensor
     descriptor whose box is one tile: the copy engine fetches it into shared memory and fills what
     lies out of bounds with zeros (no per-element addresses or masks); else `src` points at (b, h)'s
-    first row and `offs_r`/`offs_c` address the tile."""
+    first row and `offs_r`/`offs_c` address the tile through its `Strides` entry's row and column."""
     if TMA:
         tile = src.load([b.to(tl.int32), h.to(tl.int32), start, 0])
         tile = tile.reshape(tile.shape[2], tile.shape[3])
         if TRANSPOSED:
             tile = tl.trans(tile)
     elif TRANSPOSED:
-        tile = _load_tile(src, offs_c, offs_r, stride_c, stride_r, len_c, len_r)
+        tile = _load_tile(src, offs_c, offs_r, strides[3], strides[2], len_c, len_r)
     else:
-        tile = _load_tile(src, offs_r, offs_c, stride_r, stride_c, len_r, len_c)
+        tile = _load_tile(src, offs_r, offs_c, strides[2], strides[3], len_r, len_c)
     return tile
 
 
 @triton.jit
-def _store_rows(dst, b, h, start, value, offs_r, offs_c, stride_r, stride_c, len_r, len_c,
-                INTERPRETED_BF16: tl.constexpr, TMA: tl.constexpr):
+def _store_rows(dst, b, h, start, value, offs_r, offs_c, strides, len_r, len_c, INTERPRETED_BF16: tl.constexpr,
+                TMA: tl.constexpr):
     """Stores a [rows, cols] tile at rows [start, start + BLOCK) of (batch b, head h), as `_load_rows`
     reads one; the copy engine drops what lies out of bounds."""
     if TMA:
         value = _narrowed(value, dst.dtype, INTERPRETED_BF16)
         dst.store([b.to(tl.int32), h.to(tl.int32), start, 0], value.reshape(1, 1, value.shape[0], value.shape[1]))
     else:
-        _store_tile(dst, value, offs_r, offs_c, stride_r, stride_c, len_r, len_c, INTERPRETED_BF16)
+        _store_tile(dst, value, offs_r, offs_c, strides[2], strides[3], len_r, len_c, INTERPRETED_BF16)
 
 
 @triton.jit

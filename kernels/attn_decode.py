@@ -29,10 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _masked_scores, _rounded, _segment, _store_tile,
-                          _visible_blocks, _wide)
+from .attn_common import (LOG2E, _alibi_log2, _dot, _head_rows, _masked_scores, _rounded, _segment,
+                          _shifted_scores, _store_tile, _visible_blocks, _wide)
 from .attn_fwd import _normalized, _online_softmax, _with_sink
 from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, remembered
+from .bundles import Strides
 from .config import BOOL_MASK, NO_MASK, cdiv, decode_tile, device_properties, head_dim_pad, next_power_of_2
 from .layout import empty_like_q
 
@@ -52,110 +53,104 @@ def _cache_rows(Table, offs_n, in_cache, stride_block, stride_n, page_size, PAGE
 
 
 @triton.jit
-def _decode_tiles(acc, l_i, m_i, q, K, V, Table, mask_row_ptrs, alibi_log2, offs_i, offs_d, offs_dv, start, stop,
-                  stride_kblock, stride_kn, stride_kd, stride_vblock, stride_vn, stride_vd, stride_mn, page_size,
-                  len_q, len_k, band_lo, band_hi, shift, qk_scale, softcap_log2, HEAD_DIM: tl.constexpr,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, PAGED: tl.constexpr,
-                  MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
-    for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_cache = offs_n < len_k
-        k_rows = _cache_rows(Table, offs_n, in_cache, stride_kblock, stride_kn, page_size, PAGED)
-        k_t = tl.load(K + k_rows[None, :] + _wide(offs_d)[:, None] * stride_kd,
-                      mask=(offs_d[:, None] < HEAD_DIM) & in_cache[None, :], other=0.0)
-        s, _, unit = _masked_scores(q, k_t, offs_i, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn,
-                                    alibi_log2, len_q, len_k, band_lo, band_hi, shift, qk_scale, softcap_log2,
-                                    MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
+def _decode_tiles(state, q, K, V, Table, extra, offs, span, st, page_size, sc, EDGE: tl.constexpr, SW: tl.constexpr,
+                  PAGED: tl.constexpr):
+    """The online softmax `state` (acc, l_i, m_i) of the rows `offs` = (their queries, head dims of K,
+    of V) carried over key tiles [start, stop) = `span` of one sequence's cache (through its row of
+    the block `Table` when ``PAGED``); `extra`: the rows' key-mask pointers and ALiBi slopes."""
+    acc, l_i, m_i = state
+    mask_row_ptrs, alibi_log2 = extra
+    offs_i, offs_d, offs_dv = offs
+    start, stop = span
+    for start_n in range(start, stop, SW.BLOCK_N):
+        offs_n = start_n + tl.arange(0, SW.BLOCK_N)
+        in_cache = offs_n < sc.len_k
+        k_rows = _cache_rows(Table, offs_n, in_cache, st.k[0], st.k[2], page_size, PAGED)
+        k_t = tl.load(K + k_rows[None, :] + _wide(offs_d)[:, None] * st.k[3],
+                      mask=(offs_d[:, None] < SW.HEAD_DIM) & in_cache[None, :], other=0.0)
+        s, _, unit = _masked_scores(q, k_t, offs_i, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[1],
+                                    alibi_log2, sc, EDGE, SW)
         p, alpha, l_i, m_i = _online_softmax(s, unit, m_i, l_i)
-        v_rows = _cache_rows(Table, offs_n, in_cache, stride_vblock, stride_vn, page_size, PAGED)
-        v = tl.load(V + v_rows[:, None] + _wide(offs_dv)[None, :] * stride_vd,
-                    mask=in_cache[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INPUT_PRECISION)
+        v_rows = _cache_rows(Table, offs_n, in_cache, st.v[0], st.v[2], page_size, PAGED)
+        v = tl.load(V + v_rows[:, None] + _wide(offs_dv)[None, :] * st.v[3],
+                    mask=in_cache[:, None] & (offs_dv[None, :] < SW.HEAD_DIM_V), other=0.0)
+        acc = acc * alpha[:, None] + _dot(_rounded(p, SW.INTERPRETED_BF16).to(v.dtype), v, SW.INPUT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _decode_split(Q, K, V, Table, Seqlens, KeyMask, Alibi, Sinks, Out, Lse,
-                  stride_qb, stride_qh, stride_qm, stride_qd,
-                  stride_kb, stride_kh, stride_kn, stride_kd,
-                  stride_vb, stride_vh, stride_vn, stride_vd,
-                  stride_tb,
-                  stride_mb, stride_mn,
-                  stride_ab, stride_ah,
-                  stride_ob, stride_oh, stride_om, stride_os, stride_od,
-                  num_heads_kv, group_size, len_q, len_new, num_splits, page_size, band_lo, band_hi, qk_scale,
-                  softcap_log2,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                  PAGED: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                  SINKS: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Grid (B * Hkv * splits, row blocks). Dense: K/V strides b, h, n, d of [B, Hkv, L_max, D];
-    paged: of [num_blocks, Hkv, page_size, D] (stride_kb steps a block). With ``MASK_KIND`` BOOL_MASK,
-    KeyMask is a uint8 key mask [B, capacity] (nonzero = may attend), by each sequence's positions.
-    With SPLIT, Out is the float32
-    partial output [B, Hq, Lq, splits, Dv] and Lse [B, Hq, Lq, splits] in log2 units; without, Out is
-    the output [B, Hq, Lq, Dv] and Lse [B, Hq, Lq] the natural-log LSE."""
+def _decode_split(Q, K, V, Table, Seqlens, KeyMask, Alibi, Sinks, Out, Lse, st, num_heads_kv, group_size, cache, sc,
+                  SW: tl.constexpr, SPLIT: tl.constexpr, PAGED: tl.constexpr):
+    """Grid (B * Hkv * splits, row blocks); `cache` = (len_new, num_splits, page_size). `st`: Q's
+    strides b, h, m, d; K's and V's b, h, n, d of [B, Hkv, L_max, D], paged of [num_blocks, Hkv,
+    page_size, D] (their first steps a block); the table's (b,); the key mask's (b, n); Out's b, h, m,
+    split, d. `sc`: the launch's `Scores`, the band relative to each query's position. With
+    ``MASK_KIND`` BOOL_MASK, KeyMask is a uint8 key mask [B, capacity] (nonzero = may attend), by
+    each sequence's positions. With SPLIT, Out is the float32 partial output [B, Hq, Lq, splits, Dv]
+    and Lse [B, Hq, Lq, splits] in log2 units; without, Out is the output [B, Hq, Lq, Dv] and Lse
+    [B, Hq, Lq] the natural-log LSE."""
+    len_new, num_splits, page_size = cache
+    len_q = sc.len_q
     # Splits on the flat first axis (2**31 programs), not a second one (65535).
     split = tl.program_id(0) % num_splits
     pid = tl.program_id(0) // num_splits
     b = (pid // num_heads_kv).to(tl.int64)
     h_kv = (pid % num_heads_kv).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * SW.BLOCK_M + tl.arange(0, SW.BLOCK_M)
     live = rows < len_q * group_size
     offs_i = rows // group_size
     heads = h_kv * group_size + rows % group_size
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, SW.HEAD_DIM_V_PAD)
 
     len_k = tl.load(Seqlens + b) + len_new
     shift = len_k - len_q  # query i sits at position i + shift
-    q = tl.load(Q + b * stride_qb + _wide(heads)[:, None] * stride_qh + _wide(offs_i)[:, None] * stride_qm
-                + _wide(offs_d)[None, :] * stride_qd, mask=live[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    alibi_log2 = _alibi_log2(Alibi, b, heads, stride_ab, stride_ah, ALIBI)
-    if ALIBI:
+    sequence = _shifted_scores(sc, len_q, len_k, shift)
+    q = tl.load(Q + b * st.q[0] + _wide(heads)[:, None] * st.q[1] + _wide(offs_i)[:, None] * st.q[2]
+                + _wide(offs_d)[None, :] * st.q[3], mask=live[:, None] & (offs_d[None, :] < SW.HEAD_DIM), other=0.0)
+    alibi_log2 = _alibi_log2(Alibi, b, heads, st.alibi, SW.ALIBI)
+    if SW.ALIBI:
         alibi_log2 = alibi_log2[:, None]  # one slope per row (its query head)
     if PAGED:
-        K += h_kv * stride_kh
-        V += h_kv * stride_vh
+        K += h_kv * st.k[1]
+        V += h_kv * st.v[1]
     else:
-        K += b * stride_kb + h_kv * stride_kh
-        V += b * stride_vb + h_kv * stride_vh
+        K = _head_rows(K, b, h_kv, st.k)
+        V = _head_rows(V, b, h_kv, st.v)
 
     # The keys this block's queries can see, cut into num_splits ranges of whole tiles.
-    first_query = tl.program_id(1) * BLOCK_M // group_size
-    last_row = tl.minimum((tl.program_id(1) + 1) * BLOCK_M, len_q * group_size) - 1
-    lo, full_lo, full_hi, hi = _visible_blocks(first_query, last_row // group_size + 1, len_k, band_lo + shift,
-                                               band_hi + shift, BLOCK_M, BLOCK_N)
-    per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+    first_query = tl.program_id(1) * SW.BLOCK_M // group_size
+    last_row = tl.minimum((tl.program_id(1) + 1) * SW.BLOCK_M, len_q * group_size) - 1
+    lo, full_lo, full_hi, hi = _visible_blocks(first_query, last_row // group_size + 1, len_k, sequence.band_lo,
+                                               sequence.band_hi, SW.BLOCK_M, SW.BLOCK_N)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), SW.BLOCK_N) * SW.BLOCK_N
     split_lo = lo + split * per_split
     split_hi = tl.minimum(split_lo + per_split, hi)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    m_i = tl.full([SW.BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([SW.BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([SW.BLOCK_M, SW.HEAD_DIM_V_PAD], dtype=tl.float32)
+    state = (acc, l_i, m_i)
     # The key mask's row of sequence b, the same for every row of the tile.
-    mask_row_ptrs = KeyMask + b * stride_mb + tl.zeros([BLOCK_M, 1], dtype=tl.int64)
+    mask_row_ptrs = KeyMask + b * st.mask[0] + tl.zeros([SW.BLOCK_M, 1], dtype=tl.int64)
     # Boundary tiles get the element-wise band mask, interior tiles skip it (see _attn_fwd_rows).
     for segment in tl.static_range(3):
         start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-        acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, K, V, Table + b * stride_tb, mask_row_ptrs, alibi_log2,
-                                      offs_i, offs_d, offs_dv, tl.maximum(start, split_lo), tl.minimum(stop, split_hi),
-                                      stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_mn,
-                                      page_size, len_q, len_k, band_lo + shift, band_hi + shift, shift, qk_scale,
-                                      softcap_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_N, segment != 1, PAGED, MASK_KIND,
-                                      SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
-    if SINKS and not SPLIT:  # with splits the sink joins once, in the merge
+        state = _decode_tiles(state, q, K, V, Table + b * st.table[0], (mask_row_ptrs, alibi_log2),
+                              (offs_i, offs_d, offs_dv), (tl.maximum(start, split_lo), tl.minimum(stop, split_hi)), st,
+                              page_size, sequence, segment != 1, SW, PAGED)
+    acc, l_i, m_i = state
+    if SW.SINKS and not SPLIT:  # with splits the sink joins once, in the merge
         acc, l_i, m_i = _with_sink(acc, l_i, m_i, tl.load(Sinks + heads))
     out, lse = _normalized(acc, l_i, m_i)
     stat_rows = (b * num_heads_kv * group_size + heads) * len_q + offs_i
     if SPLIT:
-        Out += split * stride_os
+        Out += split * st.out[3]
         lse_at = Lse + stat_rows * num_splits + split
     else:
         lse, lse_at = lse * LN2, Lse + stat_rows
-    out_at = Out + b * stride_ob + _wide(heads)[:, None] * stride_oh + _wide(offs_i)[:, None] * stride_om
-    _store_tile(out_at, out, rows, offs_dv, 0, stride_od, len_q * group_size, HEAD_DIM_V, INTERPRETED_BF16)
+    out_at = Out + b * st.out[0] + _wide(heads)[:, None] * st.out[1] + _wide(offs_i)[:, None] * st.out[2]
+    _store_tile(out_at, out, rows, offs_dv, 0, st.out[4], len_q * group_size, SW.HEAD_DIM_V, SW.INTERPRETED_BF16)
     tl.store(lse_at, lse, mask=live)
 
 
@@ -302,13 +297,15 @@ def _plan(q, k_cache, v_cache, out, table, len_new, num_splits, args, config):
         block_m=tile.block_m,
         block_n=tile.block_n,
         layouts=(),
-        scalars=(*q.stride(), *k_cache.stride(), *v_cache.stride(), 0 if table is None else table.stride(0),
-                 *((0, 0) if args.mask is None else args.mask.stride()), *launch.alibi_strides, *out_strides, heads_kv, group, len_q, len_new, num_splits,
-                 k_cache.shape[2] if paged else 1, band_lo, band_hi, launch.qk_scale, launch.softcap_log2),
-        options=dict({name: value for name, value in launch.constexprs.items() if name != "DROPOUT"},
-                     BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SPLIT=split, PAGED=paged,
-                     MASK_KIND=(NO_MASK if args.mask is None else BOOL_MASK).value, SINKS=args.sinks is not None,
-                     num_warps=tile.num_warps, num_stages=tile.num_stages),
+        scalars=(Strides(q=q.stride(), k=k_cache.stride(), v=v_cache.stride(),
+                         mask=(0, 0) if args.mask is None else args.mask.stride(), alibi=launch.alibi_strides,
+                         out=out_strides, table=(0 if table is None else table.stride(0),)),
+                 heads_kv, group, (len_new, num_splits, k_cache.shape[2] if paged else 1),
+                 launch.scores._replace(band_lo=band_lo, band_hi=band_hi)),
+        options=dict(SW=launch.switches(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, TMA=False,
+                                        MASK_KIND=(NO_MASK if args.mask is None else BOOL_MASK).value,
+                                        SINKS=args.sinks is not None),
+                     SPLIT=split, PAGED=paged, num_warps=tile.num_warps, num_stages=tile.num_stages),
     )
     combine = None
     if split:

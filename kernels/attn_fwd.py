@@ -5,11 +5,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _kv_heads, _load_rows, _masked_scores,
-                          _program_block, _rounded, _row_stats, _segment, _store_rows, _visible_blocks,
-                          _wide)
+from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _head_rows, _load_rows, _masked_scores,
+                          _program_block, _rounded, _row_stats, _segment, _store_rows, _visible_blocks, _wide)
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, uses_tma)
+from .bundles import Strides
 from .config import NO_MASK, cdiv, tile_config
 from .layout import empty_like_q
 
@@ -51,97 +51,81 @@ def _normalized(acc, l_i, m_i):
 
 
 @triton.jit
-def _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d, offs_dv, b, h_kv,
-                    drop_head, drop_q0, drop_k0, start, stop, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                    len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-                    EDGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                    INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, HEAD_DIM, True, TMA)
-        s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * stride_mn,
-                                    alibi_log2, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
-                                    MASK_KIND, EDGE, SOFTCAP, ALIBI, INTERPRETED_BF16, INPUT_PRECISION)
-        p, alpha, l_i, m_new = _online_softmax(s, unit, m_i, l_i, EDGE or MASK_KIND != NO_MASK)
-        if DROPOUT:
+def _attn_fwd_tiles(state, q, K, V, extra, offs, at, drop, span, st, sc, EDGE: tl.constexpr, SW: tl.constexpr):
+    """The online softmax `state` (acc, l_i, m_i) of the rows `offs` = (queries, head dims of K, of V)
+    carried over key tiles [start, stop) = `span` of (b, h_kv) = `at`; `extra`: the rows' mask
+    pointers, ALiBi slope and dropout seed; `drop`: the dropout key's (head, query, key) offsets."""
+    acc, l_i, m_i = state
+    mask_row_ptrs, alibi_log2, seed = extra
+    offs_m, offs_d, offs_dv = offs
+    b, h_kv = at
+    drop_head, drop_q0, drop_k0 = drop
+    start, stop = span
+    for start_n in range(start, stop, SW.BLOCK_N):
+        offs_n = start_n + tl.arange(0, SW.BLOCK_N)
+        k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, True, SW.TMA)
+        s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3],
+                                    alibi_log2, sc, EDGE, SW)
+        p, alpha, l_i, m_new = _online_softmax(s, unit, m_i, l_i, EDGE or SW.MASK_KIND != NO_MASK)
+        if SW.DROPOUT:
             # The normalizer sums every probability; dropout acts on the normalized ones.
-            keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, dropout_p)
-            p = tl.where(keep, p * dropout_scale, 0.0)
-        v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, stride_vn, stride_vd, len_k, HEAD_DIM_V, False, TMA)
-        acc = acc * alpha[:, None] + _dot(_rounded(p, INTERPRETED_BF16).to(v.dtype), v, INPUT_PRECISION)
+            keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, sc.dropout_p)
+            p = tl.where(keep, p * sc.dropout_scale, 0.0)
+        v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, False, SW.TMA)
+        acc = acc * alpha[:, None] + _dot(_rounded(p, SW.INTERPRETED_BF16).to(v.dtype), v, SW.INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd_rows(Q, K, V, Mask, alibi_log2, Sinks, Seed, Out, Lse, start_m, b, h, h_kv, drop_head, drop_q0, drop_k0,
-                   stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                   stride_om, stride_od,
-                   len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
-                   INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """Queries [start_m, start_m + BLOCK_M) of one (sequence, head): Mask points at its first row, Lse
-    at its first row statistic, Sinks at its head's sink; Q, K, V and Out too, or with ``TMA`` they
-    are tensor descriptors and (b, h) and (b, h_kv) pick the rows (`_load_rows`). The dropout pattern
-    is keyed by (drop_head, drop_q0 + query, drop_k0 + key)."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, stride_qm, stride_qd, len_q, HEAD_DIM, False, TMA)
-    mask_row_ptrs = Mask + _wide(offs_m)[:, None] * stride_mm
-    seed = tl.load(Seed) if DROPOUT else 0
+def _attn_fwd_rows(Q, K, V, Out, Lse, Mask, alibi_log2, Sinks, Seed, at, drop, st, sc, SW: tl.constexpr):
+    """Queries [start_m, start_m + BLOCK_M) of one (sequence, head), `at` = (start_m, b, h, h_kv): Mask
+    points at its first row, Lse at its first row statistic, Sinks at its head's sink; Q, K, V and
+    Out too, or with ``TMA`` they are tensor descriptors and (b, h) and (b, h_kv) pick the rows
+    (`_load_rows`). The dropout pattern is keyed by (head, q0 + query, k0 + key), `drop` = (head,
+    q0, k0). `st`: the `Strides`, `sc`: the sequence's `Scores`, `SW`: the `Switches`."""
+    start_m, b, h, h_kv = at
+    offs_m = start_m + tl.arange(0, SW.BLOCK_M)
+    offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, SW.HEAD_DIM_V_PAD)
+    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, False, SW.TMA)
+    mask_row_ptrs = Mask + _wide(offs_m)[:, None] * st.mask[2]
+    seed = tl.load(Seed) if SW.DROPOUT else 0
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
+    m_i = tl.full([SW.BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([SW.BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([SW.BLOCK_M, SW.HEAD_DIM_V_PAD], dtype=tl.float32)
+    state = (acc, l_i, m_i)
+    lo, full_lo, full_hi, hi = _visible_blocks(start_m, sc.len_q, sc.len_k, sc.band_lo, sc.band_hi, SW.BLOCK_M,
+                                               SW.BLOCK_N)
     # Boundary tiles get the element-wise band mask, interior tiles skip it, dead tiles are not visited.
     for segment in tl.static_range(3):
-        start, stop = _segment(segment, lo, full_lo, full_hi, hi)
-        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, mask_row_ptrs, alibi_log2, seed, offs_m, offs_d,
-                                        offs_dv, b, h_kv, drop_head, drop_q0, drop_k0, start, stop, stride_kn,
-                                        stride_kd,
-                                        stride_vn, stride_vd, stride_mn, len_q, len_k, band_lo, band_hi,
-                                        diagonal_shift, qk_scale, softcap_log2, dropout_p, dropout_scale, HEAD_DIM,
-                                        HEAD_DIM_V, BLOCK_N, MASK_KIND, segment != 1, SOFTCAP, ALIBI, DROPOUT,
-                                        INTERPRETED_BF16, INPUT_PRECISION, TMA)
-    if SINKS:
+        state = _attn_fwd_tiles(state, q, K, V, (mask_row_ptrs, alibi_log2, seed), (offs_m, offs_d, offs_dv),
+                                (b, h_kv), drop, _segment(segment, lo, full_lo, full_hi, hi), st, sc, segment != 1,
+                                SW)
+    acc, l_i, m_i = state
+    if SW.SINKS:
         acc, l_i, m_i = _with_sink(acc, l_i, m_i, tl.load(Sinks))
     out, lse = _normalized(acc, l_i, m_i)
-    _store_rows(Out, b, h, start_m, out, offs_m, offs_dv, stride_om, stride_od, len_q, HEAD_DIM_V, INTERPRETED_BF16,
-                TMA)
-    tl.store(Lse + offs_m, lse, mask=offs_m < len_q)
+    _store_rows(Out, b, h, start_m, out, offs_m, offs_dv, st.out, sc.len_q, SW.HEAD_DIM_V, SW.INTERPRETED_BF16,
+                SW.TMA)
+    tl.store(Lse + offs_m, lse, mask=offs_m < sc.len_q)
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Mask, Alibi, Sinks, Seed, Out, Lse,
-              stride_qb, stride_qh, stride_qm, stride_qd,
-              stride_kb, stride_kh, stride_kn, stride_kd,
-              stride_vb, stride_vh, stride_vn, stride_vd,
-              stride_mb, stride_mh, stride_mm, stride_mn,
-              stride_ab, stride_ah,
-              stride_ob, stride_oh, stride_om, stride_od,
-              num_heads_q, group_size, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2,
-              dropout_p, dropout_scale,
-              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
-              INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M, True)
+def _attn_fwd(Q, K, V, Mask, Alibi, Sinks, Seed, Out, Lse, st, num_heads_q, group_size, sc, SW: tl.constexpr):
+    """A program per block of BLOCK_M queries of one (batch, query head), the heaviest blocks first.
+    Q, K, V and Out are tensor descriptors with ``TMA``, else pointers; the rest pointers."""
+    head_index, b, h, start_m = _program_block(sc.len_q, num_heads_q, SW.BLOCK_M, True)
     h_kv = h // group_size
-    if not TMA:  # pointers at (b, h)'s first rows; descriptors take (b, h) as coordinates
-        Q += b * stride_qb + h * stride_qh
-        Out += b * stride_ob + h * stride_oh
-        K, V = _kv_heads(K, V, b, h_kv, stride_kb, stride_kh, stride_vb, stride_vh)
-    _attn_fwd_rows(Q, K, V, Mask + b * stride_mb + h * stride_mh, _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI),
-                   Sinks + h, Seed, Out, _row_stats(Lse, head_index, len_q), start_m, b, h, h_kv, head_index, 0, 0,
-                   stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_om,
-                   stride_od, len_q, len_k, band_lo, band_hi, diagonal_shift, qk_scale, softcap_log2, dropout_p,
-                   dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, MASK_KIND,
-                   SOFTCAP, ALIBI, SINKS, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, TMA)
+    if not SW.TMA:  # pointers at (b, h)'s first rows; descriptors take (b, h) as coordinates
+        Q = _head_rows(Q, b, h, st.q)
+        Out = _head_rows(Out, b, h, st.out)
+        K = _head_rows(K, b, h_kv, st.k)
+        V = _head_rows(V, b, h_kv, st.v)
+    _attn_fwd_rows(Q, K, V, Out, _row_stats(Lse, head_index, sc.len_q), _head_rows(Mask, b, h, st.mask),
+                   _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI), Sinks + h, Seed, (start_m, b, h, h_kv),
+                   (head_index, 0, 0), st, sc, SW)
 
 
 _PLANS = {}
@@ -189,9 +173,9 @@ def _plan(q, k, v, out, args, config, tma):
         block_m=block_m,
         block_n=block_n,
         layouts=descriptor_layouts(tma, (q, block_m), (k, block_n), (v, block_n), (out, block_m)),
-        scalars=(*q.stride(), *k.stride(), *v.stride(), *launch.mask_strides, *launch.alibi_strides, *out.stride(),
-                 num_heads_q, num_heads_q // k.shape[1], len_q, k.shape[2], launch.band_lo, launch.band_hi,
-                 args.diagonal_shift, launch.qk_scale, launch.softcap_log2, args.dropout_p, launch.dropout_scale),
-        options=dict(launch.constexprs, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=launch.mask_kind,
-                     SINKS=args.sinks is not None, TMA=tma, num_warps=num_warps, num_stages=num_stages),
+        scalars=(Strides(q=q.stride(), k=k.stride(), v=v.stride(), mask=launch.mask_strides, alibi=launch.alibi_strides,
+                         out=out.stride()),
+                 num_heads_q, num_heads_q // k.shape[1], launch.scores),
+        options=dict(SW=launch.switches(BLOCK_M=block_m, BLOCK_N=block_n, SINKS=args.sinks is not None, TMA=tma),
+                     num_warps=num_warps, num_stages=num_stages),
     )

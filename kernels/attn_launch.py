@@ -8,6 +8,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attn_common import LOG2E
+from .bundles import Scores, Switches
 from .precision import tf32_allowed
 from .config import (ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK, TMA_MAX_HEAD_DIM, device_properties,
                      head_dim_pad)
@@ -65,16 +66,16 @@ class LaunchArgs(NamedTuple):
 
     mask_strides: tuple
     mask_kind: int
-    band_lo: int
-    band_hi: int
-    qk_scale: float
-    softcap_log2: float
     alibi_strides: tuple
-    dropout_scale: float
+    scores: Scores  # with the lengths of q's and k's rows (every sequence's, packed)
     plain: bool  # no mask, dropout, cap or ALiBi: the scores are the scaled dot products (bigger tiles fit)
-    # The compile-time switches every pass takes: head dims (and their tile padding), which score
+    # The `Switches` every pass takes alike: head dims (and their tile padding), which score
     # modifiers and dropout run, and how the dot runs (fp32's TF32 switch, the interpreter's bf16).
     constexprs: dict
+
+    def switches(self, **per_pass):
+        """The `Switches` of a pass: these with its own (tile, TMA, ...); the mask kind unless given."""
+        return Switches.of(**{"MASK_KIND": self.mask_kind, "SINKS": False, **self.constexprs, **per_pass})
 
 
 class LaunchTensors(NamedTuple):
@@ -110,15 +111,22 @@ def launch_args(q, k, v_head_dim, args):
     return LaunchArgs(
         mask_strides=mask_strides,
         mask_kind=mask_kind,
-        band_lo=-reach if args.band_lo is None else args.band_lo,
-        band_hi=reach if args.band_hi is None else args.band_hi,
-        # With a cap, the dot times qk_scale is the argument of tanh, and softcap_log2 scales tanh
-        # back into log2-domain scores: softcap * tanh(s / softcap) * log2(e).
-        qk_scale=args.scale * LOG2E.value if args.softcap is None else args.scale / args.softcap,
-        softcap_log2=0.0 if args.softcap is None else args.softcap * LOG2E.value,
         alibi_strides=alibi_strides,
-        # dropout_p = 1 keeps nothing: a scale of 0, not 1 / 0.
-        dropout_scale=1.0 / (1.0 - args.dropout_p) if args.dropout_p < 1 else 0.0,
+        scores=Scores(
+            len_q=len_q,
+            len_k=len_k,
+            band_lo=-reach if args.band_lo is None else args.band_lo,
+            band_hi=reach if args.band_hi is None else args.band_hi,
+            diagonal_shift=args.diagonal_shift,
+            # With a cap, the dot times qk_scale is the argument of tanh, and softcap_log2 scales tanh
+            # back into log2-domain scores: softcap * tanh(s / softcap) * log2(e).
+            qk_scale=args.scale * LOG2E.value if args.softcap is None else args.scale / args.softcap,
+            softcap_log2=0.0 if args.softcap is None else args.softcap * LOG2E.value,
+            dropout_p=args.dropout_p,
+            # dropout_p = 1 keeps nothing: a scale of 0, not 1 / 0.
+            dropout_scale=1.0 / (1.0 - args.dropout_p) if args.dropout_p < 1 else 0.0,
+            scale=args.scale,
+        ),
         plain=mask_kind == NO_MASK.value and args.dropout_p == 0 and args.softcap is None and alibi is None,
         constexprs=dict(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), HEAD_DIM_V=v_head_dim,

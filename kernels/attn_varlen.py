@@ -16,9 +16,10 @@ import triton
 import triton.language as tl
 
 from .attn_bwd import _attn_bwd_dkdv_cols, _attn_bwd_dq_rows, row_deltas, sink_grads
-from .attn_common import _alibi_log2
+from .attn_common import _alibi_log2, _shifted_scores
 from .attn_fwd import _attn_fwd_rows
 from .attn_launch import launch_args, launch_tensors, on_inputs_device
+from .bundles import Strides
 from .config import NO_MASK, tile_config
 
 
@@ -32,98 +33,76 @@ def _sequence(CuQ, CuK, TileFirst, b, bottom_right, BLOCK: tl.constexpr):
     return start, q0.to(tl.int64), k0.to(tl.int64), len_q, len_k, (len_k - len_q) * bottom_right
 
 
+# Triton 3.6 builds a named tuple in a kernel only from values for every field (no defaults, no
+# literal ()): the kernels pass on the fields they do not change.
 @triton.jit
-def _varlen_fwd(Q, K, V, Alibi, Sinks, Seed, Out, Lse, CuQ, CuK, TileSeq, TileFirst,
-                stride_qt, stride_qh, stride_qd,
-                stride_kt, stride_kh, stride_kd,
-                stride_vt, stride_vh, stride_vd,
-                stride_ab, stride_ah,
-                stride_ot, stride_oh, stride_od,
-                num_seqs, group_size, total_q, band_lo, band_hi, bottom_right, qk_scale, softcap_log2, dropout_p,
-                dropout_scale,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                ALIBI: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr):
+def _rows(strides):
+    """A packed tensor's (token, head, column) strides as the dense row bodies index them: (batch 0,
+    head, row, column), its pointer at the sequence's first row."""
+    return 0, strides[1], strides[0], strides[2]
+
+
+@triton.jit
+def _varlen_fwd(Q, K, V, Alibi, Sinks, Seed, Out, Lse, schedule, st, num_seqs, group_size, bottom_right, sc,
+                SW: tl.constexpr):
+    """A program per (tile of BLOCK_M queries of one sequence, query head); `schedule`: (cu_seqlens_q,
+    cu_seqlens_k, each program's sequence, each sequence's first tile); `sc`: the launch's `Scores`
+    (lengths: the totals; the band relative to each sequence's diagonal)."""
+    CuQ, CuK, TileSeq, TileFirst = schedule
     b = tl.load(TileSeq + tl.program_id(0))
     if b >= num_seqs:  # past the last real tile
         return
-    start_m, q0, k0, len_q, len_k, shift = _sequence(CuQ, CuK, TileFirst, b, bottom_right, BLOCK_M)
+    start_m, q0, k0, len_q, len_k, shift = _sequence(CuQ, CuK, TileFirst, b, bottom_right, SW.BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
     h_kv = h // group_size
+    rows = Strides(q=_rows(st.q), k=_rows(st.k), v=_rows(st.v), mask=(0, 0, 0, 0), alibi=st.alibi, do=st.do,
+                   out=_rows(st.out), out_v=st.out_v, table=st.table)
     # Q stands in for the mask pointer, which NO_MASK never reads.
-    _attn_fwd_rows(Q + q0 * stride_qt + h * stride_qh, K + k0 * stride_kt + h_kv * stride_kh,
-                   V + k0 * stride_vt + h_kv * stride_vh, Q, _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI),
-                   Sinks + h, Seed, Out + q0 * stride_ot + h * stride_oh, Lse + h * total_q + q0, start_m, 0, h, h_kv,
-                   h, q0, k0,
-                   stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, 0, 0, stride_ot, stride_od,
-                   len_q, len_k, band_lo + shift, band_hi + shift, shift, qk_scale, softcap_log2, dropout_p,
-                   dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, NO_MASK,
-                   SOFTCAP, ALIBI, SINKS, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, False)
+    _attn_fwd_rows(Q + q0 * st.q[0] + h * st.q[1], K + k0 * st.k[0] + h_kv * st.k[1], V + k0 * st.v[0] + h_kv * st.v[1],
+                   Out + q0 * st.out[0] + h * st.out[1], Lse + h * sc.len_q + q0, Q,
+                   _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI), Sinks + h, Seed, (start_m, 0, h, h_kv), (h, q0, k0),
+                   rows, _shifted_scores(sc, len_q, len_k, shift), SW)
 
 
 @triton.jit(do_not_specialize=["group_size"])  # as _attn_bwd_dkdv's: no wgmma serialization for MHA
-def _varlen_bwd_dkdv(Q, K, V, Alibi, Seed, dO, Lse, Delta, dK, dV, CuQ, CuK, TileSeq, TileFirst,
-                     stride_qt, stride_qh, stride_qd,
-                     stride_kt, stride_kh, stride_kd,
-                     stride_vt, stride_vh, stride_vd,
-                     stride_ab, stride_ah,
-                     stride_dot, stride_doh, stride_dod,
-                     stride_dkt, stride_dkh, stride_dkd,
-                     stride_dvt, stride_dvh, stride_dvd,
-                     num_seqs, group_size, total_q, band_lo, band_hi, bottom_right, qk_scale, softcap_log2, scale,
-                     dropout_p, dropout_scale,
-                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                     HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _varlen_bwd_dkdv(Q, K, V, Alibi, Seed, dO, Lse, Delta, dK, dV, schedule, st, num_seqs, group_size, bottom_right,
+                     sc, SW: tl.constexpr):
+    """A program per (tile of BLOCK_N keys of one sequence, kv head); as `_varlen_fwd`."""
+    CuQ, CuK, TileSeq, TileFirst = schedule
     b = tl.load(TileSeq + tl.program_id(0))
     if b >= num_seqs:
         return
-    start_n, q0, k0, len_q, len_k, shift = _sequence(CuQ, CuK, TileFirst, b, bottom_right, BLOCK_N)
+    start_n, q0, k0, len_q, len_k, shift = _sequence(CuQ, CuK, TileFirst, b, bottom_right, SW.BLOCK_N)
     h_kv = tl.program_id(1).to(tl.int64)
+    rows = Strides(q=_rows(st.q), k=_rows(st.k), v=_rows(st.v), mask=(0, 0, 0, 0), alibi=st.alibi, do=_rows(st.do),
+                   out=_rows(st.out), out_v=_rows(st.out_v), table=st.table)
     # The LSE and delta are [Hq, total_q] rows: head h's statistics are total_q apart.
-    _attn_bwd_dkdv_cols(Q + q0 * stride_qt, K + k0 * stride_kt + h_kv * stride_kh, V + k0 * stride_vt + h_kv * stride_vh,
-                        Q, Alibi + b * stride_ab, Seed, dO + q0 * stride_dot, Lse + q0, Delta + q0,
-                        dK + k0 * stride_dkt + h_kv * stride_dkh, dV + k0 * stride_dvt + h_kv * stride_dvh, start_n, 0,
-                        h_kv, group_size, 0, q0, k0, stride_qh, stride_qt, stride_qd, stride_kt, stride_kd, stride_vt,
-                        stride_vd, 0, 0, 0, stride_ah, stride_doh, stride_dot, stride_dod, total_q, stride_dkt,
-                        stride_dkd, stride_dvt, stride_dvd, len_q, len_k, band_lo + shift, band_hi + shift, shift,
-                        qk_scale, softcap_log2, scale, dropout_p, dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
-                        HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, NO_MASK, SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16,
-                        INPUT_PRECISION, False)
+    _attn_bwd_dkdv_cols(Q + q0 * st.q[0], K + k0 * st.k[0] + h_kv * st.k[1], V + k0 * st.v[0] + h_kv * st.v[1],
+                        dO + q0 * st.do[0], dK + k0 * st.out[0] + h_kv * st.out[1],
+                        dV + k0 * st.out_v[0] + h_kv * st.out_v[1], Q, Alibi + b * st.alibi[0], Seed,
+                        (Lse + q0, Delta + q0, sc.len_q), (start_n, 0, h_kv), group_size, (0, q0, k0), rows,
+                        _shifted_scores(sc, len_q, len_k, shift), SW)
 
 
 @triton.jit
-def _varlen_bwd_dq(Q, K, V, Alibi, Seed, dO, Lse, Delta, dQ, CuQ, CuK, TileSeq, TileFirst,
-                   stride_qt, stride_qh, stride_qd,
-                   stride_kt, stride_kh, stride_kd,
-                   stride_vt, stride_vh, stride_vd,
-                   stride_ab, stride_ah,
-                   stride_dot, stride_doh, stride_dod,
-                   stride_dqt, stride_dqh, stride_dqd,
-                   num_seqs, group_size, total_q, band_lo, band_hi, bottom_right, qk_scale, softcap_log2, scale,
-                   dropout_p, dropout_scale,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                   ALIBI: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
+def _varlen_bwd_dq(Q, K, V, Alibi, Seed, dO, Lse, Delta, dQ, schedule, st, num_seqs, group_size, bottom_right, sc,
+                   SW: tl.constexpr):
+    """A program per (tile of BLOCK_M queries of one sequence, query head); as `_varlen_fwd`."""
+    CuQ, CuK, TileSeq, TileFirst = schedule
     b = tl.load(TileSeq + tl.program_id(0))
     if b >= num_seqs:
         return
-    start_m, q0, k0, len_q, len_k, shift = _sequence(CuQ, CuK, TileFirst, b, bottom_right, BLOCK_M)
+    start_m, q0, k0, len_q, len_k, shift = _sequence(CuQ, CuK, TileFirst, b, bottom_right, SW.BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
     h_kv = h // group_size
-    stats = h * total_q + q0
-    _attn_bwd_dq_rows(Q + q0 * stride_qt + h * stride_qh, K + k0 * stride_kt + h_kv * stride_kh,
-                      V + k0 * stride_vt + h_kv * stride_vh, Q, _alibi_log2(Alibi, b, h, stride_ab, stride_ah, ALIBI),
-                      Seed, dO + q0 * stride_dot + h * stride_doh, Lse + stats, Delta + stats,
-                      dQ + q0 * stride_dqt + h * stride_dqh, start_m, 0, h, h_kv, h, q0, k0, stride_qt, stride_qd,
-                      stride_kt,
-                      stride_kd, stride_vt, stride_vd, 0, 0, stride_dot, stride_dod, stride_dqt, stride_dqd, len_q,
-                      len_k, band_lo + shift, band_hi + shift, shift, qk_scale, softcap_log2, scale, dropout_p,
-                      dropout_scale, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, NO_MASK,
-                      SOFTCAP, ALIBI, DROPOUT, INTERPRETED_BF16, INPUT_PRECISION, False)
+    stats = h * sc.len_q + q0
+    rows = Strides(q=_rows(st.q), k=_rows(st.k), v=_rows(st.v), mask=(0, 0, 0, 0), alibi=st.alibi, do=_rows(st.do),
+                   out=_rows(st.out), out_v=st.out_v, table=st.table)
+    _attn_bwd_dq_rows(Q + q0 * st.q[0] + h * st.q[1], K + k0 * st.k[0] + h_kv * st.k[1],
+                      V + k0 * st.v[0] + h_kv * st.v[1], dO + q0 * st.do[0] + h * st.do[1],
+                      dQ + q0 * st.out[0] + h * st.out[1], Q, _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI), Seed,
+                      (Lse + stats, Delta + stats), (start_m, 0, h, h_kv), (h, q0, k0), rows,
+                      _shifted_scores(sc, len_q, len_k, shift), SW)
 
 
 def tile_schedule(cu_seqlens, block, total):
@@ -137,6 +116,12 @@ def tile_schedule(cu_seqlens, block, total):
     grid = total // block + lengths.shape[0]
     programs = torch.arange(grid, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(first[1:], programs, right=True).to(torch.int32), first, grid
+
+
+def _switches(launch, tile, **per_pass):
+    """A packed pass's `Switches`: pointers, no mask."""
+    return launch.switches(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, MASK_KIND=NO_MASK.value, TMA=False,
+                           **per_pass)
 
 
 def _cu_seqlens(args):
@@ -159,12 +144,11 @@ def varlen_fwd(q, k, v, args, *, config=None):
     tile_seq, tile_first, grid = tile_schedule(cu_seqlens[0], tile.block_m, total_q)
     if grid:
         _varlen_fwd[(grid, num_heads_q)](
-            q, k, v, tensors.alibi, tensors.sinks, tensors.seed, out, lse_log2, *cu_seqlens, tile_seq, tile_first,
-            *q.stride(), *k.stride(), *v.stride(), *launch.alibi_strides, *out.stride(),
-            len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, total_q, launch.band_lo, launch.band_hi,
-            int(args.bottom_right), launch.qk_scale, launch.softcap_log2, args.dropout_p, launch.dropout_scale,
-            **launch.constexprs, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SINKS=args.sinks is not None,
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
+            q, k, v, tensors.alibi, tensors.sinks, tensors.seed, out, lse_log2, (*cu_seqlens, tile_seq, tile_first),
+            Strides(q=q.stride(), k=k.stride(), v=v.stride(), alibi=launch.alibi_strides, out=out.stride()),
+            len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, int(args.bottom_right), launch.scores,
+            SW=_switches(launch, tile, SINKS=args.sinks is not None), num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
         )
     return out, lse_log2
 
@@ -183,25 +167,22 @@ def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
     # delta over [1, Hq, total_q] rows: the packed rows seen as one long sequence.
     delta = row_deltas(out.permute(1, 0, 2)[None], do.permute(1, 0, 2)[None],
                        None if dlse_log2 is None else dlse_log2[None], dq_tile.block_m)[0]
-    scalars = (len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, total_q, launch.band_lo, launch.band_hi,
-               int(args.bottom_right), launch.qk_scale, launch.softcap_log2, args.scale, args.dropout_p,
-               launch.dropout_scale)
+    strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), alibi=launch.alibi_strides, do=do.stride())
+    scalars = (len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, int(args.bottom_right), launch.scores)
     cu_seqlens = _cu_seqlens(args)
     tile_seq, tile_first, grid = tile_schedule(cu_seqlens[1], dkdv.block_n, total_k)  # tiles of keys
     if grid:
         _varlen_bwd_dkdv[(grid, num_heads_kv)](
-            q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dk, dv, *cu_seqlens, tile_seq, tile_first,
-            *q.stride(), *k.stride(), *v.stride(), *launch.alibi_strides, *do.stride(), *dk.stride(), *dv.stride(),
-            *scalars, **launch.constexprs, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
-            num_stages=dkdv.num_stages,
+            q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dk, dv, (*cu_seqlens, tile_seq, tile_first),
+            Strides(**strides, out=dk.stride(), out_v=dv.stride()), *scalars, SW=_switches(launch, dkdv),
+            num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
         )
     tile_seq, tile_first, grid = tile_schedule(cu_seqlens[0], dq_tile.block_m, total_q)
     if grid:
         _varlen_bwd_dq[(grid, num_heads_q)](
-            q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dq, *cu_seqlens, tile_seq, tile_first,
-            *q.stride(), *k.stride(), *v.stride(), *launch.alibi_strides, *do.stride(), *dq.stride(),
-            *scalars, **launch.constexprs, BLOCK_M=dq_tile.block_m, BLOCK_N=dq_tile.block_n, num_warps=dq_tile.num_warps,
-            num_stages=dq_tile.num_stages,
+            q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dq, (*cu_seqlens, tile_seq, tile_first),
+            Strides(**strides, out=dq.stride()), *scalars, SW=_switches(launch, dq_tile),
+            num_warps=dq_tile.num_warps, num_stages=dq_tile.num_stages,
         )
     dsinks = None if args.sinks is None else sink_grads(args.sinks, lse_log2[None], delta[None])
     return dq, dk, dv, None, dsinks

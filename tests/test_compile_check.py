@@ -10,8 +10,9 @@ from triton.runtime.jit import JITFunction
 
 from attn_ops.kernels import attn_launch, config
 from attn_ops.kernels.attn_fwd import attn_fwd
-from bench.compile_check import (Launch, bind, loops, matmul_report, parse_sass, performance_warnings,
-                                 recorded_launches, variants)
+from attn_ops.kernels.bundles import Scores
+from bench.compile_check import (Launch, bind, compile_time, constants, loops, matmul_report, parse_sass,
+                                 performance_warnings, recorded_launches, variants)
 
 # cuobjdump -sass's format: /*address*/ [predicate] OPCODE operands ; /* encoding */
 LISTING = """
@@ -139,19 +140,24 @@ def test_a_recorded_forward_binds_as_it_launches_on_hopper(compiled_launchers):
     with recorded_launches(90) as launches:
         attn_fwd(q, k, v, attn_launch.KernelArgs(scale=0.1))
     (launch,) = launches
-    assert (launch.kwargs["TMA"], launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_N"]) == (True, 128, 128)
+    switches = compile_time(launch.kwargs)
+    assert (switches["TMA"], switches["BLOCK_M"], switches["BLOCK_N"]) == (True, 128, 128)
     binding = bind(jit_function(launch.kernel), launch, HOPPER)
-    # Descriptors typed by their box; the unit head-dim strides constants; the lengths divisible by 16.
+    # Descriptors typed by their box; the unit head-dim strides constants (inside the Strides bundle);
+    # the lengths divisible by 16 (inside the Scores bundle).
     assert binding.signature["Q"] == "tensordesc<bf16[1, 1, 128, 128]>"
-    assert binding.signature["stride_qd"] == "constexpr"
-    names = list(binding.signature)
-    assert ["tt.divisibility", 16] in binding.attrs[(names.index("len_q"),)]
+    assert binding.signature["st"].q[3] == "constexpr"
+    assert {"st.q[3]", "st.k[3]", "st.v[3]", "st.out[3]"} <= set(constants(jit_function(launch.kernel),
+                                                                           binding.signature))
+    scores = list(binding.signature).index("sc")
+    assert ["tt.divisibility", 16] in binding.attrs[(scores, Scores._fields.index("len_q"))]
     # The pretend GPU ends with the recording, and the launcher's plan for these shapes with it: on
     # Ampere the same call takes pointers and Ampere's tiles.
     assert not torch.empty(1).is_cuda
     with recorded_launches(80) as launches:
         attn_fwd(q, k, v, attn_launch.KernelArgs(scale=0.1))
-    assert (launches[0].kwargs["TMA"], launches[0].kwargs["BLOCK_N"]) == (False, 64)
+    switches = compile_time(launches[0].kwargs)
+    assert (switches["TMA"], switches["BLOCK_N"]) == (False, 64)
 
 
 def test_every_variant_binds(compiled_launchers):

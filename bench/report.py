@@ -187,8 +187,8 @@ def _flops_markdown(meta_, rows):
         f"Timer: {meta_['timer']}.",
         f"FLOPs: {meta_['flop_rule']}.",
         "",
-        "| " + " | ".join(HEADER + tuple(providers) + ("attn_ops / best SDPA",)
-                          + (("attn_ops / sdpa_math",) if versus_math else ())
+        "| " + " | ".join(HEADER + tuple(providers) + ("attn_ops speedup over best SDPA",)
+                          + (("attn_ops speedup over sdpa_math",) if versus_math else ())
                           + (("attn_ops ms / plain",) if versus_plain else ())) + " |",
         "|" + "---|" * (len(HEADER) + len(providers) + 1 + versus_math + versus_plain),
     ]
@@ -202,8 +202,8 @@ def _flops_markdown(meta_, rows):
         if versus_plain:
             ratios.append(_over_plain(key, cases, ours_name))
         lines.append("| " + " | ".join(_cells(key, by_provider, providers, _cell) + ratios) + " |")
-    lines += ["", "OOM: out of memory; n/a: the provider cannot run this case; err: it failed. "
-              "The JSON beside this table says why."]
+    lines += ["", "Speedups are TFLOP/s ratios: above 1x attn_ops is faster. OOM: out of memory; n/a: the "
+              "provider cannot run this case; err: it failed. The JSON beside this table says why."]
     if versus_plain:
         lines += ["", "attn_ops ms / plain: attn_ops's time on a score modifier's row over its time on the "
                   "same case with the kind named (no modifier; for bias_grad, the same bias without its "

@@ -421,10 +421,37 @@ def performance_warnings(log):
     return [f"{code}: {text}" for code, text in PERFORMANCE_WARNING.findall(log)]
 
 
+class JitReference(NamedTuple):
+    """A @triton.jit function by module and name: how a constant that is one (a `Switches`' score
+    modifier) reaches a worker process, which cannot unpickle the function object itself."""
+    module: str
+    name: str
+
+
+def portable(value):
+    """`value` with every jit function in it (in named tuples too) replaced by its `JitReference`."""
+    if isinstance(value, KernelInterface):
+        return JitReference(value.fn.__module__, value.fn.__name__)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*map(portable, value))
+    return value
+
+
+def resolved(value):
+    """The inverse of `portable`, in the worker."""
+    if isinstance(value, JitReference):
+        return getattr(importlib.import_module(value.module), value.name)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*map(resolved, value))
+    return value
+
+
 def compile_variant(job):
     """Compiles one bound launch (a worker's task) and reads what the table reports. `job`: (the
-    kernel's module and name, its `Binding`, the compute capability, the row's name)."""
+    kernel's module and name, its `Binding` (its constants `portable`), the compute capability, the
+    row's name)."""
     module, kernel_name, binding, arch, name = job
+    binding = binding._replace(constexprs={path: resolved(value) for path, value in binding.constexprs.items()})
     kernel = getattr(importlib.import_module(module), kernel_name)
     source = ASTSource(kernel, binding.signature, binding.constexprs, binding.attrs)
     log = io.StringIO()
@@ -464,7 +491,9 @@ def main(argv=None):
                         or args.head_dims and str(variant.head_dim) not in args.head_dims.split(",")
                         or args.kernels and not variant.name.startswith(tuple(args.kernels.split(","))))]
     bindings = [bind(variant.launch.kernel, variant.launch, target) for variant in selected]
-    jobs = [(variant.launch.kernel.fn.__module__, variant.launch.kernel.fn.__name__, binding, args.arch, variant.name)
+    jobs = [(variant.launch.kernel.fn.__module__, variant.launch.kernel.fn.__name__,
+             binding._replace(constexprs={path: portable(value) for path, value in binding.constexprs.items()}),
+             args.arch, variant.name)
             for variant, binding in zip(selected, bindings)]
     lines, rows = [], []
     failures = 0

@@ -121,9 +121,11 @@ def peak_rss_growth():
     entry (None where /proc has no peak to reset)."""
     result = {"mb": None}
     try:
-        rss = _status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux: reset VmHWM, the peak RSS, to the current RSS
+        # Read after the reset, which VmHWM then equals: read before, a RSS that fell in between (memory
+        # freed) gave a negative growth.
+        rss = _status_kb("VmRSS")
     except OSError:
         rss = None
     yield result

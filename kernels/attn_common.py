@@ -121,12 +121,6 @@ def _rounded(x, INTERPRETED_BF16: tl.constexpr):
 
 
 @triton.jit
-def _tanh(x):
-    # From one exp2 (libdevice's tanh does not run in the interpreter); saturates cleanly to +-1.
-    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
-
-
-@triton.jit
 def _alibi_log2(Alibi, b, h, strides, ALIBI: tl.constexpr):
     """ALiBi's slope of (batch b, query head h) in log2-domain units (0 without ALiBi); `strides`:
     the slopes' (batch, head)."""
@@ -139,12 +133,13 @@ def _alibi_log2(Alibi, b, h, strides, ALIBI: tl.constexpr):
 @triton.jit
 def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, EDGE: tl.constexpr, SW: tl.constexpr,
                    TRANSPOSED: tl.constexpr = False):
-    """(s, the derivative of the capped score by the scaled one (``1 - tanh**2``; 1.0 without a cap),
-    unit) of one [BLOCK_M, BLOCK_N] tile of the `Scores` `sc`: ``s * unit`` are its log2-domain
-    scores, -inf where a key is not visible. ``EDGE``: the tile may hold keys outside the band
-    (the element-wise band mask runs). ``TRANSPOSED``: `q` holds keys and `k_t` queries (the dK/dV
-    pass's [keys, queries] tiles, `offs_m` the keys): the band and ALiBi are seen from the key side
-    (query - key in [-hi, -lo], the same distances).
+    """(s, the derivative of the modified score by the scaled one (``SW.MODIFIER``'s: ``1 - tanh**2``
+    under a cap, 1.0 without), unit) of one [BLOCK_M, BLOCK_N] tile of the `Scores` `sc`: ``s * unit``
+    are its log2-domain scores, -inf where a key is not visible. ``EDGE``: the tile may hold keys
+    outside the band (the element-wise band mask runs). ``TRANSPOSED``: `q` holds keys and `k_t`
+    queries (the dK/dV pass's [keys, queries] tiles, `offs_m` the keys): the band and ALiBi are seen
+    from the key side (query - key in [-hi, -lo], the same distances). The score modifier
+    (`kernels.modifiers`) runs on the scaled scores, before the mask and the band.
 
     Plain scores (no cap, ALiBi or float mask) stay unscaled, ``unit = qk_scale``: the caller folds
     the scale into its exp2's argument, one FMA per score (``s * unit - max``) instead of a multiply
@@ -160,13 +155,7 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, EDGE: tl.c
     if SW.SOFTCAP or SW.ALIBI or SW.MASK_KIND == ADD_MASK:
         s *= sc.qk_scale
         unit = 1.0
-    cap_slope = 1.0
-    if SW.SOFTCAP:  # s is s_nat / softcap here (see launch_args): softcap * tanh(s) * log2(e)
-        t = _tanh(s)
-        cap_slope = 1.0 - t * t
-        s = t * sc.softcap_log2
-    if SW.ALIBI:  # -slope * |i' - j|; the distance is an exact float below 2**24
-        s -= alibi_log2 * tl.abs(offs_m[:, None] + shift - offs_n[None, :]).to(tl.float32)
+    s, cap_slope = SW.MODIFIER(s, offs_m + shift, offs_n, alibi_log2, sc)
     if SW.MASK_KIND != NO_MASK:
         in_bounds = (offs_m[:, None] < len_r) & (offs_n[None, :] < len_c)
         m = tl.load(mask_ptrs, mask=in_bounds, other=0)

@@ -9,6 +9,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attn_common import LOG2E
 from .bundles import Scores, Switches
+from .modifiers import modifier_of
 from .precision import tf32_allowed
 from .config import (ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK, TMA_MAX_HEAD_DIM, device_properties,
                      head_dim_pad)
@@ -133,6 +134,7 @@ def launch_args(q, k, v_head_dim, args):
             HEAD_DIM_V_PAD=head_dim_pad(v_head_dim), SOFTCAP=args.softcap is not None,
             ALIBI=args.alibi_slopes is not None, DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=interpreted_bf16,
             INPUT_PRECISION="tf32" if tf32 else "ieee",
+            MODIFIER=modifier_of(args.softcap is not None, args.alibi_slopes is not None),
         ),
     )
 

@@ -38,7 +38,7 @@ class Switches(NamedTuple):
     dots run (fp32's TF32 switch; the interpreter's bf16), and whether Q, K, V and the outputs are
     tensor descriptors (TMA) or pointers.
 
-    Made by `of`, every field a ``tl.constexpr``: a kernel reading ``SW.BLOCK_M`` gets the field as
+    Made by `of`, every field but the modifier a ``tl.constexpr``: a kernel reading ``SW.BLOCK_M`` gets the field as
     it is, and Triton 3.6 passes a plain int or str on to a jit function (``tl.zeros([SW.BLOCK_M],
     ...)``, ``_dot(a, b, SW.INPUT_PRECISION)``) only wrapped so."""
 
@@ -56,17 +56,30 @@ class Switches(NamedTuple):
     INTERPRETED_BF16: bool
     INPUT_PRECISION: str
     TMA: bool
+    MODIFIER: object  # the score modifier, a @triton.jit function (`kernels.modifiers`)
 
     @classmethod
     def of(cls, **fields):
-        return cls(**{name: tl.constexpr(value) for name, value in fields.items()})
+        return cls(**{name: _constant(value) for name, value in fields.items()})
 
     def replaced(self, **fields):
-        return self._replace(**{name: tl.constexpr(value) for name, value in fields.items()})
+        return self._replace(**{name: _constant(value) for name, value in fields.items()})
 
     def values(self):
         """{field: its plain value}."""
         return {name: getattr(value, "value", value) for name, value in self._asdict().items()}
+
+    @property
+    def cache_key(self):
+        """How Triton's on-disk cache keys a kernel compiled with these switches (it asks a constant
+        for ``cache_key``, else takes its str): the modifier by its source's hash, as a kernel's own
+        helpers are, so that an edited modifier is compiled anew."""
+        return repr(tuple(getattr(value, "cache_key", value) for value in self))
+
+
+def _constant(value):
+    # A jit function stays itself: Triton calls it, and keys its in-memory cache by its source.
+    return value if callable(value) else tl.constexpr(value)
 
 
 class Strides(NamedTuple):

@@ -8,7 +8,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-from attn_ops.kernels import attn_launch, config
+from attn_ops.kernels import attn_launch, config, modifiers
 from attn_ops.kernels.attn_fwd import attn_fwd
 from attn_ops.kernels.bundles import Scores
 from bench.compile_check import (Launch, bind, compile_time, constants, loops, matmul_report, parse_sass,
@@ -158,6 +158,17 @@ def test_a_recorded_forward_binds_as_it_launches_on_hopper(compiled_launchers):
         attn_fwd(q, k, v, attn_launch.KernelArgs(scale=0.1))
     switches = compile_time(launches[0].kwargs)
     assert (switches["TMA"], switches["BLOCK_N"]) == (False, 64)
+
+
+def test_a_score_modifier_keys_the_caches_by_its_source():
+    # Triton keys its on-disk cache by a constant's cache_key, else its str: a modifier named but not
+    # hashed would keep serving a kernel compiled from an edited modifier.
+    modifier = jit_function(modifiers.alibi)  # one that calls no other jit function, hashed under the interpreter too
+    q = torch.empty(1, 2, 64, 32, dtype=torch.bfloat16)
+    args = attn_launch.KernelArgs(scale=0.1, alibi_slopes=torch.ones(2))
+    switches = attn_launch.launch_args(q, q, 32, args).switches(BLOCK_M=64, BLOCK_N=64, TMA=False)
+    assert switches.MODIFIER is modifiers.alibi
+    assert modifier.cache_key in switches.replaced(MODIFIER=modifier).cache_key
 
 
 def test_every_variant_binds(compiled_launchers):

@@ -2,7 +2,7 @@
 (`kernels.attn_decode`), with no host sync. Inference only: no backward.
 
 In eager mode the new tokens go into the caches through one kernel (`kernels.attn_append`) and the
-launchers run directly, with the CacheProblem's plans. While torch.compile traces, the append is
+launchers run directly, with the Problem's plans. While torch.compile traces, the append is
 torch's (`cache.append`, which the graph functionalizes) and the kernels run as a torch.library
 custom op with a fake implementation, so decoding steps trace into graphs (and CUDA graphs).
 """
@@ -10,18 +10,18 @@ custom op with a fake implementation, so decoding steps trace into graphs (and C
 import torch
 
 from .cache import append
-from .fused import (kernel_args_schema, kernel_operands, launchers_run_directly,
+from .fused import (op_args_schema, kernel_operands, launchers_run_directly,
                     not_supported_reasons)  # the generic kernels' limits hold here too
 from .kernels.attn_append import append_rows
 from .kernels.attn_decode import decode_fwd
-from .kernels.attn_launch import KernelArgs
+from .kernels.attn_launch import OpArgs
 from .kernels.layout import empty_like_q
 
 NAME = "triton-decode"
 
 
 def _decode(q, k_cache, v_cache, cache_seqlens, block_table, len_new, num_splits, *flat):
-    return decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, len_new, num_splits, KernelArgs(*flat))
+    return decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, len_new, num_splits, OpArgs(*flat))
 
 
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, len_new, num_splits, *flat):
@@ -30,15 +30,15 @@ def _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, len_new, num_s
 
 attention_decode = torch.library.custom_op(
     "attn_ops::attention_decode", _decode, mutates_args=(),
-    schema=kernel_args_schema("Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
+    schema=op_args_schema("Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
                               "SymInt len_new, SymInt? num_splits", "(Tensor, Tensor)"),
 )
 attention_decode.register_fake(_decode_fake)
 
 
 def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
-    """(out, natural-log lse) of a `CacheProblem` through the kernels, after appending k_new and v_new."""
-    q, args = kernel_operands(q, _kernel_args(problem))
+    """(out, natural-log lse) of a decoding `Problem` through the kernels, after appending k_new and v_new."""
+    q, args = kernel_operands(q, _op_args(problem))
     if not launchers_run_directly():
         if problem.len_new:
             append(k_cache, v_cache, k_new, v_new, problem)
@@ -50,14 +50,14 @@ def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
                       problem.num_splits, args, plans=problem.plans)
 
 
-def _kernel_args(problem):
-    """The `KernelArgs` of a `CacheProblem` (the key mask as their mask; no dropout), kept in its plans
+def _op_args(problem):
+    """The `OpArgs` of a decoding `Problem` (the key mask as their mask; no dropout), kept in its plans
     where they hold no tensor, as `fused` keeps a Problem's."""
-    args = problem.plans.get(KernelArgs)
+    args = problem.plans.get(OpArgs)
     if args is None:
-        args = KernelArgs(scale=problem.scale, mask=problem.key_mask, band_lo=problem.band_lo,
+        args = OpArgs(scale=problem.scale, mask=problem.key_mask, band_lo=problem.band_lo,
                           band_hi=problem.band_hi, softcap=problem.softcap, alibi_slopes=problem.alibi_slopes,
                           sinks=problem.sinks)
         if problem.key_mask is None and problem.alibi_slopes is None and problem.sinks is None:
-            problem.plans[KernelArgs] = args
+            problem.plans[OpArgs] = args
     return args

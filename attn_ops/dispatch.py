@@ -7,7 +7,7 @@ so `import attn_ops` loads none of the kernels (torch's own `torch.nn.attention`
 where installed). Later variants (Hopper kernels) join `_fused()` ahead of the generic kernels
 they specialise. Packed sequences are a `Problem` too (`cu_seqlens_q`
 set): the generic kernels and the reference each take them. Decoding against a KV cache is a
-`CacheProblem`, run by `run_cache` of the implementations `fused_cache()` lists, or the reference's.
+`Problem` with `cache_seqlens` set, run by `run_cache` of the implementations `fused_cache()` lists, or the reference's.
 """
 
 import contextlib
@@ -78,7 +78,7 @@ def _fused():
 
 
 def fused_cache():
-    """The fused implementations of `attention_with_kvcache` (`CacheProblem`s), in order of preference."""
+    """The fused implementations of `attention_with_kvcache` (`Problem`s with `cache_seqlens`), in order of preference."""
     from . import decode
 
     return (decode,)

@@ -1,9 +1,9 @@
 """The generic fused implementation: the Triton kernels as torch.library custom ops (with fake
 implementations, so torch.compile traces through them) behind a torch.autograd.Function; in eager
 mode the same Function calls the launchers directly (`run`). Dense and packed (varlen) calls share
-the ops: `KernelArgs.cu_seqlens_q` picks the launchers.
+the ops: `OpArgs.cu_seqlens_q` picks the launchers.
 
-The ops' schemas are derived from `KernelArgs`: a field added there reaches the ops, the fakes and
+The ops' schemas are derived from `OpArgs`: a field added there reaches the ops, the fakes and
 the autograd.Function without another signature to edit. Every LSE at the op boundary is in log2
 units and named so: the forward op returns ``lse_log2``, the backward op takes it and
 ``dlse_log2``, the gradient of that same output; only `run` converts to the natural-log LSE users
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .kernels.attn_bwd import attn_bwd
 from .kernels.attn_fwd import attn_fwd
-from .kernels.attn_launch import KERNEL_ARG_NAMES, KernelArgs
+from .kernels.attn_launch import OP_ARG_NAMES, OpArgs
 from .kernels.attn_varlen import varlen_bwd, varlen_fwd
 from .kernels.config import INTERPRETED, MAX_HEAD_DIM
 from .kernels.layout import empty_like_q
@@ -31,43 +31,43 @@ _SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", O
                  float: "float", Optional[float]: "float?", bool: "bool"}
 
 
-def kernel_args_schema(leading, returns):
-    """A custom op schema: the `leading` arguments, then every `KernelArgs` field, typed."""
-    hints = get_type_hints(KernelArgs)
-    rest = ", ".join(f"{_SCHEMA_TYPES[hints[name]]} {name}" for name in KERNEL_ARG_NAMES)
+def op_args_schema(leading, returns):
+    """A custom op schema: the `leading` arguments, then every `OpArgs` field, typed."""
+    hints = get_type_hints(OpArgs)
+    rest = ", ".join(f"{_SCHEMA_TYPES[hints[name]]} {name}" for name in OP_ARG_NAMES)
     return f"({leading}, {rest}) -> {returns}"
 
 
 def _fwd(q, k, v, *flat):
-    return _forward(q, k, v, KernelArgs._make(flat))
+    return _forward(q, k, v, OpArgs._make(flat))
 
 
 def _forward(q, k, v, args, plans=None):
-    """The forward launchers for `args` (a `KernelArgs`); `plans`: see `run`."""
+    """The forward launchers for `args` (a `OpArgs`); `plans`: see `run`."""
     if args.cu_seqlens_q is not None:
         return varlen_fwd(q, k, v, args)
     return attn_fwd(q, k, v, args, plans=plans)
 
 
 def _fwd_fake(q, k, v, *flat):
-    if KernelArgs(*flat).cu_seqlens_q is not None:  # packed: out [total_q, Hq, Dv], lse [Hq, total_q]
+    if OpArgs(*flat).cu_seqlens_q is not None:  # packed: out [total_q, Hq, Dv], lse [Hq, total_q]
         return q.new_empty(*q.shape[:2], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     return empty_like_q(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
-    return _backward(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, KernelArgs._make(flat))
+    return _backward(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, OpArgs._make(flat))
 
 
 def _backward(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, args, plans=None):
-    """The backward launchers for `args` (a `KernelArgs`); `plans`: see `run`."""
+    """The backward launchers for `args` (a `OpArgs`); `plans`: see `run`."""
     if args.cu_seqlens_q is not None:
         return varlen_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args)
     return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args, mask_grad=mask_grad, plans=plans)
 
 
 def _bwd_fake(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
-    args = KernelArgs(*flat)
+    args = OpArgs(*flat)
     # dmask and dsinks are new contiguous tensors of the mask's and the sinks' shapes, whatever their strides.
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             args.mask.new_empty(args.mask.shape) if mask_grad else None,
@@ -76,12 +76,12 @@ def _bwd_fake(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
 
 attention_fwd = torch.library.custom_op(
     "attn_ops::attention_fwd", _fwd, mutates_args=(),
-    schema=kernel_args_schema("Tensor q, Tensor k, Tensor v", "(Tensor, Tensor)"),
+    schema=op_args_schema("Tensor q, Tensor k, Tensor v", "(Tensor, Tensor)"),
 )
 attention_fwd.register_fake(_fwd_fake)
 attention_bwd = torch.library.custom_op(
     "attn_ops::attention_bwd", _bwd, mutates_args=(),
-    schema=kernel_args_schema("Tensor dout, Tensor? dlse_log2, Tensor q, Tensor k, Tensor v, Tensor out, "
+    schema=op_args_schema("Tensor dout, Tensor? dlse_log2, Tensor q, Tensor k, Tensor v, Tensor out, "
                               "Tensor lse_log2, bool mask_grad", "(Tensor, Tensor, Tensor, Tensor?, Tensor?)"),
 )
 attention_bwd.register_fake(_bwd_fake)
@@ -94,7 +94,7 @@ def launchers_run_directly():
 
 
 class FusedAttention(torch.autograd.Function):
-    """Saves q, k, v, out and lse_log2, and the tensors among the `KernelArgs` `args` (the caller's
+    """Saves q, k, v, out and lse_log2, and the tensors among the `OpArgs` `args` (the caller's
     mask, slopes, sinks and the seed): no [Lq, Lk] tensor. Returns the log2 LSE (`run` converts it).
     The mask and the sinks, the arguments with a gradient, come first on their own; `args` after them
     as one argument (each argument of `apply` costs host time). `plans`: see `run`; None while
@@ -122,7 +122,7 @@ class FusedAttention(torch.autograd.Function):
         args = ctx.args
         if tensors:
             tensors = iter(tensors)
-            args = KernelArgs._make([next(tensors) if t else x for x, t in zip(args, ctx.is_tensor)])
+            args = OpArgs._make([next(tensors) if t else x for x, t in zip(args, ctx.is_tensor)])
         if dout is None:  # only the lse was used
             dout = torch.zeros_like(out)
         mask_grad = ctx.needs_input_grad[3]
@@ -148,7 +148,7 @@ def not_supported_reasons(problem):
 
 
 def run(q, k, v, problem):
-    """(out, lse) through the kernels; the `KernelArgs` fields are the `Problem`'s of the same names.
+    """(out, lse) through the kernels; the `OpArgs` fields are the `Problem`'s of the same names.
     The natural-log lse only where the caller asked for it (None otherwise: no conversion), and no
     autograd node where nothing needs a gradient.
 
@@ -157,7 +157,7 @@ def run(q, k, v, problem):
     cost more host time than the rest of the call. While torch.compile traces, or under a dispatch
     mode, the custom ops run, so that graphs and modes see them (with their fakes).
     """
-    q, args = kernel_operands(q, _kernel_args(problem))
+    q, args = kernel_operands(q, _op_args(problem))
     plans = problem.plans if launchers_run_directly() else None
     if problem.requires_grad:
         out, lse_log2 = FusedAttention.apply(q, k, v, args.mask, args.sinks, plans, args)
@@ -175,7 +175,7 @@ LSE_BASE = 2.0
 
 def run_block(q, k, v, problem):
     """(out float32, lse_log2) of the queries against this block of keys; no autograd."""
-    q, args = kernel_operands(q, _kernel_args(problem))
+    q, args = kernel_operands(q, _op_args(problem))
     return attn_fwd(q, k, v, args, out_dtype=torch.float32)
 
 
@@ -183,7 +183,7 @@ def block_grads(dout, dlse_log2, q, k, v, out, lse_log2, problem):
     """float32 (dq, dk, dv) of the rows' final `out` and `lse_log2` (over every block of keys, merged)
     with respect to q and this block's k and v: each block's share of the full backward. The kernels
     read the LSE as [B * Hq, Lq] rows: a slice of rows is made contiguous first."""
-    q_operand, args = kernel_operands(q, _kernel_args(problem))
+    q_operand, args = kernel_operands(q, _op_args(problem))
     dq, dk, dv = attn_bwd(dout, dlse_log2, q_operand, k, v, out, lse_log2.contiguous(), args,
                           grad_dtype=torch.float32)[:3]
     # d q_operand / d q: -1 for a negative scale, 0 for a zero one (kernel_operands).
@@ -202,12 +202,12 @@ def kernel_operands(q, args):
     return q * 0.0, args._replace(scale=1.0)
 
 
-def _kernel_args(problem):
-    """The `KernelArgs` of `problem`: kept in its plans where they hold no tensor, as then for every
+def _op_args(problem):
+    """The `OpArgs` of `problem`: kept in its plans where they hold no tensor, as then for every
     call with its static parts (those with a mask, say, hold this call's)."""
-    args = problem.plans.get(KernelArgs)
+    args = problem.plans.get(OpArgs)
     if args is None:
-        args = KernelArgs._make([getattr(problem, name) for name in KERNEL_ARG_NAMES])
+        args = OpArgs._make([getattr(problem, name) for name in OP_ARG_NAMES])
         if not any([isinstance(x, Tensor) for x in args]):
-            problem.plans[KernelArgs] = args
+            problem.plans[OpArgs] = args
     return args

@@ -20,9 +20,12 @@ from .kernels.precision import tf32_allowed
 
 @dataclass(frozen=True)
 class Problem:
-    """A dense call (q [B, Hq, Lq, D]) or a packed one (`cu_seqlens_q` set; q [total_q, Hq, D]: then
-    batch counts sequences, len_q and len_k are the totals, and the band is relative to each
-    sequence's own diagonal, where `align` puts it)."""
+    """One call, whichever entry point it came through: a dense one (q [B, Hq, Lq, D]), a packed one
+    (`cu_seqlens_q` set; q [total_q, Hq, D]: then batch counts sequences, len_q and len_k are the
+    totals, and the band is relative to each sequence's own diagonal, where `align` puts it), or a
+    decoding step against a KV cache (`cache_seqlens` set: sequence b sees its first
+    ``cache_seqlens[b] + len_new`` keys, query i at position ``cache_seqlens[b] + len_new - Lq + i``,
+    bottom-right, where its band is measured from; len_k is the cache's capacity per sequence)."""
 
     batch: int
     heads_q: int
@@ -51,6 +54,12 @@ class Problem:
     names: Mapping[str, str]  # each argument as the caller spelled it, for error messages
     cu_seqlens_q: Optional[torch.Tensor] = None  # packed: int32 [B + 1], sequence b's rows cu[b]:cu[b + 1]
     cu_seqlens_k: Optional[torch.Tensor] = None
+    # Decoding against a KV cache (`describe_cache`):
+    cache_seqlens: Optional[torch.Tensor] = None  # int32 [B] on q's device (an int argument becomes one)
+    len_new: int = 0  # rows of k_new / v_new, written at cache_seqlens[b] ... before attending
+    block_table: Optional[torch.Tensor] = None  # None: a dense cache [B, Hkv, L_max, D]; else int32 [B, blocks]
+    key_mask: Optional[torch.Tensor] = None  # bool [B, capacity]: True = may attend, by position in the sequence
+    num_splits: Optional[int] = None  # None: chosen from the GPU, the batch, the heads and the capacity
     # What implementations derive from the call's static parts (tiles, grids, launch arguments), made
     # by the first call with those parts and shared by every later one (`describe`); a Problem made
     # any other way (dataclasses.replace too) starts with its own, empty.
@@ -109,7 +118,7 @@ def _static_key(entry, tensors, values, *operands):
 
 def _described(key, tensors, seed, describe_now):
     """The Problem of a call with static parts `key` and these `tensors` (fields by name), its dropout
-    seed made from `seed` for this call (a Problem's; None for a CacheProblem, which has no dropout);
+    seed made from `seed` for this call (None for a decoding step, which has no dropout);
     `describe_now()` checks and describes a call seen first. A call that brings no tensors besides
     its operands (no mask, no dropout seed to draw...) gets the first call's Problem itself: frozen,
     it holds nothing of any one call."""
@@ -126,12 +135,11 @@ def _described(key, tensors, seed, describe_now):
             # the key holds.
             template = _DESCRIBED[key] = object.__new__(type(problem))
             vars(template).update(vars(problem), **dict.fromkeys(tensors))
-            if isinstance(problem, Problem):
-                vars(template)["seed"] = None
+            vars(template)["seed"] = None
         return problem
     if seed is not None:  # the key holds only that a seed was given
         check_dropout(template.dropout_p, seed, template.names)
-    dropout = isinstance(template, Problem) and template.dropout_p > 0
+    dropout = template.dropout_p > 0
     if not dropout and not any([t is not None for t in tensors.values()]):
         return template
     # A frozen dataclass copied field by field, without __init__'s per-field setattr.
@@ -209,42 +217,10 @@ def dropout_seed(seed, device):
     return torch.full((1,), seed, dtype=torch.int64, device=device)
 
 
-@dataclass(frozen=True)
-class CacheProblem:
-    """A decoding call against a KV cache (`attn_ops.attention_with_kvcache`): q ``[B, Hq, Lq, D]``;
-    sequence b sees its first ``cache_seqlens[b] + len_new`` keys, query i sitting at position
-    ``cache_seqlens[b] + len_new - Lq + i`` (bottom-right), where the band is measured from."""
-
-    batch: int
-    heads_q: int
-    heads_kv: int
-    len_q: int
-    len_new: int  # rows of k_new / v_new, written at cache_seqlens[b] ... before attending
-    head_dim: int
-    head_dim_v: int
-    dtype: torch.dtype
-    device: torch.device
-    cache_seqlens: torch.Tensor  # int32 [B] on q's device (an int argument becomes one)
-    block_table: Optional[torch.Tensor]  # None: a dense cache [B, Hkv, L_max, D]; else int32 [B, max_blocks]
-    key_mask: Optional[torch.Tensor]  # None or bool [B, capacity]: True = may attend, by position in the sequence
-    causal: bool
-    window: Optional[tuple]  # None or (left, right), a side None where unbounded
-    band_lo: Optional[int]  # relative to each query's position: it sees key j iff pos + lo <= j <= pos + hi
-    band_hi: Optional[int]
-    scale: float
-    softcap: Optional[float]
-    alibi_slopes: Optional[torch.Tensor]  # float32 [Hq] or [B, Hq]: adds -slope * |pos - j|
-    sinks: Optional[torch.Tensor]  # [Hq]
-    return_lse: bool
-    num_splits: Optional[int]  # None: chosen from the GPU, the batch, the heads and the capacity
-    names: Mapping[str, str]
-    plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # as Problem's
-
-
 def describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None, key_mask=None,
                    causal=False, window=None, scale=None, softcap=None, alibi_slopes=None, sinks=None,
                    return_lse=False, num_splits=None, names=KVCACHE_NAMES):
-    """Checks every argument of `attn_ops.attention_with_kvcache` and returns its `CacheProblem`, as
+    """Checks every argument of `attn_ops.attention_with_kvcache` and returns its `Problem`, as
     `describe` does (an int `cache_seqlens` is part of the static key: its tensor is made once); the
     values of a tensor `cache_seqlens` and of the block table only under `checked_values`."""
     given = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
@@ -277,13 +253,16 @@ def _describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new, v_new, block_t
     check_alibi_slopes(alibi_slopes, q, q.shape[0], names)
     check_sinks(sinks, q, names)
     check_return_lse(return_lse, names)
-    _, window, _, band_lo, band_hi = band_rules(0, 0, bool(causal), window, "bottom_right", names)
+    causal, window, align, band_lo, band_hi = band_rules(0, 0, bool(causal), window, "bottom_right", names)
     if not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = _lengths_tensor(cache_seqlens, q)
-    return CacheProblem(
-        batch=q.shape[0], heads_q=q.shape[1], heads_kv=k_cache.shape[1], len_q=q.shape[2], len_new=len_new,
-        head_dim=q.shape[-1], head_dim_v=v_cache.shape[-1], dtype=q.dtype, device=q.device,
-        cache_seqlens=cache_seqlens, block_table=block_table, key_mask=key_mask, causal=bool(causal), window=window, band_lo=band_lo,
-        band_hi=band_hi, scale=check_scale(scale, q.shape[-1], names), softcap=check_softcap(softcap, names),
-        alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, num_splits=num_splits, names=names,
+    capacity = k_cache.shape[2] * (block_table.shape[1] if block_table is not None else 1)
+    return Problem(
+        batch=q.shape[0], heads_q=q.shape[1], heads_kv=k_cache.shape[1], len_q=q.shape[2], len_k=capacity,
+        head_dim=q.shape[-1], head_dim_v=v_cache.shape[-1], dtype=q.dtype, device=q.device, requires_grad=False,
+        mask=None, causal=causal, window=window, align=align, band_lo=band_lo, band_hi=band_hi,
+        scale=check_scale(scale, q.shape[-1], names), softcap=check_softcap(softcap, names),
+        alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=0.0, seed=None, return_lse=return_lse, names=names,
+        cache_seqlens=cache_seqlens, len_new=len_new, block_table=block_table, key_mask=key_mask,
+        num_splits=num_splits,
     )

@@ -121,7 +121,7 @@ def _run_packed(q, k, v, problem):
 
 
 def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
-    """A `CacheProblem`: the new tokens appended (`cache.append`), then one sequence at a time: its keys
+    """A decoding `Problem` (`cache_seqlens` set): the new tokens appended (`cache.append`), then one sequence at a time: its keys
     read out of the cache (`cache.sequence_rows`), then a dense call of batch 1 aligned bottom-right.
     (out, natural-log lse). Reads the lengths on the host: the reference is the tests' truth and the
     CPU path, not a GPU's."""

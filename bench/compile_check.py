@@ -58,7 +58,7 @@ from attn_ops.kernels import attn_bwd as bwd_module, attn_decode, attn_fwd as fw
 from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_decode import decode_fwd
 from attn_ops.kernels.attn_fwd import attn_fwd
-from attn_ops.kernels.attn_launch import KernelArgs
+from attn_ops.kernels.attn_launch import OpArgs
 from attn_ops.kernels.attn_varlen import varlen_bwd, varlen_fwd
 from attn_ops.kernels.config import ADD_MASK, BOOL_MASK, INTERPRETED, MASK_KIND_NAMES, NO_MASK
 
@@ -165,10 +165,10 @@ def dense_mask(mask_kind):
     return torch.zeros(LENGTH, LENGTH) if mask_kind == ADD_MASK.value else None
 
 
-def kernel_args(heads, head_dim, mask=None, dropout=False, softcap_alibi=False, sinks=False, cu_seqlens=None):
-    """A call's `KernelArgs`: dropout 0.1; a softcap of 30 and ALiBi slopes; sink logits per head;
+def op_args(heads, head_dim, mask=None, dropout=False, softcap_alibi=False, sinks=False, cu_seqlens=None):
+    """A call's `OpArgs`: dropout 0.1; a softcap of 30 and ALiBi slopes; sink logits per head;
     packed sequences' offsets (the same for queries and keys)."""
-    return KernelArgs(scale=head_dim ** -0.5, mask=mask, dropout_p=0.1 if dropout else 0.0,
+    return OpArgs(scale=head_dim ** -0.5, mask=mask, dropout_p=0.1 if dropout else 0.0,
                       seed=torch.tensor([1234]) if dropout else None, softcap=30.0 if softcap_alibi else None,
                       alibi_slopes=torch.rand(heads) if softcap_alibi else None,
                       sinks=torch.zeros(heads) if sinks else None, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens)
@@ -220,7 +220,7 @@ def packed_launches(arch, dtype, modified):
     """The launches of a packed forward and backward (`varlen_fwd`, `varlen_bwd`) at D = 128, with
     every modifier and dropout if `modified`."""
     cu_seqlens = torch.tensor((0, *PACKED_LENGTHS), dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    args = kernel_args(HEADS, 128, dropout=modified, softcap_alibi=modified, sinks=modified, cu_seqlens=cu_seqlens)
+    args = op_args(HEADS, 128, dropout=modified, softcap_alibi=modified, sinks=modified, cu_seqlens=cu_seqlens)
     q, k, v = (torch.empty(sum(PACKED_LENGTHS), HEADS, 128, dtype=dtype) for _ in range(3))
     with recorded_launches(arch) as launches:
         out, lse = varlen_fwd(q, k, v, args)
@@ -258,7 +258,7 @@ def variants(arch):
                 plain = (mask_kind, dropout) == (NO_MASK.value, False)
                 if head_dim != head_dim_v and not plain:
                     continue
-                args = kernel_args(HEADS, head_dim, dense_mask(mask_kind), dropout)
+                args = op_args(HEADS, head_dim, dense_mask(mask_kind), dropout)
                 launches = dense_launches(arch, dtype, head_dim, head_dim_v, args)
                 # The pointer path (odd strides) must compile too where a launch takes TMA.
                 pointers = dense_launches(arch, dtype, head_dim, head_dim_v, args, tma=False) if plain else {}
@@ -273,7 +273,7 @@ def variants(arch):
                         yield Variant(name + " GQA", dtype, label, mask_kind, dropout, gqa[name])
         # Score modifiers with a float mask at D = 128: softcap and ALiBi in every pass, sinks in the
         # forward, and the pass that computes the mask's gradient.
-        args = kernel_args(HEADS, 128, dense_mask(ADD_MASK.value), softcap_alibi=True, sinks=True)
+        args = op_args(HEADS, 128, dense_mask(ADD_MASK.value), softcap_alibi=True, sinks=True)
         launches = dense_launches(arch, dtype, 128, 128, args, mask_grad=True)
         for name in ("fwd", "dkdv", "dq", "dmask"):
             label = f"{name}+sinks+softcap+alibi" if name == "fwd" else f"{name}+softcap+alibi"
@@ -286,7 +286,7 @@ def variants(arch):
                 yield Variant(label, dtype, 128, NO_MASK.value, modified, launches[name])
         # Decoding: the split kernel over a dense and a paged cache, and the merge of the splits.
         for head_dim in (64, 128, 256):
-            args = kernel_args(DECODE_HEADS, head_dim, sinks=True)  # the merge adds the sinks
+            args = op_args(DECODE_HEADS, head_dim, sinks=True)  # the merge adds the sinks
             tiles = set()
             for len_q in (1, 8):
                 for paged in (False, True):

@@ -17,7 +17,7 @@ import torch
 
 from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_fwd import attn_fwd
-from attn_ops.kernels.attn_launch import KernelArgs, uses_tma
+from attn_ops.kernels.attn_launch import OpArgs, uses_tma
 from attn_ops.kernels.config import TileConfig, tile_config
 from bench import report
 from bench.budget import run_within
@@ -60,7 +60,7 @@ def kernel_ms(step):
 def inputs(shape, device):
     batch, heads, length, head_dim = shape
     q, k, v, do = (torch.randn(batch, heads, length, head_dim, device=device, dtype=torch.bfloat16) for _ in range(4))
-    return q, k, v, do, KernelArgs(scale=head_dim**-0.5)
+    return q, k, v, do, OpArgs(scale=head_dim**-0.5)
 
 
 def picks(q, k, v):
@@ -85,8 +85,8 @@ def main(argv=None):
     else:
         p.error("needs a CUDA GPU (--dry-run: the interpreter on the CPU)")
     now = datetime.datetime.now(datetime.timezone.utc)
-    q, k, v, do, kernel_args = inputs(shape, device)
-    out, lse = attn_fwd(q, k, v, kernel_args)
+    q, k, v, do, op_args = inputs(shape, device)
+    out, lse = attn_fwd(q, k, v, op_args)
     batch, heads, length, head_dim = shape
     work = {mode: flops(Case(mode, "bfloat16", batch, heads, heads, length, length, head_dim, "none"))
             for mode in ("fwd", "bwd")}
@@ -99,9 +99,9 @@ def main(argv=None):
     def run(job):
         name, config = job
         if name == "fwd":
-            step = lambda: attn_fwd(q, k, v, kernel_args, config=config)  # noqa: E731
+            step = lambda: attn_fwd(q, k, v, op_args, config=config)  # noqa: E731
         else:
-            step = lambda: attn_bwd(do, None, q, k, v, out, lse, kernel_args, config=config)  # noqa: E731
+            step = lambda: attn_bwd(do, None, q, k, v, out, lse, op_args, config=config)  # noqa: E731
         row = {"pass": name, "config": None if config is None else list(TileConfig(*config)), "ms": None,
                "tflops": None, "error": None}
         try:

@@ -51,7 +51,7 @@ def _append(KNew, VNew, KCache, VCache, Seqlens, Table, strides_kn, strides_vn, 
 def append_rows(k_new, v_new, k_cache, v_cache, seqlens, table, plans=None):
     """Writes ``k_new``/``v_new`` (``[B, Hkv, L_new, D]``) into the caches in place at positions
     ``seqlens[b] ...`` (int32 [B]) of sequence b, through the int32 block `table` when it is not None.
-    ``plans``: None, or a dict shared by every call with these shapes and strides (a CacheProblem's),
+    ``plans``: None, or a dict shared by every call with these shapes and strides (a decoding Problem's),
     where the launch's grid and arguments are kept."""
     if k_new.numel() == 0 and v_new.numel() == 0:
         return

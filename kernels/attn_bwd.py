@@ -291,7 +291,7 @@ def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask, st, mask_
 @on_inputs_device
 def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, config=None, grad_dtype=None,
              tma=None, plans=None):
-    """Launches the backward passes for `args` (a `KernelArgs`); returns (dq, dk, dv, dmask, dsinks):
+    """Launches the backward passes for `args` (a `OpArgs`); returns (dq, dk, dv, dmask, dsinks):
     dq, dk, dv laid out like q, k, v, in ``grad_dtype`` (default the inputs'; float32 keeps partial
     gradients unrounded); dmask (with `mask_grad`, in the mask's shape and dtype) and dsinks (when
     there are sinks) or None.

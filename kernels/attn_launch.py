@@ -1,4 +1,4 @@
-"""What every launcher takes besides its tensors (`KernelArgs`), and the kernel arguments each pass
+"""What every launcher takes besides its tensors (`OpArgs`), and the kernel arguments each pass
 derives from it the same way (`launch_args`)."""
 
 import functools
@@ -15,11 +15,13 @@ from .config import (ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK, TMA_MAX_HEAD_DIM
                      head_dim_pad)
 
 
-class KernelArgs(NamedTuple):
-    """The rules of one attention call as the kernels take them: flat, typed fields, so that the
-    custom ops' schemas are derived from this class (`attn_ops.fused`) and a new argument is one
-    field here, its use in `launch_args` and the kernels, and nothing else. A named tuple: made on
-    every call, and passed on as the ops' flat arguments as it is.
+class OpArgs(NamedTuple):
+    """The rules of one attention call as the op takes them: what the launchers take besides the
+    tensors, and the custom ops' flat, typed arguments (their schemas are derived from this class:
+    `attn_ops.fused`). The kernels take what `launch_args` derives from them (the bundles of
+    `kernels.bundles`). A new argument is one field here, its use in `launch_args` and the kernels,
+    and nothing else. A named tuple, passed on as the ops' flat arguments as it is; kept in a
+    Problem's plans where it holds no tensor (`fused._op_args`).
 
     ``band_lo``/``band_hi``: query i sees key j iff ``i + band_lo <= j <= i + band_hi`` (None:
     unbounded). ``mask``: bool (True = may attend) or float (added), broadcastable to
@@ -58,7 +60,7 @@ class KernelArgs(NamedTuple):
         return tuple((x.shape, x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x for x in self)
 
 
-KERNEL_ARG_NAMES = KernelArgs._fields
+OP_ARG_NAMES = OpArgs._fields
 
 
 class LaunchArgs(NamedTuple):
@@ -90,7 +92,7 @@ class LaunchTensors(NamedTuple):
 
 
 def launch_args(q, k, v_head_dim, args):
-    """Kernel arguments that every pass derives the same way from the call's `KernelArgs`."""
+    """Kernel arguments that every pass derives the same way from the call's `OpArgs`."""
     head_dim = q.shape[-1]
     interpreted_bf16 = INTERPRETED and q.dtype == torch.bfloat16
     # Rows of q and k: one sequence's ([B, H, L, D]), or every sequence's when packed ([total, H, D]).

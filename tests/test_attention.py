@@ -7,7 +7,7 @@ import attn_ops
 from attn_ops.band import band_rules
 from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_fwd import attn_fwd
-from attn_ops.kernels.attn_launch import KernelArgs
+from attn_ops.kernels.attn_launch import OpArgs
 from truth import DEVICES, DTYPES, check_against_float64, make_qkv
 
 
@@ -228,7 +228,7 @@ def test_small_tiles_reach_interior_and_boundary_tiles(device, rule, tiles):
     q, k, v = make_qkv(1, 2, 1, 90, 110, 16, torch.float32, device)
     rules = RULES[rule]
     *_, band_lo, band_hi = band_rules(90, 110, rules.get("causal", False), rules.get("window"), rules.get("align"))
-    args = KernelArgs(scale=0.25, band_lo=band_lo, band_hi=band_hi)
+    args = OpArgs(scale=0.25, band_lo=band_lo, band_hi=band_hi)
     config = (*tiles, 4, 1)
     out, lse_log2 = attn_fwd(q, k, v, args, config=config)
     dout = torch.randn_like(out)

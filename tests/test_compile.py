@@ -6,7 +6,7 @@ from torch.library import opcheck
 
 import attn_ops
 import attn_ops.fused  # noqa: F401  (registers the custom ops, which dispatch imports on first use)
-from attn_ops.kernels.attn_launch import KernelArgs
+from attn_ops.kernels.attn_launch import OpArgs
 from truth import DEVICES
 
 
@@ -16,7 +16,7 @@ def fwd_args(device, permuted, masked, dropout):
         q = torch.randn(1, 24, 2, 16, device=device).transpose(1, 2)
     mask = torch.rand(24, 24, device=device) > 0.3 if masked else None
     seed = torch.tensor([3], device=device) if dropout else None
-    args = KernelArgs(scale=0.25, mask=mask, band_hi=0, dropout_p=0.2 if dropout else 0.0, seed=seed)
+    args = OpArgs(scale=0.25, mask=mask, band_hi=0, dropout_p=0.2 if dropout else 0.0, seed=seed)
     return q, k, v, *args.flat()
 
 
@@ -36,7 +36,7 @@ def test_opcheck_forward_and_backward_ops(device, permuted, masked, dropout):
 def test_opcheck_with_score_modifiers_and_the_mask_gradient(device):
     q, k, v = (torch.randn(1, 2, 24, 16, device=device) for _ in range(3))
     mask = torch.randn(24, 2, 24, device=device).transpose(0, 1)  # [H, Lq, Lk], its strides permuted
-    args = KernelArgs(scale=0.25, mask=mask, band_lo=-10, diagonal_shift=0,
+    args = OpArgs(scale=0.25, mask=mask, band_lo=-10, diagonal_shift=0,
                       softcap=5.0, alibi_slopes=torch.rand(2, device=device), sinks=torch.randn(2, device=device))
     opcheck(torch.ops.attn_ops.attention_fwd.default, (q, k, v, *args.flat()))
     out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *args.flat())
@@ -113,7 +113,7 @@ def packed_args(device):
     q, k, v = torch.randn(35, 4, 16, device=device), torch.randn(33, 2, 16, device=device), torch.randn(33, 2, 8, device=device)
     cu_q = torch.tensor([0, 5, 5, 35], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 9, 13, 33], dtype=torch.int32, device=device)
-    args = KernelArgs(scale=0.25, band_hi=0, softcap=5.0, alibi_slopes=torch.rand(3, 4, device=device),
+    args = OpArgs(scale=0.25, band_hi=0, softcap=5.0, alibi_slopes=torch.rand(3, 4, device=device),
                       sinks=torch.randn(4, device=device), dropout_p=0.2, seed=torch.tensor([3], device=device),
                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True)
     return q, k, v, args
@@ -169,7 +169,7 @@ def test_opcheck_decoding(device, paged):
     import attn_ops.decode  # noqa: F401  (registers the op)
 
     q, k_cache, v_cache, seqlens, table, _, _ = cache_args(device, paged)
-    args = KernelArgs(scale=0.25, band_hi=0, softcap=4.0, alibi_slopes=torch.rand(4, device=device),
+    args = OpArgs(scale=0.25, band_hi=0, softcap=4.0, alibi_slopes=torch.rand(4, device=device),
                       sinks=torch.randn(4, device=device))
     for num_splits in (None, 3):
         opcheck(torch.ops.attn_ops.attention_decode.default,

@@ -138,7 +138,7 @@ def jit_function(kernel):
 def test_a_recorded_forward_binds_as_it_launches_on_hopper(compiled_launchers):
     q, k, v = (torch.empty(2, 16, 1024, 128, dtype=torch.bfloat16) for _ in range(3))
     with recorded_launches(90) as launches:
-        attn_fwd(q, k, v, attn_launch.KernelArgs(scale=0.1))
+        attn_fwd(q, k, v, attn_launch.OpArgs(scale=0.1))
     (launch,) = launches
     switches = compile_time(launch.kwargs)
     assert (switches["TMA"], switches["BLOCK_M"], switches["BLOCK_N"]) == (True, 128, 128)
@@ -155,7 +155,7 @@ def test_a_recorded_forward_binds_as_it_launches_on_hopper(compiled_launchers):
     # Ampere the same call takes pointers and Ampere's tiles.
     assert not torch.empty(1).is_cuda
     with recorded_launches(80) as launches:
-        attn_fwd(q, k, v, attn_launch.KernelArgs(scale=0.1))
+        attn_fwd(q, k, v, attn_launch.OpArgs(scale=0.1))
     switches = compile_time(launches[0].kwargs)
     assert (switches["TMA"], switches["BLOCK_N"]) == (False, 64)
 
@@ -165,7 +165,7 @@ def test_a_score_modifier_keys_the_caches_by_its_source():
     # hashed would keep serving a kernel compiled from an edited modifier.
     modifier = jit_function(modifiers.alibi)  # one that calls no other jit function, hashed under the interpreter too
     q = torch.empty(1, 2, 64, 32, dtype=torch.bfloat16)
-    args = attn_launch.KernelArgs(scale=0.1, alibi_slopes=torch.ones(2))
+    args = attn_launch.OpArgs(scale=0.1, alibi_slopes=torch.ones(2))
     switches = attn_launch.launch_args(q, q, 32, args).switches(BLOCK_M=64, BLOCK_N=64, TMA=False)
     assert switches.MODIFIER is modifiers.alibi
     assert modifier.cache_key in switches.replaced(MODIFIER=modifier).cache_key

@@ -6,7 +6,7 @@ import torch
 import attn_ops
 from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_fwd import attn_fwd
-from attn_ops.kernels.attn_launch import KernelArgs
+from attn_ops.kernels.attn_launch import OpArgs
 from truth import DEVICES, check_finite_differences
 
 BACKENDS = [pytest.param(d.values[0], id=f"triton-{d.values[0]}", marks=d.marks) for d in DEVICES] + ["reference"]
@@ -97,7 +97,7 @@ def test_gradient_matches_finite_differences_for_a_fixed_seed(device):
 def test_pattern_does_not_depend_on_block_sizes(device):
     q, k, v = (torch.randn(1, 2, 100, 32, device=device) for _ in range(3))
     seed = torch.tensor([99], device=device)
-    args = KernelArgs(scale=0.2, band_hi=0, dropout_p=0.4, seed=seed)  # causal
+    args = OpArgs(scale=0.2, band_hi=0, dropout_p=0.4, seed=seed)  # causal
     out_a, lse_a = attn_fwd(q, k, v, args, config=(64, 64, 4, 1))
     out_b, lse_b = attn_fwd(q, k, v, args, config=(16, 32, 4, 1))
     torch.testing.assert_close(out_a, out_b, atol=1e-5, rtol=0)  # equal up to summation order
@@ -110,7 +110,7 @@ def test_pattern_does_not_depend_on_block_sizes(device):
     eye = torch.eye(64, device=device).expand(1, 2, 64, 64)
     zeros = torch.zeros(1, 2, 100, 64, device=device)
     keys = torch.randn(1, 2, 64, 64, device=device)
-    args = KernelArgs(scale=1.0, dropout_p=0.5, seed=seed)
+    args = OpArgs(scale=1.0, dropout_p=0.5, seed=seed)
     pattern = [attn_fwd(zeros, keys, eye, args, config=c)[0] != 0
                for c in ((64, 64, 4, 1), (16, 16, 4, 1))]
     assert torch.equal(pattern[0], pattern[1])

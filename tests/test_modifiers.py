@@ -9,7 +9,7 @@ import attn_ops
 from attn_ops.band import band_rules
 from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_fwd import attn_fwd
-from attn_ops.kernels.attn_launch import KernelArgs
+from attn_ops.kernels.attn_launch import OpArgs
 from test_attention import RULES, run_kernel
 from truth import DEVICES, DTYPES, check_against_float64, check_finite_differences, make_qkv
 
@@ -211,7 +211,7 @@ def test_small_tiles_with_modifiers_reach_interior_and_boundary_tiles(device):
               alibi_slopes=torch.tensor([0.2, 0.05], device=device),
               sinks=torch.randn(2, device=device, requires_grad=True), window=(40, 3))
     *_, band_lo, band_hi = band_rules(90, 110, False, kw["window"], None)
-    args = KernelArgs(band_lo=band_lo, band_hi=band_hi, **{name: kw[name] for name in
+    args = OpArgs(band_lo=band_lo, band_hi=band_hi, **{name: kw[name] for name in
                                                            ("scale", "mask", "softcap", "alibi_slopes", "sinks")})
     config = (16, 16, 4, 1)
     out, lse_log2 = attn_fwd(q, k, v, args, config=config)

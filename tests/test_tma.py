@@ -10,7 +10,7 @@ import torch
 
 from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_fwd import attn_fwd
-from attn_ops.kernels.attn_launch import KernelArgs, descriptor_layouts, descriptors, tma_allowed
+from attn_ops.kernels.attn_launch import OpArgs, descriptor_layouts, descriptors, tma_allowed
 from attn_ops.kernels.config import INTERPRETED
 from truth import DEVICES, make_qkv
 
@@ -29,13 +29,13 @@ CASES = {
 ROUNDING = 2e-3
 
 
-def kernel_args(rules, q, k, device):
+def op_args(rules, q, k, device):
     mask = None
     if rules.get("mask"):
         mask = torch.rand(q.shape[2], k.shape[2], device=device) > 0.3
     alibi = torch.rand(q.shape[1], device=device) if rules.get("alibi") else None
     dropout_p = rules.get("dropout_p", 0.0)
-    return KernelArgs(scale=q.shape[-1] ** -0.5, mask=mask, band_lo=rules.get("band_lo"),
+    return OpArgs(scale=q.shape[-1] ** -0.5, mask=mask, band_lo=rules.get("band_lo"),
                       band_hi=rules.get("band_hi"), softcap=rules.get("softcap"), alibi_slopes=alibi,
                       dropout_p=dropout_p,
                       seed=torch.tensor([11], device=device) if dropout_p else None)
@@ -53,7 +53,7 @@ def test_pointer_path_equals_descriptor_path(device, layout, case):
     q, k, v = (t.detach() for t in (q, k, v))
     do = torch.randn(batch, heads_q, len_q, head_dim_v, device=device, dtype=q.dtype)
     assert tma_allowed(q, k, v, do) == (device == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
-    args = kernel_args(rules, q, k, device)
+    args = op_args(rules, q, k, device)
     out, lse = attn_fwd(q, k, v, args)
     out_ptr, lse_ptr = attn_fwd(q, k, v, args, tma=False)
     assert_same("out", out, out_ptr)

@@ -7,11 +7,11 @@ import triton
 import triton.language as tl
 
 from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _head_rows, _load_rows, _load_tile,
-                          _masked_scores, _program_block, _rounded, _row_stats, _segment, _store_rows, _store_tile,
-                          _visible_blocks, _wide)
+                          _masked_scores, _program_block, _rounded, _row_stats, _store_rows, _store_tile, _wide)
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, tma_allowed, uses_tma)
 from .bundles import Strides
+from .schedule import key_tiles, query_tiles, segment
 from .config import cdiv, head_dim_pad, tile_config
 from .precision import tf32_allowed
 
@@ -111,8 +111,7 @@ def _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, Mask, Alibi, Seed, stats, at, group
     dk = tl.zeros([SW.BLOCK_N, SW.HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([SW.BLOCK_N, SW.HEAD_DIM_V_PAD], dtype=tl.float32)
     # Query j - hi <= i <= j - lo sees key j: the same band, seen from the key side.
-    lo, full_lo, full_hi, hi = _visible_blocks(start_n, sc.len_k, sc.len_q, -sc.band_hi, -sc.band_lo, SW.BLOCK_N,
-                                               SW.BLOCK_M)
+    tiles = query_tiles(start_n, sc, SW)
     # GQA: the query heads sharing this kv head are summed here, in order, instead of with atomics.
     for g in range(group_size):
         h = h_kv * group_size + g
@@ -121,12 +120,12 @@ def _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, Mask, Alibi, Seed, stats, at, group
         Q_h, dO_h = Q, dO
         if not SW.TMA:
             Q_h, dO_h = Q + h * st.q[1], dO + h * st.do[1]
-        for segment in tl.static_range(3):
+        for SEGMENT in tl.static_range(3):
             dk, dv = _attn_bwd_dkdv_tiles((dk, dv), (k, v), Q_h, dO_h,
                                           (Lse + h * stride_stats_h, Delta + h * stride_stats_h),
                                           (mask_row_ptrs, alibi_log2, seed), (offs_n, offs_d, offs_dv), (b, h),
                                           (drop_head0 + h, drop_q0, drop_k0),
-                                          _segment(segment, lo, full_lo, full_hi, hi), st, sc, segment != 1, SW)
+                                          segment(SEGMENT, tiles), st, sc, SEGMENT != 1, SW)
     dk *= sc.scale  # ds is the gradient of the natural-log scores s = scale * q.k
     _store_rows(dK, b, h_kv, start_n, dk, offs_n, offs_d, st.out, sc.len_k, SW.HEAD_DIM, SW.INTERPRETED_BF16, SW.TMA)
     _store_rows(dV, b, h_kv, start_n, dv, offs_n, offs_dv, st.out_v, sc.len_k, SW.HEAD_DIM_V, SW.INTERPRETED_BF16,
@@ -194,12 +193,11 @@ def _attn_bwd_dq_rows(Q, K, V, dO, dQ, Mask, alibi_log2, Seed, stats, at, drop, 
     mask_row_ptrs = Mask + _wide(offs_m)[:, None] * st.mask[2]
     seed = tl.load(Seed) if SW.DROPOUT else 0
     dq = tl.zeros([SW.BLOCK_M, SW.HEAD_DIM_PAD], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _visible_blocks(start_m, sc.len_q, sc.len_k, sc.band_lo, sc.band_hi, SW.BLOCK_M,
-                                               SW.BLOCK_N)
-    for segment in tl.static_range(3):
+    tiles = key_tiles(start_m, sc.len_q, sc, SW)
+    for SEGMENT in tl.static_range(3):
         dq = _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, (mask_row_ptrs, alibi_log2, seed),
-                                (offs_m, offs_d, offs_dv), (b, h_kv), drop, _segment(segment, lo, full_lo, full_hi, hi),
-                                st, sc, segment != 1, SW)
+                                (offs_m, offs_d, offs_dv), (b, h_kv), drop, segment(SEGMENT, tiles), st, sc,
+                                SEGMENT != 1, SW)
     dq *= sc.scale
     _store_rows(dQ, b, h, start_m, dq, offs_m, offs_d, st.out, sc.len_q, SW.HEAD_DIM, SW.INTERPRETED_BF16, SW.TMA)
 
@@ -263,8 +261,8 @@ def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask, st, mask_
                                             offs_m, len_q)
                 mask_row_ptrs = _head_rows(Mask, b, h, st.mask) + _wide(offs_m)[:, None] * st.mask[2]
                 # Only the key tiles these rows can see: within this program's columns, at most one.
-                lo, full_lo, full_hi, hi = _visible_blocks(start_m, len_q, len_k, sc.band_lo, sc.band_hi, SW.BLOCK_M,
-                                                           SW.BLOCK_N)
+                tiles = key_tiles(start_m, len_q, sc, SW)
+                lo, hi = tiles[0], tiles[3]
                 if not COLS_SUMMED:
                     lo, hi = tl.maximum(lo, col0), tl.minimum(hi, col0 + SW.BLOCK_N)
                 for start_n in range(lo, hi, SW.BLOCK_N):

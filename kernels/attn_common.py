@@ -58,36 +58,6 @@ def _shifted_scores(sc, len_q, len_k, shift):
 
 
 @triton.jit
-def _visible_blocks(start, len_self, len_other, off_lo, off_hi, BLOCK_SELF: tl.constexpr, BLOCK_OTHER: tl.constexpr):
-    """Blocks of the other axis that rows ``[start, start + BLOCK_SELF)`` of this axis can see.
-
-    Row r sees other-axis index c iff ``r + off_lo <= c <= r + off_hi`` and ``c < len_other``.
-    Returns ``lo <= full_lo <= full_hi <= hi``: tiles in ``[full_lo, full_hi)`` are visible to every
-    row in full and need no element-wise band mask; ``[lo, full_lo)`` and ``[full_hi, hi)`` are
-    boundary tiles; everything outside ``[lo, hi)`` is dead and never touched.
-    """
-    last = tl.minimum(start + BLOCK_SELF, len_self) - 1
-    lo = tl.maximum(start + off_lo, 0) // BLOCK_OTHER * BLOCK_OTHER
-    hi = tl.maximum(tl.minimum(last + off_hi + 1, len_other), lo)
-    full_lo = tl.cdiv(tl.maximum(last + off_lo, 0), BLOCK_OTHER) * BLOCK_OTHER
-    full_hi = tl.maximum(tl.minimum(start + off_hi + 1, len_other), 0) // BLOCK_OTHER * BLOCK_OTHER
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
-    return lo, full_lo, full_hi, hi
-
-
-@triton.jit
-def _segment(SEGMENT: tl.constexpr, lo, full_lo, full_hi, hi):
-    """Tile range of segment 0 (leading boundary tiles), 1 (interior tiles) or 2 (trailing boundary)."""
-    start, stop = lo, full_lo
-    if SEGMENT == 1:
-        start, stop = full_lo, full_hi
-    if SEGMENT == 2:
-        start, stop = full_hi, hi
-    return start, stop
-
-
-@triton.jit
 def _dot(a, b, INPUT_PRECISION: tl.constexpr):
     """a @ b, accumulated in float32.
 

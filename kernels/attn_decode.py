@@ -29,11 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _head_rows, _masked_scores, _rounded, _segment,
-                          _shifted_scores, _store_tile, _visible_blocks, _wide)
+from .attn_common import (LOG2E, _alibi_log2, _dot, _head_rows, _masked_scores, _rounded, _shifted_scores,
+                          _store_tile, _wide)
 from .attn_fwd import _normalized, _online_softmax, _with_sink
 from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, remembered
 from .bundles import Strides
+from .schedule import key_tiles, segment, split_range
 from .config import BOOL_MASK, NO_MASK, cdiv, decode_tile, device_properties, head_dim_pad, next_power_of_2
 from .layout import empty_like_q
 
@@ -121,11 +122,8 @@ def _decode_split(Q, K, V, Table, Seqlens, KeyMask, Alibi, Sinks, Out, Lse, st, 
     # The keys this block's queries can see, cut into num_splits ranges of whole tiles.
     first_query = tl.program_id(1) * SW.BLOCK_M // group_size
     last_row = tl.minimum((tl.program_id(1) + 1) * SW.BLOCK_M, len_q * group_size) - 1
-    lo, full_lo, full_hi, hi = _visible_blocks(first_query, last_row // group_size + 1, len_k, sequence.band_lo,
-                                               sequence.band_hi, SW.BLOCK_M, SW.BLOCK_N)
-    per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), SW.BLOCK_N) * SW.BLOCK_N
-    split_lo = lo + split * per_split
-    split_hi = tl.minimum(split_lo + per_split, hi)
+    tiles = key_tiles(first_query, last_row // group_size + 1, sequence, SW)
+    split_lo, split_hi = split_range(tiles, split, num_splits, SW.BLOCK_N)
 
     m_i = tl.full([SW.BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([SW.BLOCK_M], dtype=tl.float32)
@@ -134,11 +132,11 @@ def _decode_split(Q, K, V, Table, Seqlens, KeyMask, Alibi, Sinks, Out, Lse, st, 
     # The key mask's row of sequence b, the same for every row of the tile.
     mask_row_ptrs = KeyMask + b * st.mask[0] + tl.zeros([SW.BLOCK_M, 1], dtype=tl.int64)
     # Boundary tiles get the element-wise band mask, interior tiles skip it (see _attn_fwd_rows).
-    for segment in tl.static_range(3):
-        start, stop = _segment(segment, lo, full_lo, full_hi, hi)
+    for SEGMENT in tl.static_range(3):
+        start, stop = segment(SEGMENT, tiles)
         state = _decode_tiles(state, q, K, V, Table + b * st.table[0], (mask_row_ptrs, alibi_log2),
                               (offs_i, offs_d, offs_dv), (tl.maximum(start, split_lo), tl.minimum(stop, split_hi)), st,
-                              page_size, sequence, segment != 1, SW, PAGED)
+                              page_size, sequence, SEGMENT != 1, SW, PAGED)
     acc, l_i, m_i = state
     if SW.SINKS and not SPLIT:  # with splits the sink joins once, in the merge
         acc, l_i, m_i = _with_sink(acc, l_i, m_i, tl.load(Sinks + heads))

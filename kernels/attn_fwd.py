@@ -6,10 +6,11 @@ import triton
 import triton.language as tl
 
 from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _head_rows, _load_rows, _masked_scores,
-                          _program_block, _rounded, _row_stats, _segment, _store_rows, _visible_blocks, _wide)
+                          _program_block, _rounded, _row_stats, _store_rows, _wide)
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, uses_tma)
 from .bundles import Strides
+from .schedule import key_tiles, segment
 from .config import NO_MASK, cdiv, tile_config
 from .layout import empty_like_q
 
@@ -96,12 +97,11 @@ def _attn_fwd_rows(Q, K, V, Out, Lse, Mask, alibi_log2, Sinks, Seed, at, drop, s
     l_i = tl.zeros([SW.BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([SW.BLOCK_M, SW.HEAD_DIM_V_PAD], dtype=tl.float32)
     state = (acc, l_i, m_i)
-    lo, full_lo, full_hi, hi = _visible_blocks(start_m, sc.len_q, sc.len_k, sc.band_lo, sc.band_hi, SW.BLOCK_M,
-                                               SW.BLOCK_N)
+    tiles = key_tiles(start_m, sc.len_q, sc, SW)
     # Boundary tiles get the element-wise band mask, interior tiles skip it, dead tiles are not visited.
-    for segment in tl.static_range(3):
+    for SEGMENT in tl.static_range(3):
         state = _attn_fwd_tiles(state, q, K, V, (mask_row_ptrs, alibi_log2, seed), (offs_m, offs_d, offs_dv),
-                                (b, h_kv), drop, _segment(segment, lo, full_lo, full_hi, hi), st, sc, segment != 1,
+                                (b, h_kv), drop, segment(SEGMENT, tiles), st, sc, SEGMENT != 1,
                                 SW)
     acc, l_i, m_i = state
     if SW.SINKS:

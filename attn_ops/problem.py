@@ -15,6 +15,7 @@ from .band import band_rules
 from .checks import (KVCACHE_NAMES, OP_NAMES, VARLEN_NAMES, check_alibi_slopes, check_cache_inputs,
                      check_cache_lengths, check_cu_seqlens, check_cu_seqlens_values, check_dropout, check_key_mask,
                      check_mask, check_qkv, check_return_lse, check_scale, check_sinks, check_softcap)
+from .kernels.layout import on_16_bytes
 from .kernels.precision import tf32_allowed
 
 
@@ -110,7 +111,7 @@ def _static_key(entry, tensors, values, *operands):
         metas = tuple([t if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
                        if isinstance(t, torch.Tensor) else (type(t), t) for t in tensors])
         types = tuple([(tuple, *map(type, x)) if type(x) is tuple else type(x) for x in values])
-        return (entry, metas, values, types, torch.is_grad_enabled(), not sum([t.data_ptr() % 16 for t in operands]),
+        return (entry, metas, values, types, torch.is_grad_enabled(), on_16_bytes(*operands),
                 operands[0].dtype == torch.float32 and tf32_allowed())
     except (AttributeError, RuntimeError):  # not a tensor, a fake or a sparse one: the checks take it
         return None
@@ -221,8 +222,9 @@ def describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None
                    causal=False, window=None, scale=None, softcap=None, alibi_slopes=None, sinks=None,
                    return_lse=False, num_splits=None, names=KVCACHE_NAMES):
     """Checks every argument of `attn_ops.attention_with_kvcache` and returns its `Problem`, as
-    `describe` does (an int `cache_seqlens` is part of the static key: its tensor is made once); the
-    values of a tensor `cache_seqlens` and of the block table only under `checked_values`."""
+    `describe` does (an int `cache_seqlens` becomes its int32 [B] tensor on each call, filled on the
+    device); the values of a tensor `cache_seqlens` and of the block table only under
+    `checked_values`."""
     given = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
     key = _static_key("cache", (q, k_cache, v_cache, given, k_new, v_new, block_table, key_mask, alibi_slopes, sinks),
                       (type(cache_seqlens), causal, window, scale, softcap, return_lse, num_splits, id(names)), q,

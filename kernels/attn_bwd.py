@@ -11,6 +11,7 @@ from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _head_rows, _
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, tma_allowed, uses_tma)
 from .bundles import Strides
+from .layout import on_16_bytes
 from .schedule import key_tiles, query_tiles, segment
 from .config import cdiv, head_dim_pad, tile_config
 from .precision import tf32_allowed
@@ -289,7 +290,7 @@ def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask, st, mask_
 @on_inputs_device
 def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, config=None, grad_dtype=None,
              tma=None, plans=None):
-    """Launches the backward passes for `args` (a `OpArgs`); returns (dq, dk, dv, dmask, dsinks):
+    """Launches the backward passes for `args` (an `OpArgs`); returns (dq, dk, dv, dmask, dsinks):
     dq, dk, dv laid out like q, k, v, in ``grad_dtype`` (default the inputs'; float32 keeps partial
     gradients unrounded); dmask (with `mask_grad`, in the mask's shape and dtype) and dsinks (when
     there are sinks) or None.
@@ -307,7 +308,7 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     pointer path. ``plans``: as `attn_fwd`'s (the plan also depends on dO's layout).
     """
     dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
-    planned = None if plans is None else ("bwd", do.stride(), do.data_ptr() % 16 == 0,
+    planned = None if plans is None else ("bwd", do.stride(), on_16_bytes(do),
                                           q.dtype == torch.float32 and tf32_allowed())
     plan = None if plans is None else plans.get(planned)
     if plan is None:

@@ -234,7 +234,7 @@ def decode_fwd(q, k_cache, v_cache, seqlens, table, len_new, num_splits, args, *
 
     `seqlens` int32 [B]: keys already in each cache (the new ones are at ``seqlens[b] ...``, `len_new`
     of them); `table`: None (dense cache) or the int32 block table; `num_splits`: None or >= 1;
-    `args`: a `OpArgs` (scale, band relative to each query's bottom-right diagonal, softcap,
+    `args`: an `OpArgs` (scale, band relative to each query's bottom-right diagonal, softcap,
     ALiBi, sinks; ``mask``: None or a bool key mask [B, capacity], True = may attend, by position in
     the sequence). ``plans``: as `attn_fwd`'s (the decoding Problem's).
     """

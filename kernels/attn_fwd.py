@@ -133,7 +133,7 @@ _PLANS = {}
 
 @on_inputs_device
 def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None, plans=None):
-    """Launches the forward for `args` (a `OpArgs`); returns (out [B, Hq, Lq, Dv] laid out like q,
+    """Launches the forward for `args` (an `OpArgs`); returns (out [B, Hq, Lq, Dv] laid out like q,
     lse_log2).
 
     ``out`` is in ``out_dtype`` (default q's; float32 keeps a partial result unrounded).

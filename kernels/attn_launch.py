@@ -13,6 +13,7 @@ from .modifiers import modifier_of
 from .precision import tf32_allowed
 from .config import (ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK, TMA_MAX_HEAD_DIM, device_properties,
                      head_dim_pad)
+from .layout import on_16_bytes
 
 
 class OpArgs(NamedTuple):
@@ -157,7 +158,7 @@ def launch_key(args, *tensors):
     alignment (TMA), their device, torch's TF32 switch for float32, and the rules with their tensors
     by shape, strides and dtype (never their values)."""
     first = tensors[0]
-    return (tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors), first.device,
+    return (tuple((t.shape, t.stride(), t.dtype, on_16_bytes(t)) for t in tensors), first.device,
             first.dtype == torch.float32 and first.is_cuda and tf32_allowed(),
             args.static_key())
 
@@ -205,7 +206,7 @@ def tma_allowed(*tensors):
     if not INTERPRETED and not (tensors[0].is_cuda and device_properties(tensors[0].device).major >= 9):
         return False
     for t in tensors:
-        if t.data_ptr() % 16 or t.stride(-1) != 1 or t.numel() == 0:
+        if not on_16_bytes(t) or t.stride(-1) != 1 or t.numel() == 0:
             return False
         element_size = t.element_size()
         for size, stride in zip(t.shape[:-1], t.stride()[:-1]):

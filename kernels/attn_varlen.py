@@ -131,7 +131,7 @@ def _cu_seqlens(args):
 
 @on_inputs_device
 def varlen_fwd(q, k, v, args, *, config=None):
-    """Launches the packed forward for `args` (a `OpArgs` with cu_seqlens); returns (out
+    """Launches the packed forward for `args` (an `OpArgs` with cu_seqlens); returns (out
     ``[total_q, Hq, Dv]`` contiguous in q's dtype, lse_log2 ``[Hq, total_q]`` float32 in log2 units)."""
     total_q, num_heads_q, head_dim = q.shape
     total_k, num_heads_kv, head_dim_v = v.shape

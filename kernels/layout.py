@@ -1,6 +1,13 @@
-"""Where outputs live in memory: torch only, so the reference uses it without loading Triton."""
+"""Where tensors live in memory (outputs laid out like q; 16-byte alignment): torch only, so the
+reference and the call descriptions use it without loading Triton."""
 
 import torch
+
+
+def on_16_bytes(*tensors):
+    """Whether every one of `tensors` starts on a 16-byte boundary, as TMA descriptors need: the one
+    alignment test of the call descriptions' keys, the launch plans' keys and `tma_allowed`."""
+    return not sum([t.data_ptr() % 16 for t in tensors])
 
 
 def memory_order(t):

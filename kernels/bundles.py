@@ -38,9 +38,9 @@ class Switches(NamedTuple):
     dots run (fp32's TF32 switch; the interpreter's bf16), and whether Q, K, V and the outputs are
     tensor descriptors (TMA) or pointers.
 
-    Made by `of`, every field but the modifier a ``tl.constexpr``: a kernel reading ``SW.BLOCK_M`` gets the field as
-    it is, and Triton 3.6 passes a plain int or str on to a jit function (``tl.zeros([SW.BLOCK_M],
-    ...)``, ``_dot(a, b, SW.INPUT_PRECISION)``) only wrapped so."""
+    Made by `of`, every field but the modifier a ``tl.constexpr``: a kernel reading ``SW.BLOCK_M``
+    gets the field as it is, and Triton 3.6 passes a plain int or str on to a jit function
+    (``tl.zeros([SW.BLOCK_M], ...)``, ``_dot(a, b, SW.INPUT_PRECISION)``) only wrapped so."""
 
     HEAD_DIM: int
     HEAD_DIM_PAD: int

@@ -10,7 +10,7 @@ custom op with a fake implementation, so decoding steps trace into graphs (and C
 import torch
 
 from .cache import append
-from .fused import (op_args_schema, kernel_operands, launchers_run_directly,
+from .fused import (kernel_operands, launchers_run_directly, op_args, op_args_schema,
                     not_supported_reasons)  # the generic kernels' limits hold here too
 from .kernels.attn_append import append_rows
 from .kernels.attn_decode import decode_fwd
@@ -38,7 +38,7 @@ attention_decode.register_fake(_decode_fake)
 
 def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
     """(out, natural-log lse) of a decoding `Problem` through the kernels, after appending k_new and v_new."""
-    q, args = kernel_operands(q, _op_args(problem))
+    q, args = kernel_operands(q, op_args(problem))
     if not launchers_run_directly():
         if problem.len_new:
             append(k_cache, v_cache, k_new, v_new, problem)
@@ -49,15 +49,3 @@ def run_cache(q, k_cache, v_cache, k_new, v_new, problem):
     return decode_fwd(q, k_cache, v_cache, problem.cache_seqlens, problem.block_table, problem.len_new,
                       problem.num_splits, args, plans=problem.plans)
 
-
-def _op_args(problem):
-    """The `OpArgs` of a decoding `Problem` (the key mask as their mask; no dropout), kept in its plans
-    where they hold no tensor, as `fused` keeps a Problem's."""
-    args = problem.plans.get(OpArgs)
-    if args is None:
-        args = OpArgs(scale=problem.scale, mask=problem.key_mask, band_lo=problem.band_lo,
-                          band_hi=problem.band_hi, softcap=problem.softcap, alibi_slopes=problem.alibi_slopes,
-                          sinks=problem.sinks)
-        if problem.key_mask is None and problem.alibi_slopes is None and problem.sinks is None:
-            problem.plans[OpArgs] = args
-    return args

@@ -157,7 +157,7 @@ def run(q, k, v, problem):
     cost more host time than the rest of the call. While torch.compile traces, or under a dispatch
     mode, the custom ops run, so that graphs and modes see them (with their fakes).
     """
-    q, args = kernel_operands(q, _op_args(problem))
+    q, args = kernel_operands(q, op_args(problem))
     plans = problem.plans if launchers_run_directly() else None
     if problem.requires_grad:
         out, lse_log2 = FusedAttention.apply(q, k, v, args.mask, args.sinks, plans, args)
@@ -175,7 +175,7 @@ LSE_BASE = 2.0
 
 def run_block(q, k, v, problem):
     """(out float32, lse_log2) of the queries against this block of keys; no autograd."""
-    q, args = kernel_operands(q, _op_args(problem))
+    q, args = kernel_operands(q, op_args(problem))
     return attn_fwd(q, k, v, args, out_dtype=torch.float32)
 
 
@@ -183,7 +183,7 @@ def block_grads(dout, dlse_log2, q, k, v, out, lse_log2, problem):
     """float32 (dq, dk, dv) of the rows' final `out` and `lse_log2` (over every block of keys, merged)
     with respect to q and this block's k and v: each block's share of the full backward. The kernels
     read the LSE as [B * Hq, Lq] rows: a slice of rows is made contiguous first."""
-    q_operand, args = kernel_operands(q, _op_args(problem))
+    q_operand, args = kernel_operands(q, op_args(problem))
     dq, dk, dv = attn_bwd(dout, dlse_log2, q_operand, k, v, out, lse_log2.contiguous(), args,
                           grad_dtype=torch.float32)[:3]
     # d q_operand / d q: -1 for a negative scale, 0 for a zero one (kernel_operands).
@@ -202,12 +202,15 @@ def kernel_operands(q, args):
     return q * 0.0, args._replace(scale=1.0)
 
 
-def _op_args(problem):
-    """The `OpArgs` of `problem`: kept in its plans where they hold no tensor, as then for every
-    call with its static parts (those with a mask, say, hold this call's)."""
+def op_args(problem):
+    """The `OpArgs` of `problem`, of every entry point (a decoding step's key mask is the mask its
+    kernels read): kept in its plans where they hold no tensor, as then for every call with its
+    static parts (those with a mask, say, hold this call's)."""
     args = problem.plans.get(OpArgs)
     if args is None:
         args = OpArgs._make([getattr(problem, name) for name in OP_ARG_NAMES])
+        if problem.cache_seqlens is not None:
+            args = args._replace(mask=problem.key_mask)
         if not any([isinstance(x, Tensor) for x in args]):
             problem.plans[OpArgs] = args
     return args

@@ -69,8 +69,10 @@ class Problem:
     @property
     def diagonal_shift(self):
         """i' - i: where each query's diagonal sits (0 top-left, Lk - Lq bottom-right), for ALiBi.
-        Packed: 0, each sequence's own shift is added by the kernels (`bottom_right`)."""
-        return self.len_k - self.len_q if self.align == "bottom_right" and not self.bottom_right else 0
+        Packed or decoding: 0, each sequence's own shift is added by the kernels (`bottom_right`, the
+        cache's lengths)."""
+        per_sequence = self.cu_seqlens_q is not None or self.cache_seqlens is not None
+        return self.len_k - self.len_q if self.align == "bottom_right" and not per_sequence else 0
 
     @property
     def bottom_right(self):

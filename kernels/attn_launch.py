@@ -22,7 +22,7 @@ class OpArgs(NamedTuple):
     `attn_ops.fused`). The kernels take what `launch_args` derives from them (the bundles of
     `kernels.bundles`). A new argument is one field here, its use in `launch_args` and the kernels,
     and nothing else. A named tuple, passed on as the ops' flat arguments as it is; kept in a
-    Problem's plans where it holds no tensor (`fused._op_args`).
+    Problem's plans where it holds no tensor (`fused.op_args`).
 
     ``band_lo``/``band_hi``: query i sees key j iff ``i + band_lo <= j <= i + band_hi`` (None:
     unbounded). ``mask``: bool (True = may attend) or float (added), broadcastable to

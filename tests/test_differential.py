@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import attn_ops
-from truth import DEVICES, DTYPES, check_against_float64, delta_slack
+from attn_ops import reference
+from test_dropout import keep_pattern
+from truth import DEVICES, DTYPES, check_against_float64, delta_slack, probabilities, reference_argument
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -122,25 +124,6 @@ def operands(call, device):
     return q, k, v, kw
 
 
-def kept(call, device):
-    """The kernels' dropout pattern [B, Hq, Lq, Lk] for `call`'s seed, read back through the op: with
-    q = 0 every probability is 1 / Lk, and with v = I each output row is that row of the kept,
-    rescaled probabilities. The pattern is keyed by (seed, batch * Hq + head, query, key) alone."""
-    q = torch.zeros(call.batch, call.heads_q, call.len_q, call.len_k, device=device)
-    k = torch.zeros(call.batch, call.heads_kv, call.len_k, call.len_k, device=device)
-    v = torch.eye(call.len_k, device=device).expand(call.batch, call.heads_kv, call.len_k, call.len_k)
-    out = attn_ops.attention(q, k, v, dropout_p=call.dropout_p, seed=call.seed, backend="triton")
-    return (out * call.len_k * (1 - call.dropout_p)).round()
-
-
-def probabilities(q, k, rules):
-    """The dropout-free probabilities [B, Hq, Lq, Lk] in float64: the reference's output for v = I."""
-    batch, heads_kv, len_k = k.shape[:3]
-    identity = torch.eye(len_k, dtype=torch.float64, device=k.device).expand(batch, heads_kv, len_k, len_k)
-    return attn_ops.attention(q.detach().double(), k.detach().double(), identity, backend="reference",
-                              **{name: _wide(x) for name, x in rules.items()})
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @SETTINGS
 @given(call=calls())
@@ -150,19 +133,18 @@ def test_kernels_match_float64_math(device, call):
     out, lse = attn_ops.attention(q, k, v, return_lse=True, backend="triton", **kw)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(call.seed + 1)).to(device, out.dtype)
     grads = torch.autograd.grad(out, (q, k, v, *(t for _, t in learned)), dout)
-    rules = {name: x for name, x in kw.items() if name not in ("dropout_p", "seed")}  # the LSE is dropout-free
+    # Float64's dropout-free probabilities, and its LSE (dropout-free too).
+    rules = {name: reference_argument(x) for name, x in kw.items() if name not in ("dropout_p", "seed")}
+    p, truth = probabilities(reference.attention, q.detach().double(), k.detach().double(), return_lse=True, **rules)
     scale = call.head_dim ** -0.5 if call.scale is None else call.scale
-    slack = delta_slack(probabilities(q, k, rules), q, k, out, dout, scale, learned)
+    keep = (keep_pattern(device, call.dropout_p, call.seed, call.batch, call.heads_q, call.len_q, call.len_k)
+            if call.dropout_p else None)  # the kernels' pattern: float64 math applies it to its probabilities
     check_against_float64(q, k, v, out, grads, dout, score_gain=max(1.0, 3 * abs(scale) * call.head_dim ** 0.5),
-                          keep=kept(call, device) if call.dropout_p else None, slack=slack, **kw)
-    truth = attn_ops.attention(*(t.detach().double() for t in (q, k, v)), return_lse=True, backend="reference",
-                               **{name: _wide(x) for name, x in rules.items()})[1]
+                          keep=keep, slack=delta_slack(p, q, k, out, dout, scale, learned), **kw)
     assert torch.equal(lse > float("-inf"), truth > float("-inf"))
     seen = truth > float("-inf")
     tolerance = 1e-4 if call.dtype == torch.float32 else 2e-2
-    assert (lse[seen].double() - truth[seen]).abs().max().item() <= tolerance * (1 + truth[seen].abs().max().item())
+    if seen.any():  # (rows that see no key: -inf in both, asserted above)
+        error = (lse[seen].double() - truth[seen]).abs().max().item()
+        assert error <= tolerance * (1 + truth[seen].abs().max().item())
 
-
-def _wide(x):
-    """A tensor argument as the float64 reference takes it: float32 ones (ALiBi's slopes must be) as they are."""
-    return x.detach().double() if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16) else x

@@ -285,13 +285,9 @@ def guarded_layers():
 
 
 def _llama():
-    import transformers
+    from test_hf import _llama as llama  # test_hf's tiny Llama; imported here, as it needs transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval().to(DEVICE)
+    return llama().to(DEVICE)
 
 
 @pytest.mark.parametrize("padding_mask", [False, True], ids=["no_mask", "all_ones_padding_mask"])

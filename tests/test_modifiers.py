@@ -11,7 +11,7 @@ from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_fwd import attn_fwd
 from attn_ops.kernels.attn_launch import OpArgs
 from test_attention import RULES, run_kernel
-from truth import DEVICES, DTYPES, check_against_float64, check_finite_differences, make_qkv
+from truth import DEVICES, DTYPES, check_against_float64, check_finite_differences, make_qkv, reference_argument
 
 # Rules that move each query's diagonal (and so ALiBi's distances) or cut the key range.
 MODIFIER_RULES = ["none", "causal_aligned_bottom_right", "window_bottom_right", "window_unbounded_left"]
@@ -26,13 +26,9 @@ def check(q, k, v, score_gain=1.0, **kw):
     grads = torch.autograd.grad(out, (q, k, v, *learned), dout, retain_graph=True)
     check_against_float64(q, k, v, out, grads, dout, score_gain, **kw)
     truth_lse = attn_ops.attention(*(t.detach().double() for t in (q, k, v)), return_lse=True, backend="reference",
-                                   **{name: _wide(x) for name, x in kw.items()})[1]
+                                   **{name: reference_argument(x) for name, x in kw.items()})[1]
     torch.testing.assert_close(lse.double(), truth_lse, atol=1e-4 if q.dtype == torch.float32 else 2e-2, rtol=0)
     return out, lse, grads
-
-
-def _wide(x):
-    return x.detach().double() if isinstance(x, torch.Tensor) and x.dtype not in (torch.bool, torch.float32) else x
 
 
 @pytest.mark.parametrize("device", DEVICES)

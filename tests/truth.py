@@ -103,11 +103,22 @@ def _dropped(attention, keep, dropout_p, q, k, v, **kw):
     1 / (1 - dropout_p), times v."""
     if keep is None:
         return attention(q, k, v, **kw)
+    dropped = probabilities(attention, q, k, **kw) * keep.to(v.dtype) * (1.0 / (1.0 - dropout_p))
+    return torch.matmul(dropped, v.repeat_interleave(q.shape[1] // k.shape[1], 1))
+
+
+def probabilities(attention, q, k, **kw):
+    """``attention``'s probabilities [B, Hq, Lq, Lk] for q and k under ``kw``'s rules: its output for
+    v = I (with ``return_lse=True``, and its LSE, which does not depend on v)."""
     batch, heads_kv, len_k = k.shape[:3]
-    identity = torch.eye(len_k, dtype=v.dtype, device=v.device).expand(batch, heads_kv, len_k, len_k)
-    probabilities = attention(q, k, identity, **kw)
-    dropped = probabilities * keep.to(v.dtype) * (1.0 / (1.0 - dropout_p))
-    return torch.matmul(dropped, v.repeat_interleave(q.shape[1] // heads_kv, 1))
+    identity = torch.eye(len_k, dtype=q.dtype, device=q.device).expand(batch, heads_kv, len_k, len_k)
+    return attention(q, k, identity, **kw)
+
+
+def reference_argument(x):
+    """A tensor argument as the float64 reference takes it beside float64 q, k and v: half-precision
+    floats widened; bool masks and float32 tensors (ALiBi's slopes must be float32) as they are."""
+    return x.detach().double() if isinstance(x, torch.Tensor) and x.dtype not in (torch.bool, torch.float32) else x
 
 
 # The unit roundoff of each dtype: half an ulp of 1.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cases import DECODE, PLAIN, Case
+from bench.cases import DECODE, PLAIN, VARLEN, Case
 from bench.measure import FLOP_RULE
 
 CASE_KEYS = tuple(f.name for f in fields(Case))
@@ -114,28 +114,38 @@ def _cell(row):
         return f"{row['tflops']:.1f}" if row["tflops"] >= 10 else f"{row['tflops']:.3g}"
     if row["error"] == "out of memory":
         return "OOM"
-    return "n/a" if row["error"].startswith("unsupported") else "err"
+    return "n/a" if _unsupported(row) else "err"
 
 
 def markdown(meta_, rows):
     """One line per case, one TFLOP/s column per provider, then attn_ops over the best SDPA backend
     (and over SDPA's math backend, the plain-math peer of the CPU reference, where it ran; and, on a
     score modifier's row, attn_ops's time over its time without the modifier). Decoding rows get
-    their own table, in GB/s (`decode_markdown`)."""
+    their own table, in GB/s (`decode_markdown`), and so do packed batches (`attn_ops_padded`'s only
+    rows)."""
     decoding = [r for r in rows if r["mode"] == DECODE]
-    rows = [r for r in rows if r["mode"] != DECODE]
+    packed = [r for r in rows if r["mode"] != DECODE and r["mask"] == VARLEN]
+    rows = [r for r in rows if r["mode"] != DECODE and r["mask"] != VARLEN]
     text = _flops_markdown(meta_, rows) if rows else f"# attn_ops vs peers on {meta_['device']}\n"
+    if packed:
+        text += "\n## Packed variable-length batches\n\n" + _flops_table(packed)
     return text + (decode_markdown(meta_, decoding) if decoding else "")
 
 
 def _by_case(rows):
-    """(the providers in order of appearance, attn_ops's name among them, {case key: {provider: row}})."""
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    """(the providers in order of appearance, attn_ops's name among them, {case key: {provider: row}}).
+    A provider that could run none of `rows` (n/a in each: `attn_ops_padded` outside packed batches)
+    gets no column."""
+    providers = list(dict.fromkeys(r["provider"] for r in rows if not _unsupported(r)))
     ours_name = next((p for p in providers if p.startswith("attn_ops")), "attn_ops")
     cases = {}
     for r in rows:
         cases.setdefault(tuple(r[key] for key in CASE_KEYS), {})[r["provider"]] = r
     return providers, ours_name, cases
+
+
+def _unsupported(row):
+    return row["ms"] is None and (row.get("error") or "").startswith("unsupported")
 
 
 def _cells(key, by_provider, providers, value):
@@ -176,10 +186,7 @@ def _gbps_cell(row):
 
 
 def _flops_markdown(meta_, rows):
-    providers, ours_name, cases = _by_case(rows)
-    versus_math = "sdpa_math" in providers
-    versus_plain = any(key[MASK_AT] in PLAIN for key in cases)
-    lines = [
+    return "\n".join([
         f"# attn_ops vs peers: TFLOP/s on {meta_['device']}",
         "",
         f"torch {meta_['torch']}, triton {meta_['triton']}, CUDA {meta_['cuda'] or '-'}, "
@@ -187,10 +194,21 @@ def _flops_markdown(meta_, rows):
         f"Timer: {meta_['timer']}.",
         f"FLOPs: {meta_['flop_rule']}.",
         "",
+        "",
+    ]) + _flops_table(rows)
+
+
+def _flops_table(rows):
+    providers, ours_name, cases = _by_case(rows)
+    versus_math = "sdpa_math" in providers
+    versus_padded = "attn_ops_padded" in providers
+    versus_plain = any(key[MASK_AT] in PLAIN for key in cases)
+    lines = [
         "| " + " | ".join(HEADER + tuple(providers) + ("attn_ops speedup over best SDPA",)
                           + (("attn_ops speedup over sdpa_math",) if versus_math else ())
+                          + (("attn_ops speedup over attn_ops_padded",) if versus_padded else ())
                           + (("attn_ops ms / plain",) if versus_plain else ())) + " |",
-        "|" + "---|" * (len(HEADER) + len(providers) + 1 + versus_math + versus_plain),
+        "|" + "---|" * (len(HEADER) + len(providers) + 1 + versus_math + versus_padded + versus_plain),
     ]
     for key, by_provider in cases.items():
         sdpa = [r["tflops"] for p, r in by_provider.items() if p.startswith("sdpa_") and r["tflops"]]
@@ -199,6 +217,9 @@ def _flops_markdown(meta_, rows):
         if versus_math:
             math_tflops = by_provider.get("sdpa_math", {}).get("tflops")
             ratios.append(f"{ours / math_tflops:.3g}x" if ours and math_tflops else "-")
+        if versus_padded:
+            padded_tflops = by_provider.get("attn_ops_padded", {}).get("tflops")
+            ratios.append(f"{ours / padded_tflops:.3g}x" if ours and padded_tflops else "-")
         if versus_plain:
             ratios.append(_over_plain(key, cases, ours_name))
         lines.append("| " + " | ".join(_cells(key, by_provider, providers, _cell) + ratios) + " |")

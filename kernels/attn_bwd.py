@@ -73,8 +73,8 @@ def _attn_bwd_dkdv_tiles(grads, kv, Q, dO, stats, extra, offs, at, drop, span, s
     # (query - key in [-hi, -lo]) and ALiBi's |key - shift - query|, which is the same distance.
     for start_m in range(start, stop, SW.BLOCK_M):
         offs_m = start_m + tl.arange(0, SW.BLOCK_M)
-        q_t = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, True, SW.TMA)
-        do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, st.do, sc.len_q, SW.HEAD_DIM_V, False, SW.TMA)
+        q_t = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, True, SW)
+        do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, st.do, sc.len_q, SW.HEAD_DIM_V, False, SW)
         lse2, delta = _load_row_stats(Lse, Delta, offs_m, sc.len_q)
         mask_ptrs = mask_row_ptrs + _wide(offs_m)[None, :] * st.mask[2]
         s_t, cap_slope, unit = _masked_scores(k, q_t, offs_n, offs_m, mask_ptrs, alibi_log2, sc, EDGE, SW, True)
@@ -106,8 +106,8 @@ def _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, Mask, Alibi, Seed, stats, at, group
     offs_n = start_n + tl.arange(0, SW.BLOCK_N)
     offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
     offs_dv = tl.arange(0, SW.HEAD_DIM_V_PAD)
-    k = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, False, SW.TMA)
-    v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, False, SW.TMA)
+    k = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, False, SW)
+    v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, False, SW)
     seed = tl.load(Seed) if SW.DROPOUT else 0
     dk = tl.zeros([SW.BLOCK_N, SW.HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([SW.BLOCK_N, SW.HEAD_DIM_V_PAD], dtype=tl.float32)
@@ -168,8 +168,8 @@ def _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, extra, offs, at, drop, span, 
     start, stop = span
     for start_n in range(start, stop, SW.BLOCK_N):
         offs_n = start_n + tl.arange(0, SW.BLOCK_N)
-        k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, True, SW.TMA)
-        v_t = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, True, SW.TMA)
+        k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, True, SW)
+        v_t = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, True, SW)
         s, cap_slope, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3],
                                             alibi_log2, sc, EDGE, SW)
         ds = _score_grads(s, unit, row_stats, do, v_t, seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, sc,
@@ -188,8 +188,8 @@ def _attn_bwd_dq_rows(Q, K, V, dO, dQ, Mask, alibi_log2, Seed, stats, at, drop, 
     offs_m = start_m + tl.arange(0, SW.BLOCK_M)
     offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
     offs_dv = tl.arange(0, SW.HEAD_DIM_V_PAD)
-    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, False, SW.TMA)
-    do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, st.do, sc.len_q, SW.HEAD_DIM_V, False, SW.TMA)
+    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, False, SW)
+    do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, st.do, sc.len_q, SW.HEAD_DIM_V, False, SW)
     row_stats = _load_row_stats(Lse, Delta, offs_m, sc.len_q)
     mask_row_ptrs = Mask + _wide(offs_m)[:, None] * st.mask[2]
     seed = tl.load(Seed) if SW.DROPOUT else 0

@@ -38,8 +38,8 @@ def _program_block(length, num_heads, BLOCK: tl.constexpr, LAST_FIRST: tl.conste
 
 @triton.jit
 def _head_rows(X, b, h, strides):
-    """Where the rows of (batch b, head h) of a [B, H, L, D] tensor start, from its `Strides` entry:
-    the one place that knows the dense layout (packed rows: `attn_varlen`, paged: `attn_decode`)."""
+    """Where the rows of (batch b, head h) of a [B, H, L, D] tensor start, from its `Strides` entry
+    (`_load_rows` reads a tile of them, or of a packed sequence, or of a paged cache)."""
     return X + b * strides[0] + h * strides[1]
 
 
@@ -175,17 +175,36 @@ def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, len_r, len_c):
 
 
 @triton.jit
-def _load_rows(src, b, h, start, offs_r, offs_c, strides, len_r, len_c, TRANSPOSED: tl.constexpr, TMA: tl.constexpr):
+def _load_rows(src, b, h, start, offs_r, offs_c, strides, len_r, len_c, TRANSPOSED: tl.constexpr, SW: tl.constexpr):
     """Rows [start, start + BLOCK) of (batch b, head h) as a [rows, cols] tile ([cols, rows] when
-    ``TRANSPOSED``), zero outside ``len_r`` x ``len_c``. With ``TMA`` `src` is a [B, H, L, D] tensor
-    descriptor whose box is one tile: the copy engine fetches it into shared memory and fills what
-    lies out of bounds with zeros (no per-element addresses or masks); else `src` points at (b, h)'s
-    first row and `offs_r`/`offs_c` address the tile through its `Strides` entry's row and column."""
-    if TMA:
+    ``TRANSPOSED``), zero outside ``len_r`` x ``len_c``: the one place that knows where a tile lives.
+
+    - ``SW.TMA``: `src` is a [B, H, L, D] tensor descriptor whose box is one tile: the copy engine
+      fetches it into shared memory and fills what lies out of bounds with zeros (no per-element
+      addresses or masks).
+    - ``SW.PAGED`` (a paged KV cache): `src` is (the pool at head h, the sequence's row of the block
+      table, the page size); row t is row ``t % page_size`` of block ``table[t // page_size]``.
+    - else `src` points at the first row: (b, h)'s of a dense [B, H, L, D] tensor (`_head_rows`), or a
+      packed sequence's (its strides (0, head, row, column)); `offs_r`/`offs_c` address the tile
+      through the `Strides` entry's row and column.
+    """
+    if SW.TMA:
         tile = src.load([b.to(tl.int32), h.to(tl.int32), start, 0])
         tile = tile.reshape(tile.shape[2], tile.shape[3])
         if TRANSPOSED:
             tile = tl.trans(tile)
+    elif SW.PAGED:
+        pool, table, page_size = src
+        in_rows = offs_r < len_r
+        block = tl.load(table + offs_r // page_size, mask=in_rows, other=0).to(tl.int64)
+        rows = block * strides[0] + _wide(offs_r % page_size) * strides[2]
+        cols = _wide(offs_c) * strides[3]
+        if TRANSPOSED:
+            tile = tl.load(pool + rows[None, :] + cols[:, None], mask=(offs_c[:, None] < len_c) & in_rows[None, :],
+                           other=0.0)
+        else:
+            tile = tl.load(pool + rows[:, None] + cols[None, :], mask=in_rows[:, None] & (offs_c[None, :] < len_c),
+                           other=0.0)
     elif TRANSPOSED:
         tile = _load_tile(src, offs_c, offs_r, strides[3], strides[2], len_c, len_r)
     else:

@@ -29,9 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _head_rows, _masked_scores, _rounded, _shifted_scores,
-                          _store_tile, _wide)
-from .attn_fwd import _normalized, _online_softmax, _with_sink
+from .attn_common import LOG2E, _alibi_log2, _head_rows, _shifted_scores, _store_tile, _wide
+from .attn_fwd import _attn_fwd_tiles, _normalized, _with_sink
 from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, remembered
 from .bundles import Strides
 from .schedule import key_tiles, segment, split_range
@@ -44,48 +43,12 @@ MIN_KEYS_PER_SPLIT = 256  # ... nor splits shorter than this, whose few tiles wo
 
 
 @triton.jit
-def _cache_rows(Table, offs_n, in_cache, stride_block, stride_n, page_size, PAGED: tl.constexpr):
-    """int64 offsets of keys `offs_n` of one sequence: from its cache's first row (dense), or from the
-    pool's start through its row of the block table (paged)."""
-    if PAGED:
-        block = tl.load(Table + offs_n // page_size, mask=in_cache, other=0).to(tl.int64)
-        return block * stride_block + _wide(offs_n % page_size) * stride_n
-    return _wide(offs_n) * stride_n
-
-
-@triton.jit
-def _decode_tiles(state, q, K, V, Table, extra, offs, span, st, page_size, sc, EDGE: tl.constexpr, SW: tl.constexpr,
-                  PAGED: tl.constexpr):
-    """The online softmax `state` (acc, l_i, m_i) of the rows `offs` = (their queries, head dims of K,
-    of V) carried over key tiles [start, stop) = `span` of one sequence's cache (through its row of
-    the block `Table` when ``PAGED``); `extra`: the rows' key-mask pointers and ALiBi slopes."""
-    acc, l_i, m_i = state
-    mask_row_ptrs, alibi_log2 = extra
-    offs_i, offs_d, offs_dv = offs
-    start, stop = span
-    for start_n in range(start, stop, SW.BLOCK_N):
-        offs_n = start_n + tl.arange(0, SW.BLOCK_N)
-        in_cache = offs_n < sc.len_k
-        k_rows = _cache_rows(Table, offs_n, in_cache, st.k[0], st.k[2], page_size, PAGED)
-        k_t = tl.load(K + k_rows[None, :] + _wide(offs_d)[:, None] * st.k[3],
-                      mask=(offs_d[:, None] < SW.HEAD_DIM) & in_cache[None, :], other=0.0)
-        s, _, unit = _masked_scores(q, k_t, offs_i, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[1],
-                                    alibi_log2, sc, EDGE, SW)
-        p, alpha, l_i, m_i = _online_softmax(s, unit, m_i, l_i)
-        v_rows = _cache_rows(Table, offs_n, in_cache, st.v[0], st.v[2], page_size, PAGED)
-        v = tl.load(V + v_rows[:, None] + _wide(offs_dv)[None, :] * st.v[3],
-                    mask=in_cache[:, None] & (offs_dv[None, :] < SW.HEAD_DIM_V), other=0.0)
-        acc = acc * alpha[:, None] + _dot(_rounded(p, SW.INTERPRETED_BF16).to(v.dtype), v, SW.INPUT_PRECISION)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _decode_split(Q, K, V, Table, Seqlens, KeyMask, Alibi, Sinks, Out, Lse, st, num_heads_kv, group_size, cache, sc,
-                  SW: tl.constexpr, SPLIT: tl.constexpr, PAGED: tl.constexpr):
+                  SW: tl.constexpr, SPLIT: tl.constexpr):
     """Grid (B * Hkv * splits, row blocks); `cache` = (len_new, num_splits, page_size). `st`: Q's
-    strides b, h, m, d; K's and V's b, h, n, d of [B, Hkv, L_max, D], paged of [num_blocks, Hkv,
-    page_size, D] (their first steps a block); the table's (b,); the key mask's (b, n); Out's b, h, m,
-    split, d. `sc`: the launch's `Scores`, the band relative to each query's position. With
+    strides b, h, m, d; K's and V's b, h, n, d of [B, Hkv, L_max, D], paged (``SW.PAGED``) of
+    [num_blocks, Hkv, page_size, D] (their first steps a block); the table's (b,); the key mask's
+    (b, 0, 0, n); Out's b, h, m, split, d. `sc`: the launch's `Scores`, the band relative to each query's position. With
     ``MASK_KIND`` BOOL_MASK, KeyMask is a uint8 key mask [B, capacity] (nonzero = may attend), by
     each sequence's positions. With SPLIT, Out is the float32 partial output [B, Hq, Lq, splits, Dv]
     and Lse [B, Hq, Lq, splits] in log2 units; without, Out is the output [B, Hq, Lq, Dv] and Lse
@@ -112,9 +75,9 @@ def _decode_split(Q, K, V, Table, Seqlens, KeyMask, Alibi, Sinks, Out, Lse, st, 
     alibi_log2 = _alibi_log2(Alibi, b, heads, st.alibi, SW.ALIBI)
     if SW.ALIBI:
         alibi_log2 = alibi_log2[:, None]  # one slope per row (its query head)
-    if PAGED:
-        K += h_kv * st.k[1]
-        V += h_kv * st.v[1]
+    if SW.PAGED:  # (the pool at the head, the sequence's row of the table, the page size): `_load_rows`
+        K = (K + h_kv * st.k[1], Table + b * st.table[0], page_size)
+        V = (V + h_kv * st.v[1], Table + b * st.table[0], page_size)
     else:
         K = _head_rows(K, b, h_kv, st.k)
         V = _head_rows(V, b, h_kv, st.v)
@@ -131,12 +94,13 @@ def _decode_split(Q, K, V, Table, Seqlens, KeyMask, Alibi, Sinks, Out, Lse, st, 
     state = (acc, l_i, m_i)
     # The key mask's row of sequence b, the same for every row of the tile.
     mask_row_ptrs = KeyMask + b * st.mask[0] + tl.zeros([SW.BLOCK_M, 1], dtype=tl.int64)
-    # Boundary tiles get the element-wise band mask, interior tiles skip it (see _attn_fwd_rows).
+    # Boundary tiles get the element-wise band mask, interior tiles skip it (see _attn_fwd_rows); the
+    # forward's tile loop, without dropout.
     for SEGMENT in tl.static_range(3):
         start, stop = segment(SEGMENT, tiles)
-        state = _decode_tiles(state, q, K, V, Table + b * st.table[0], (mask_row_ptrs, alibi_log2),
-                              (offs_i, offs_d, offs_dv), (tl.maximum(start, split_lo), tl.minimum(stop, split_hi)), st,
-                              page_size, sequence, SEGMENT != 1, SW, PAGED)
+        state = _attn_fwd_tiles(state, q, K, V, (mask_row_ptrs, alibi_log2, 0), (offs_i, offs_d, offs_dv), (b, h_kv),
+                                (0, 0, 0), (tl.maximum(start, split_lo), tl.minimum(stop, split_hi)), st, sequence,
+                                SEGMENT != 1, SW)
     acc, l_i, m_i = state
     if SW.SINKS and not SPLIT:  # with splits the sink joins once, in the merge
         acc, l_i, m_i = _with_sink(acc, l_i, m_i, tl.load(Sinks + heads))
@@ -296,14 +260,15 @@ def _plan(q, k_cache, v_cache, out, table, len_new, num_splits, args, config):
         block_n=tile.block_n,
         layouts=(),
         scalars=(Strides(q=q.stride(), k=k_cache.stride(), v=v_cache.stride(),
-                         mask=(0, 0) if args.mask is None else args.mask.stride(), alibi=launch.alibi_strides,
+                         mask=(0, 0, 0, 0) if args.mask is None else (args.mask.stride(0), 0, 0, args.mask.stride(1)),
+                         alibi=launch.alibi_strides,
                          out=out_strides, table=(0 if table is None else table.stride(0),)),
                  heads_kv, group, (len_new, num_splits, k_cache.shape[2] if paged else 1),
                  launch.scores._replace(band_lo=band_lo, band_hi=band_hi)),
         options=dict(SW=launch.switches(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, TMA=False,
                                         MASK_KIND=(NO_MASK if args.mask is None else BOOL_MASK).value,
-                                        SINKS=args.sinks is not None),
-                     SPLIT=split, PAGED=paged, num_warps=tile.num_warps, num_stages=tile.num_stages),
+                                        SINKS=args.sinks is not None, PAGED=paged),
+                     SPLIT=split, num_warps=tile.num_warps, num_stages=tile.num_stages),
     )
     combine = None
     if split:

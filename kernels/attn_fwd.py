@@ -64,7 +64,7 @@ def _attn_fwd_tiles(state, q, K, V, extra, offs, at, drop, span, st, sc, EDGE: t
     start, stop = span
     for start_n in range(start, stop, SW.BLOCK_N):
         offs_n = start_n + tl.arange(0, SW.BLOCK_N)
-        k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, True, SW.TMA)
+        k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, True, SW)
         s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3],
                                     alibi_log2, sc, EDGE, SW)
         p, alpha, l_i, m_new = _online_softmax(s, unit, m_i, l_i, EDGE or SW.MASK_KIND != NO_MASK)
@@ -72,7 +72,7 @@ def _attn_fwd_tiles(state, q, K, V, extra, offs, at, drop, span, st, sc, EDGE: t
             # The normalizer sums every probability; dropout acts on the normalized ones.
             keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, sc.dropout_p)
             p = tl.where(keep, p * sc.dropout_scale, 0.0)
-        v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, False, SW.TMA)
+        v = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, False, SW)
         acc = acc * alpha[:, None] + _dot(_rounded(p, SW.INTERPRETED_BF16).to(v.dtype), v, SW.INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -89,7 +89,7 @@ def _attn_fwd_rows(Q, K, V, Out, Lse, Mask, alibi_log2, Sinks, Seed, at, drop, s
     offs_m = start_m + tl.arange(0, SW.BLOCK_M)
     offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
     offs_dv = tl.arange(0, SW.HEAD_DIM_V_PAD)
-    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, False, SW.TMA)
+    q = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, False, SW)
     mask_row_ptrs = Mask + _wide(offs_m)[:, None] * st.mask[2]
     seed = tl.load(Seed) if SW.DROPOUT else 0
 

@@ -78,8 +78,10 @@ class LaunchArgs(NamedTuple):
     constexprs: dict
 
     def switches(self, **per_pass):
-        """The `Switches` of a pass: these with its own (tile, TMA, ...); the mask kind unless given."""
-        return Switches.of(**{"MASK_KIND": self.mask_kind, "SINKS": False, **self.constexprs, **per_pass})
+        """The `Switches` of a pass: these with its own (tile, TMA, ...); the mask kind unless given,
+        no sinks and no paged cache unless given."""
+        return Switches.of(**{"MASK_KIND": self.mask_kind, "SINKS": False, "PAGED": False, **self.constexprs,
+                              **per_pass})
 
 
 class LaunchTensors(NamedTuple):

@@ -35,8 +35,8 @@ class Scores(NamedTuple):
 class Switches(NamedTuple):
     """The compile-time switches every attention pass takes, as one constexpr: head dims and their
     padded tile widths, the tile, the mask kind, which score modifiers and dropout run, how the
-    dots run (fp32's TF32 switch; the interpreter's bf16), and whether Q, K, V and the outputs are
-    tensor descriptors (TMA) or pointers.
+    dots run (fp32's TF32 switch; the interpreter's bf16), and where tiles live: Q, K, V and the
+    outputs as tensor descriptors (TMA) or pointers, K and V in a paged cache (`_load_rows`).
 
     Made by `of`, every field but the modifier a ``tl.constexpr``: a kernel reading ``SW.BLOCK_M``
     gets the field as it is, and Triton 3.6 passes a plain int or str on to a jit function
@@ -56,6 +56,7 @@ class Switches(NamedTuple):
     INTERPRETED_BF16: bool
     INPUT_PRECISION: str
     TMA: bool
+    PAGED: bool  # K and V are a paged cache, read through its block table (decoding)
     MODIFIER: object  # the score modifier, a @triton.jit function (`kernels.modifiers`)
 
     @classmethod

@@ -99,9 +99,11 @@ TMA_MAX_HEAD_DIM = {"fwd": 256, "dkdv": 128, "dq": 128}
 # group pairs) one program takes, and the key tiles, streamed as many stages ahead as shared memory
 # allows (a decoding step is bound by reading the cache). The warps follow the rows a call has
 # (`decode_tile`). With them every variant compiles for sm_90 (Triton 3.6) without spills: bf16 D=128
-# at 16 rows 145 registers (paged 162), at 64 rows and 8 warps 185 (161); fp32 takes 16-row tiles.
+# at 16 rows 145 registers (paged 162), at 64 rows and 8 warps 183 (161); fp32 takes 16-row tiles.
+# D=256 streams two stages: with three, 64 rows took 255 registers and spilled 56 to 64 bytes (two
+# stages: 255, none; loop SASS per MFLOP 263 instead of 265, paged 419 instead of 487).
 DECODE_TILES = {
-    2: {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 8, 3), 256: TileConfig(64, 64, 8, 3)},
+    2: {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 8, 3), 256: TileConfig(64, 64, 8, 2)},
     4: {64: TileConfig(16, 32, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 16, 4, 2)},
 }
 INTERPRETER_TILE = TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps

@@ -7,8 +7,8 @@ from .problem import describe, describe_cache, describe_varlen
 __all__ = ["attention", "attention_with_kvcache", "use_backend", "varlen_attention"]
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, softcap=None,
-              alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, return_lse=False, backend="auto"):
+def attention(q, k, v, *, mask=None, block_mask=None, causal=False, window=None, align=None, scale=None,
+              softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, return_lse=False, backend="auto"):
     """Masked softmax attention ``softmax(q k^T * scale + mask) v``, fused: no [Lq, Lk] tensor is stored.
 
     Args:
@@ -20,6 +20,10 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scal
             (-inf = masked), broadcastable to ``[B, Hq, Lq, Lk]`` (read through stride 0, never expanded).
             A float mask that requires grad (a learned position bias) gets its gradient in its own
             shape, summed over its broadcast dimensions, deterministically.
+        block_mask: None or an `attn_ops.BlockMask` of shape ``(B or 1, Hq or 1, Lq, Lk)`` on q's device:
+            a bool mask held block-sparsely (``BlockMask.from_mask_mod``, ``from_mask``, ``from_blocks``,
+            ``from_flex``), built once and reused. A key must be allowed by it and by every other rule;
+            the kernels visit its non-empty blocks only (docs/block-masks.md).
         causal: False, True (aligned by `align`), ``"top_left"`` (query i sees keys j <= i) or
             ``"bottom_right"`` (j <= i + Lk - Lq)::
 
@@ -59,8 +63,9 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scal
         ``out`` ``[B, Hq, Lq, Dv]`` in q's dtype and layout, or ``(out, lse)``. A row that sees no key
         gives zeros, ``lse = -inf`` (the sink's logit with `sinks`) and zero gradients, never NaN.
     """
-    problem = describe(q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale, softcap=softcap,
-                       alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse)
+    problem = describe(q, k, v, mask=mask, block_mask=block_mask, causal=causal, window=window, align=align,
+                       scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
+                       seed=seed, return_lse=return_lse)
     return _result(q, k, v, problem, backend)
 
 

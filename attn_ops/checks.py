@@ -12,11 +12,13 @@ import numbers
 
 import torch
 
+from .block_mask import BlockMask
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAUSAL_MODES = ("top_left", "bottom_right")
 BACKENDS = ("auto", "triton", "reference")
 # How `attn_ops.attention` names its arguments; the drop-ins pass their own spellings.
-OP_NAMES = {name: name for name in ("q", "k", "v", "mask", "causal", "window", "align", "scale", "softcap",
+OP_NAMES = {name: name for name in ("q", "k", "v", "mask", "block_mask", "causal", "window", "align", "scale", "softcap",
                                     "alibi_slopes", "sinks", "dropout_p", "seed", "return_lse", "backend")}
 # An int, or one torch.compile traces symbolically (a cache length taken from a tensor's shape).
 INTS = (numbers.Integral, torch.SymInt)
@@ -258,6 +260,22 @@ def check_mask(mask, q, k, names=OP_NAMES):
             f"{name} shape {_shape(mask)} does not broadcast to [B, Hq, Lq, Lk] = {list(full)}: "
             "each dimension must be 1 or the full size (e.g. [B, 1, 1, Lk] for key padding)"
         )
+
+
+def check_block_mask(block_mask, q, k, names=OP_NAMES):
+    """A `BlockMask` of shape (B or 1, Hq or 1, Lq, Lk) on q's device."""
+    name = names["block_mask"]
+    if block_mask is None:
+        return
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"{name} must be an attn_ops.BlockMask (BlockMask.from_mask_mod, from_mask, from_blocks or "
+                        f"from_flex), got {type(block_mask).__name__}")
+    batch, heads, len_q, len_k = block_mask.shape
+    if batch not in (1, q.shape[0]) or heads not in (1, q.shape[1]) or (len_q, len_k) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"{name} shape {list(block_mask.shape)} does not match (B or 1, Hq or 1, Lq, Lk) = "
+                         f"({q.shape[0]} or 1, {q.shape[1]} or 1, {q.shape[2]}, {k.shape[2]})")
+    if block_mask.device != q.device:
+        raise ValueError(f"{name} is on {block_mask.device}, {names['q']} on {q.device}: build it on q's device")
 
 
 def check_causal(causal, names=OP_NAMES):

@@ -27,6 +27,8 @@ NAME = "triton"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LN2 = math.log(2.0)
 
+# The OpArgs fields that are the Problem's of the same names (the block mask's come from it: `op_args`).
+PROBLEM_ARG_NAMES = OP_ARG_NAMES[:OP_ARG_NAMES.index("block_lists")]
 _SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", Optional[int]: "SymInt?",
                  float: "float", Optional[float]: "float?", bool: "bool"}
 
@@ -144,6 +146,10 @@ def not_supported_reasons(problem):
         why.append(f"dtype {problem.dtype}: the kernels compute float16, bfloat16 and float32")
     if problem.head_dim > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
         why.append(f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_HEAD_DIM}")
+    if problem.block_mask is not None and problem.requires_grad and problem.mask is not None \
+            and problem.mask.requires_grad:
+        why.append(f"{names['block_mask']} with a {names['mask']} that requires grad: the mask's gradient pass does "
+                   "not read block masks")
     return why
 
 
@@ -204,13 +210,15 @@ def kernel_operands(q, args):
 
 def op_args(problem):
     """The `OpArgs` of `problem`, of every entry point (a decoding step's key mask is the mask its
-    kernels read): kept in its plans where they hold no tensor, as then for every call with its
-    static parts (those with a mask, say, hold this call's)."""
+    kernels read; a block mask's fields are its `kernel_args`): kept in its plans where they hold no
+    tensor, as then for every call with its static parts (those with a mask, say, hold this call's)."""
     args = problem.plans.get(OpArgs)
     if args is None:
-        args = OpArgs._make([getattr(problem, name) for name in OP_ARG_NAMES])
+        args = OpArgs(*[getattr(problem, name) for name in PROBLEM_ARG_NAMES])
         if problem.cache_seqlens is not None:
             args = args._replace(mask=problem.key_mask)
+        if problem.block_mask is not None:
+            args = args._replace(**problem.block_mask.kernel_args)
         if not any([isinstance(x, Tensor) for x in args]):
             problem.plans[OpArgs] = args
     return args

@@ -12,7 +12,8 @@ from typing import Mapping, Optional
 import torch
 
 from .band import band_rules
-from .checks import (KVCACHE_NAMES, OP_NAMES, VARLEN_NAMES, check_alibi_slopes, check_cache_inputs,
+from .block_mask import BlockMask
+from .checks import (KVCACHE_NAMES, OP_NAMES, VARLEN_NAMES, check_alibi_slopes, check_block_mask, check_cache_inputs,
                      check_cache_lengths, check_cu_seqlens, check_cu_seqlens_values, check_dropout, check_key_mask,
                      check_mask, check_qkv, check_return_lse, check_scale, check_sinks, check_softcap)
 from .kernels.layout import on_16_bytes
@@ -40,6 +41,7 @@ class Problem:
     requires_grad: bool  # q, k, v, the mask or the sinks need a gradient (and grad mode is on)
     # The rules, normalized: causal and window as one diagonal band of visible keys (band.py).
     mask: Optional[torch.Tensor]  # bool (True = may attend) or float (added), broadcastable to [B, Hq, Lq, Lk]
+    block_mask: Optional[BlockMask]  # bool [B | 1, Hq | 1, Lq, Lk] held block-sparsely (dense calls only)
     causal: Optional[str]  # None or the alignment of the causal rule ("top_left" or "bottom_right")
     window: Optional[tuple]  # None or (left, right), a side None where unbounded
     align: str  # "top_left" or "bottom_right": where each query's diagonal sits (causal and window)
@@ -80,8 +82,8 @@ class Problem:
         return self.cu_seqlens_q is not None and self.align == "bottom_right"
 
 
-def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, softcap=None,
-             alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, return_lse=False, names=OP_NAMES):
+def describe(q, k, v, *, mask=None, block_mask=None, causal=False, window=None, align=None, scale=None,
+             softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, return_lse=False, names=OP_NAMES):
     """Checks every argument (errors name them as `names` spells them) and returns the `Problem`.
 
     The checks read only the arguments' static parts (types, shapes, strides, dtypes, devices, the
@@ -89,11 +91,16 @@ def describe(q, k, v, *, mask=None, causal=False, window=None, align=None, scale
     its Problem with this call's tensors (`_described`): the host time of a repeated call is a few
     microseconds, not the tens the checks take.
     """
+    # A block mask by its static parts: the key must not keep one alive.
+    blocks = block_mask.static_key if isinstance(block_mask, BlockMask) else block_mask
     key = _static_key("dense", (q, k, v, mask, alibi_slopes, sinks),
-                      (causal, window, align, scale, softcap, dropout_p, seed is None, return_lse, id(names)), q, k, v)
-    return _described(key, dict(mask=mask, alibi_slopes=alibi_slopes, sinks=sinks), seed, lambda: _describe(
-        q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale, softcap=softcap,
-        alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse, names=names))
+                      (causal, window, align, scale, softcap, dropout_p, seed is None, return_lse, id(names), blocks),
+                      q, k, v)
+    return _described(key, dict(mask=mask, block_mask=block_mask, alibi_slopes=alibi_slopes, sinks=sinks), seed,
+                      lambda: _describe(q, k, v, mask=mask, block_mask=block_mask, causal=causal, window=window,
+                                        align=align, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                                        sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse,
+                                        names=names))
 
 
 _DESCRIBED = {}  # a call's static key -> the Problem of the first call with it
@@ -153,14 +160,15 @@ def _described(key, tensors, seed, describe_now):
     return problem
 
 
-def _describe(q, k, v, *, mask, causal, window, align, scale, softcap, alibi_slopes, sinks, dropout_p, seed,
-              return_lse, names):
+def _describe(q, k, v, *, mask, block_mask, causal, window, align, scale, softcap, alibi_slopes, sinks, dropout_p,
+              seed, return_lse, names):
     check_qkv(q, k, v, names)
     check_mask(mask, q, k, names)
+    check_block_mask(block_mask, q, k, names)
     (batch, _, len_q, _), len_k = q.shape, k.shape[2]
     return _problem(q, k, v, batch, len_q, len_k, band_rules(len_q, len_k, causal, window, align, names),
-                    mask=mask, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                    dropout_p=dropout_p, seed=seed, return_lse=return_lse, names=names)
+                    mask=mask, block_mask=block_mask, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                    sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse, names=names)
 
 
 def describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
@@ -192,7 +200,7 @@ def _describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_s
 
 
 def _problem(q, k, v, batch, len_q, len_k, band, *, scale, softcap, alibi_slopes, sinks, dropout_p, seed, return_lse,
-             names, mask=None, cu_seqlens_q=None, cu_seqlens_k=None):
+             names, mask=None, block_mask=None, cu_seqlens_q=None, cu_seqlens_k=None):
     """The checks and fields a dense and a packed call share; `band` is `band_rules`'s result."""
     check_alibi_slopes(alibi_slopes, q, batch, names)
     check_sinks(sinks, q, names)
@@ -203,7 +211,7 @@ def _problem(q, k, v, batch, len_q, len_k, band, *, scale, softcap, alibi_slopes
         batch=batch, heads_q=q.shape[1], heads_kv=k.shape[1], len_q=len_q, len_k=len_k, head_dim=q.shape[-1],
         head_dim_v=v.shape[-1], dtype=q.dtype, device=q.device,
         requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask, sinks)),
-        mask=mask, causal=causal, window=window, align=align, band_lo=band_lo, band_hi=band_hi,
+        mask=mask, block_mask=block_mask, causal=causal, window=window, align=align, band_lo=band_lo, band_hi=band_hi,
         scale=check_scale(scale, q.shape[-1], names), softcap=check_softcap(softcap, names), alibi_slopes=alibi_slopes,
         sinks=sinks, dropout_p=float(dropout_p),
         seed=dropout_seed(seed, q.device) if dropout_p > 0 else None, return_lse=return_lse, names=names,
@@ -264,7 +272,7 @@ def _describe_cache(q, k_cache, v_cache, cache_seqlens, *, k_new, v_new, block_t
     return Problem(
         batch=q.shape[0], heads_q=q.shape[1], heads_kv=k_cache.shape[1], len_q=q.shape[2], len_k=capacity,
         head_dim=q.shape[-1], head_dim_v=v_cache.shape[-1], dtype=q.dtype, device=q.device, requires_grad=False,
-        mask=None, causal=causal, window=window, align=align, band_lo=band_lo, band_hi=band_hi,
+        mask=None, block_mask=None, causal=causal, window=window, align=align, band_lo=band_lo, band_hi=band_hi,
         scale=check_scale(scale, q.shape[-1], names), softcap=check_softcap(softcap, names),
         alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=0.0, seed=None, return_lse=return_lse, names=names,
         cache_seqlens=cache_seqlens, len_new=len_new, block_table=block_table, key_mask=key_mask,

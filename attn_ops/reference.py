@@ -26,15 +26,16 @@ CHUNK_ELEMENTS = 2**25
 BAND_CHUNKS = 4
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, align=None, scale=None, softcap=None,
-              alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, return_lse=False):
+def attention(q, k, v, *, mask=None, block_mask=None, causal=False, window=None, align=None, scale=None,
+              softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, return_lse=False):
     """`attn_ops.attention` computed by the plain math (any device; float64 too).
 
     Dropout uses torch's generator: the pattern is reproducible by ``seed`` but differs, bit for bit,
     from the Triton kernels' Philox pattern (as flash-attn's and SDPA's backends differ from each other).
     """
-    problem = describe(q, k, v, mask=mask, causal=causal, window=window, align=align, scale=scale, softcap=softcap,
-                       alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse)
+    problem = describe(q, k, v, mask=mask, block_mask=block_mask, causal=causal, window=window, align=align,
+                       scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
+                       seed=seed, return_lse=return_lse)
     out, lse = run(q, k, v, problem)
     return (out, lse) if return_lse else out
 
@@ -43,16 +44,18 @@ def not_supported_reasons(problem):
     return []  # the reference computes every call that passes the checks
 
 
-def masked_scores(q, k, *, mask=None, causal=False, window=None, align=None, scale=None, q_offset=0, len_q=None):
+def masked_scores(q, k, *, mask=None, block_mask=None, causal=False, window=None, align=None, scale=None, q_offset=0,
+                  len_q=None):
     """Scaled scores with the mask applied (-inf where a key is not visible), [B, Hq, rows, Lk].
 
     ``q`` may be a slice of rows ``[q_offset, q_offset + rows)`` of a sequence of ``len_q`` queries
-    (the causal and window rules depend on the absolute position); ``mask`` is the whole sequence's
-    mask (broadcastable to [B, Hq, len_q, Lk]) and is sliced here.
+    (the causal and window rules depend on the absolute position); ``mask`` and ``block_mask`` are
+    the whole sequence's and are sliced here.
     """
     len_q, len_k = q.shape[2] if len_q is None else len_q, k.shape[2]
     band = band_rules(len_q, len_k, causal, window, align)[3:]
-    bias = _bias(mask, band, q_offset, 0, q.shape[2], len_k, len_q, len_k, _compute_dtype(q.dtype), q.device)
+    bias = _bias(mask, band, q_offset, 0, q.shape[2], len_k, len_q, len_k, _compute_dtype(q.dtype), q.device,
+                 block_mask=block_mask)
     return _scores(q, k, check_scale(scale, q.shape[-1]), bias)
 
 
@@ -195,7 +198,7 @@ def _chunk(q, k, v, mask, problem, seed, q_offset, k_offset):
     dtype = _compute_dtype(q.dtype)
     alibi = None if problem.alibi_slopes is None else (problem.alibi_slopes, problem.diagonal_shift)
     bias = _bias(mask, (problem.band_lo, problem.band_hi), q_offset, k_offset, q.shape[2], k.shape[2],
-                 problem.len_q, problem.len_k, dtype, q.device, alibi)
+                 problem.len_q, problem.len_k, dtype, q.device, alibi, problem.block_mask)
     scores = _scores(q, k, problem.scale, bias, problem.softcap)
     # A row with no visible key gets zeros: softmax over a finite stand-in row keeps the forward and
     # the backward free of NaN, and the stand-in's weights are then zeroed. Found at the bias's own
@@ -226,14 +229,18 @@ def _chunk(q, k, v, mask, problem, seed, q_offset, k_offset):
     return torch.matmul(p, v), lse
 
 
-def _bias(mask, band, q_offset, k_offset, rows, keys, len_q, len_k, dtype, device, alibi=None):
-    """Everything the mask, the band and ALiBi add to the scores of queries [q_offset, q_offset + rows)
-    and keys [k_offset, k_offset + keys), as one float tensor of their broadcast shape (-inf where a
-    key is not visible), or None: added to the scores in one pass, and differentiable in a float mask.
+def _bias(mask, band, q_offset, k_offset, rows, keys, len_q, len_k, dtype, device, alibi=None, block_mask=None):
+    """Everything the mask, the block mask, the band and ALiBi add to the scores of queries [q_offset,
+    q_offset + rows) and keys [k_offset, k_offset + keys), as one float tensor of their broadcast shape
+    (-inf where a key is not visible), or None: added to the scores in one pass, and differentiable in
+    a float mask.
 
     ``alibi``: None or (slopes [Hq] or [B, Hq], shift): adds ``-slope * |i + shift - j|``.
     """
     terms = []
+    if block_mask is not None:  # only these rows' blocks made dense
+        allowed = block_mask.dense_rows(q_offset, q_offset + rows)[..., k_offset:k_offset + keys]
+        terms.append(_additive(~allowed, dtype))
     if alibi is not None:
         slopes, shift = alibi
         distance = (torch.arange(q_offset + shift, q_offset + shift + rows, device=device)[:, None]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from bench import demo, report
-from bench.cases import CACHES, CPU_CASES, GPU_QUICK, GPU_SWEEP, MASKS, MODES, MODIFIERS, VARLEN
+from bench.cases import CACHES, CPU_CASES, GPU_QUICK, GPU_SWEEP, MASKS, MODES, MODIFIERS, SPARSE, VARLEN
 from bench.measure import CPU_ROUNDS, CPU_TIMER, GPU_TIMER, sweep
 from bench.providers import CPU_PROVIDERS, GPU_PROVIDERS
 
@@ -25,7 +25,7 @@ def parse_args(argv):
     p.add_argument("--no-demo", action="store_true", help="skip the demo")
     p.add_argument("--providers", type=comma_list({**GPU_PROVIDERS, **CPU_PROVIDERS}),
                    help="comma-separated: only these providers")
-    p.add_argument("--masks", type=comma_list(MASKS + MODIFIERS + (VARLEN, *CACHES)),
+    p.add_argument("--masks", type=comma_list(MASKS + SPARSE + MODIFIERS + (VARLEN, *CACHES)),
                    help="comma-separated: only these mask kinds, score modifiers, varlen and KV-cache layouts")
     p.add_argument("--modes", type=comma_list(MODES), help="comma-separated: only these modes")
     return p.parse_args(argv)

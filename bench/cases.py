@@ -9,6 +9,14 @@ from dataclasses import dataclass
 import torch
 
 MASKS = ("none", "causal", "padding", "random_bool", "window", "block_sparse")
+# Sparse patterns for long sequences (issue 24; `block_sparse` too): attn_ops takes each as a
+# `BlockMask` built from the mask_mod FlexAttention's create_block_mask reads (both outside the
+# timed call), SDPA as the dense mask, and the provider `attn_ops_dense_mask` as a dense `mask=`.
+# `document`: packed documents of random lengths, causal; `sliding_window`: causal, 4k keys;
+# `prefix_lm`: a bidirectional prefix of L / 4, causal after it; `bigbird`: the first block global,
+# a window of three blocks, three random blocks per row of blocks; `block_sparse_eighth`: as
+# `block_sparse`, an eighth of the blocks kept.
+SPARSE = ("document", "sliding_window", "prefix_lm", "bigbird", "block_sparse_eighth")
 # Score modifiers over full attention (issue 13). They fill the `mask` column, a row key, like the
 # masks: `bias` is a float [1, Hq, Lq, Lk] additive mask, `bias_grad` the same bias learned (it
 # requires grad, and the backward computes its gradient).
@@ -98,6 +106,9 @@ GPU_SWEEP = (
     ]
     # Decoding: one new query per sequence against a long KV cache, GQA as in current LLMs.
     + decode((1, 8, 32), (1024, 4096, 16384, 65536, 131072))
+    # Sparse patterns at one sequence of 32k tokens in all (B = 8 at 4k ... 1 at 32k).
+    + self_attention((4096, 8192, 16384, 32768), (128,), SPARSE + ("block_sparse",), ("fwd", "fwd_bwd"),
+                     tokens=32768)
 )
 
 GPU_QUICK = (self_attention((1024, 4096), (128,), MASKS, ("fwd", "fwd_bwd")) + varlen((4096,), ("fwd", "fwd_bwd"))

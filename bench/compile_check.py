@@ -54,6 +54,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import KernelInterface, create_function_from_signature
 
+from attn_ops.block_mask import BlockMask
 from attn_ops.kernels import attn_bwd as bwd_module, attn_decode, attn_fwd as fwd_module, attn_varlen, config
 from attn_ops.kernels.attn_bwd import attn_bwd
 from attn_ops.kernels.attn_decode import decode_fwd
@@ -278,6 +279,13 @@ def variants(arch):
         for name in ("fwd", "dkdv", "dq", "dmask"):
             label = f"{name}+sinks+softcap+alibi" if name == "fwd" else f"{name}+softcap+alibi"
             yield Variant(label, dtype, 128, ADD_MASK.value, False, launches[name])
+        # A block mask at D = 128 (blocks of 128; what it holds does not change the code): each pass's
+        # loop over full blocks and its loop over partial ones (which read their bits).
+        block_mask = BlockMask.from_mask(torch.rand(LENGTH, LENGTH) > 0.5, block_size=128)
+        launches = dense_launches(arch, dtype, 128, 128, op_args(HEADS, 128)._replace(**block_mask.kernel_args))
+        for name in ("fwd", "dkdv", "dq"):
+            for kind in ("full", "partial"):
+                yield Variant(f"{name} {kind} blocks", dtype, 128, NO_MASK.value, False, launches[name])
         # Packed sequences (varlen) at D = 128: plain, and with every modifier and dropout.
         for modified in (False, True):
             launches = packed_launches(arch, dtype, modified)
@@ -384,17 +392,27 @@ def loops(sass):
     return found
 
 
-# Passes whose loop runs two matmuls per key tile (scores, then probabilities times values): their
-# work per iteration is 2 * BLOCK_M * BLOCK_N * D multiply-adds, the unit the Hopper issue's figures
-# count MFLOP in (the tutorial's 128 x 128 forward: 491 instructions, ~117 per MFLOP).
-TWO_MATMUL_LOOPS = ("fwd", "varlen fwd", "decode dense", "decode paged")
+# The matmuls each pass's loop runs per tile: the forward's two (scores, then probabilities times
+# values), dQ's three (scores, dP, dS times K), dK/dV's four (scores, dP, dV, dK). A loop's work is
+# that many times BLOCK_M * BLOCK_N * D multiply-adds, the unit the Hopper issue's figures count
+# MFLOP in (the tutorial's 128 x 128 forward: 491 instructions, ~117 per MFLOP).
+LOOP_MATMULS = {"fwd": 2, "varlen fwd": 2, "decode dense": 2, "decode paged": 2, "dq": 3, "varlen dq": 3, "dkdv": 4,
+                "varlen dkdv": 4}
+
+
+def loop_matmuls(name):
+    """The matmuls per tile of the row `name`'s loop ("dq GQA", "fwd+sinks+softcap+alibi": its pass's),
+    or None (the mask's gradient, the merge of decoding's splits)."""
+    return next((count for prefix, count in LOOP_MATMULS.items()
+                 if name == prefix or name.startswith((prefix + " ", prefix + "+"))), None)
 
 
 def matmul_report(sass, name, constexprs):
     """wgmma and mma.sync instruction counts, TMA, and the interior loop's instructions per MFLOP.
 
-    The interior loop is the shortest loop that runs matmuls (the boundary segments' loops add mask
-    arithmetic); its matmul work per iteration is known for the two-matmul passes only (else None).
+    The interior loop is the shortest innermost loop that runs matmuls (the boundary segments'
+    loops add mask arithmetic; dK/dV's loop over the heads of a GQA group holds them all); a block
+    mask's "partial blocks" row reports its longest instead (the loop that reads the bits).
     """
     ops = [instruction.op for instruction in sass]
     wgmma = sum(op.startswith("HGMMA") for op in ops)
@@ -402,9 +420,13 @@ def matmul_report(sass, name, constexprs):
     tma = any(op.startswith(("UTMALDG", "UBLKCP")) for op in ops)
     per_mflop = None
     matmul_loops = [body for body in loops(sass) if any(i.op.startswith(("HGMMA", "HMMA")) for i in body)]
-    if name.startswith(TWO_MATMUL_LOOPS) and matmul_loops:
-        body = min(matmul_loops, key=len)
-        mflop = 2 * constexprs["BLOCK_M"] * constexprs["BLOCK_N"] * constexprs["HEAD_DIM_PAD"] / 1e6
+    spans = [(body[0].address, body[-1].address) for body in matmul_loops]
+    innermost = [body for body, (first, last) in zip(matmul_loops, spans)
+                 if not any(first <= a and b <= last and (a, b) != (first, last) for a, b in spans)]
+    matmuls = loop_matmuls(name)
+    if matmuls and innermost:
+        body = (max if name.endswith("partial blocks") else min)(innermost, key=len)
+        mflop = matmuls * constexprs["BLOCK_M"] * constexprs["BLOCK_N"] * constexprs["HEAD_DIM_PAD"] / 1e6
         per_mflop = round(len(body) / mflop, 1)
     return wgmma, mma_sync, tma, per_mflop
 

@@ -13,11 +13,14 @@ from typing import Callable, Optional
 
 import torch
 
-from bench.cases import CACHES, MASKS, MODIFIERS, VARLEN, varlen_lengths
+import attn_ops
+from bench.cases import CACHES, MASKS, MODIFIERS, SPARSE, VARLEN, varlen_lengths
 
 WINDOW = 512  # sliding window: each query sees itself and the 512 keys before it
 BLOCK = 128  # block_sparse: the mask is made of BLOCK x BLOCK tiles
-BLOCK_KEEP = 0.25  # fraction of off-diagonal tiles kept (diagonal tiles always are: no empty rows)
+BLOCK_KEEP = {"block_sparse": 0.25, "block_sparse_eighth": 0.125}  # fraction of off-diagonal tiles kept
+# (diagonal tiles always are: no empty rows)
+SPARSE_WINDOW = 4096  # sliding_window: each query sees itself and the 4095 keys before it
 SOFTCAP = 50.0  # Gemma 2's attention logit cap
 
 
@@ -39,6 +42,8 @@ class Masking:
     # CACHES: (k_cache, v_cache, cache_seqlens, block_table or None) holding k and v (the dense
     # inputs, every row of them) for attn_ops.attention_with_kvcache.
     kvcache: Optional[tuple] = None
+    # A sparse pattern's keywords for attn_ops with its dense mask (`attn_ops_dense_mask`).
+    attn_ops_dense: Optional[dict] = None
 
     @property
     def paged(self):
@@ -102,14 +107,11 @@ def make_masking(case, device, q=None, k=None, v=None):
             flash_attn={"causal": True, "window_size": (WINDOW, 0)} if lq == lk else None,
         )
 
-    if kind == "block_sparse":
-        tiles = torch.rand(-(-lq // BLOCK), -(-lk // BLOCK), device=device) < BLOCK_KEEP
-        tiles |= torch.eye(*tiles.shape, dtype=torch.bool, device=device)
-        dense = tiles.repeat_interleave(BLOCK, 0)[:lq].repeat_interleave(BLOCK, 1)[:, :lk]
-        return Masking(
-            {"mask": dense[None, None]}, {"attn_mask": dense[None, None]},
-            lambda b, h, q_idx, kv_idx: tiles[q_idx // BLOCK, kv_idx // BLOCK],
-        )
+    if kind in ("block_sparse",) + SPARSE:
+        mask_mod = sparse_rule(kind, lq, lk, device)
+        block_mask = attn_ops.BlockMask.from_mask_mod(mask_mod, None, None, lq, lk, device=device, block_size=BLOCK)
+        dense = block_mask.to_dense()
+        return Masking({"block_mask": block_mask}, {"attn_mask": dense}, mask_mod, attn_ops_dense={"mask": dense})
 
     if kind == "alibi":
         slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device) / heads)  # ALiBi's, float32 [Hq]
@@ -142,7 +144,32 @@ def make_masking(case, device, q=None, k=None, v=None):
         )
 
     raise ValueError(f"unknown mask kind {kind!r}; expected one of "
-                     f"{', '.join(MASKS + MODIFIERS + (VARLEN, *CACHES))}")
+                     f"{', '.join(MASKS + SPARSE + MODIFIERS + (VARLEN, *CACHES))}")
+
+
+def sparse_rule(kind, lq, lk, device):
+    """The mask_mod of a sparse pattern (`bench.cases.SPARSE`, `block_sparse`), its random parts drawn
+    once here."""
+    blocks = (-(-lq // BLOCK), -(-lk // BLOCK))
+    if kind in BLOCK_KEEP:
+        tiles = torch.rand(*blocks, device=device) < BLOCK_KEEP[kind]
+        tiles |= torch.eye(*blocks, dtype=torch.bool, device=device)
+        return lambda b, h, q_idx, kv_idx: tiles[q_idx // BLOCK, kv_idx // BLOCK]
+    if kind == "document":
+        sizes = torch.randint(1, max(2, lk // 4), (lk,), device=device)  # mean L / 8: some shorter than a block
+        documents = torch.repeat_interleave(torch.arange(lk, device=device), sizes)[:lk]
+        return lambda b, h, q_idx, kv_idx: (documents[q_idx] == documents[kv_idx]) & (q_idx >= kv_idx)
+    if kind == "sliding_window":
+        return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < SPARSE_WINDOW)
+    if kind == "prefix_lm":
+        return lambda b, h, q_idx, kv_idx: (kv_idx < lq // 4) | (q_idx >= kv_idx)
+    if kind == "bigbird":
+        picked = torch.rand(*blocks, device=device).argsort(dim=1)[:, :3]
+        chosen = torch.zeros(*blocks, dtype=torch.bool, device=device).scatter_(1, picked, True)
+        return lambda b, h, q_idx, kv_idx: ((kv_idx < BLOCK) | (q_idx < BLOCK)
+                                            | ((q_idx // BLOCK - kv_idx // BLOCK).abs() <= 1)
+                                            | chosen[q_idx // BLOCK, kv_idx // BLOCK])
+    raise ValueError(f"no sparse rule for {kind!r}")
 
 
 def paged_cache(k, v, page):

@@ -58,6 +58,13 @@ def _attn_ops_padded(q, k, v, m):
     return lambda: attn_ops.attention(q, k, v, backend=_backend(q), **m.attn_ops)
 
 
+def _attn_ops_dense_mask(q, k, v, m):
+    if m.attn_ops_dense is None:
+        raise Unsupported("the dense-mask form of a sparse pattern (block_sparse, document, ...); elsewhere see "
+                          "attn_ops")
+    return lambda: attn_ops.attention(q, k, v, backend=_backend(q), **m.attn_ops_dense)
+
+
 def _attn_ops_unsplit(q, k, v, m):
     if m.kvcache is None:
         raise Unsupported("the one-split form of a decoding (KV-cache) case; elsewhere see attn_ops")
@@ -140,6 +147,7 @@ def _flash_attn(q, k, v, m):
 GPU_PROVIDERS = {
     "attn_ops": _attn_ops,
     "attn_ops_padded": _attn_ops_padded,
+    "attn_ops_dense_mask": _attn_ops_dense_mask,
     "attn_ops_unsplit": _attn_ops_unsplit,
     "naive": _naive,
     "sdpa_flash": _sdpa("FLASH_ATTENTION"),

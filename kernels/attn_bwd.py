@@ -6,13 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _head_rows, _load_rows, _load_tile,
+from .attn_common import (LOG2E, _alibi_log2, _block_bits, _dot, _dropout_keep, _head_rows, _load_rows, _load_tile,
                           _masked_scores, _program_block, _rounded, _row_stats, _store_rows, _store_tile, _wide)
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, tma_allowed, uses_tma)
 from .bundles import Strides
 from .layout import on_16_bytes
-from .schedule import key_tiles, query_tiles, segment
+from .schedule import (COLS, CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, key_tiles, listed_tiles, query_tiles,
+                       segment, tile_start)
 from .config import cdiv, head_dim_pad, tile_config
 from .precision import tf32_allowed
 
@@ -55,11 +56,11 @@ def _score_grads(s, unit, row_stats, do, v_t, seed, offs_m, offs_n, head_index, 
 
 @triton.jit
 def _attn_bwd_dkdv_tiles(grads, kv, Q, dO, stats, extra, offs, at, drop, span, st, sc, EDGE: tl.constexpr,
-                         SW: tl.constexpr):
+                         SW: tl.constexpr, KIND: tl.constexpr = CONTIGUOUS):
     """(dK, dV) `grads` of the key rows `offs` = (keys, head dims of K, of V), whose tiles are `kv`,
-    summed over query tiles [start, stop) = `span` of (b, h) = `at`; `stats`: the head's (LSE,
-    delta) rows; `extra`: the keys' mask pointers, ALiBi slope and dropout seed; `drop`: the dropout
-    key's (head, query, key) offsets."""
+    summed over the query tiles of `span` (as `_attn_fwd_tiles`' key tiles, by ``KIND``) of (b, h) =
+    `at`; `stats`: the head's (LSE, delta) rows; `extra`: the keys' mask pointers, ALiBi slope and
+    dropout seed; `drop`: the dropout key's (head, query, key) offsets."""
     dk, dv = grads
     k, v = kv
     Lse, Delta = stats
@@ -67,17 +68,21 @@ def _attn_bwd_dkdv_tiles(grads, kv, Q, dO, stats, extra, offs, at, drop, span, s
     offs_n, offs_d, offs_dv = offs
     b, h = at
     drop_head, drop_q0, drop_k0 = drop
-    start, stop = span
     # Transposed tiles, [keys, queries]: every matmul has the BLOCK_N keys as its M (Hopper's wgmma
     # needs 64 or more; the BLOCK_M queries are 16 or 32). The scores see the band from the key side
     # (query - key in [-hi, -lo]) and ALiBi's |key - shift - query|, which is the same distance.
-    for start_m in range(start, stop, SW.BLOCK_M):
+    for i in range(span[0], span[1], SW.BLOCK_M if KIND == CONTIGUOUS else 1):
+        start_m = tile_start(i, span, KIND, SW.BLOCK_M, SW)
         offs_m = start_m + tl.arange(0, SW.BLOCK_M)
+        hidden = None
+        if KIND == PARTIAL_BLOCKS:
+            hidden = _block_bits(span, i, offs_m, tl.min(offs_n, 0), SW.BLOCK_N, SW, True)
         q_t = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, True, SW)
         do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, st.do, sc.len_q, SW.HEAD_DIM_V, False, SW)
         lse2, delta = _load_row_stats(Lse, Delta, offs_m, sc.len_q)
         mask_ptrs = mask_row_ptrs + _wide(offs_m)[None, :] * st.mask[2]
-        s_t, cap_slope, unit = _masked_scores(k, q_t, offs_n, offs_m, mask_ptrs, alibi_log2, sc, EDGE, SW, True)
+        s_t, cap_slope, unit = _masked_scores(k, q_t, offs_n, offs_m, mask_ptrs, alibi_log2, sc, EDGE, SW, True,
+                                              hidden)
         p_t = tl.math.exp2(s_t * unit - lse2[None, :])
         dp_t = _dot(v, tl.trans(do), SW.INPUT_PRECISION)
         p_out = p_t
@@ -92,15 +97,17 @@ def _attn_bwd_dkdv_tiles(grads, kv, Q, dO, stats, extra, offs, at, drop, span, s
 
 
 @triton.jit
-def _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, Mask, Alibi, Seed, stats, at, group_size, drop, st, sc,
+def _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, masks, Alibi, Seed, stats, at, group_size, drop, st, sc,
                         SW: tl.constexpr):
     """dK, dV of keys [start_n, start_n + BLOCK_N) of one (sequence, kv head h_kv), `at` = (start_n, b,
-    h_kv): K, V, dK, dV point at its first key row; Q, dO, Mask and Alibi at the sequence's first
-    row of query head 0 (head h is its `Strides` entry's head stride further on); `stats` = (Lse,
-    Delta, head stride) the same for the row statistics. With ``TMA``, Q, K, V, dO, dK and dV are
-    tensor descriptors and (b, head) pick the rows (`_load_rows`). `drop` = (head 0's dropout key,
-    q0, k0): head h's is ``drop[0] + h``."""
+    h_kv): K, V, dK, dV point at its first key row; Q, dO, Alibi and `masks`' Mask (of (Mask,
+    Blocks)) at the sequence's first row of query head 0 (head h is its `Strides` entry's head
+    stride further on); `stats` = (Lse, Delta, head stride) the same for the row statistics. With
+    ``TMA``, Q, K, V, dO, dK and dV are tensor descriptors and (b, head) pick the rows
+    (`_load_rows`). Blocks: a block mask's (lists, bits), walked by key block. `drop` = (head 0's
+    dropout key, q0, k0): head h's is ``drop[0] + h``."""
     start_n, b, h_kv = at
+    Mask, Blocks = masks
     Lse, Delta, stride_stats_h = stats
     drop_head0, drop_q0, drop_k0 = drop
     offs_n = start_n + tl.arange(0, SW.BLOCK_N)
@@ -121,12 +128,19 @@ def _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, Mask, Alibi, Seed, stats, at, group
         Q_h, dO_h = Q, dO
         if not SW.TMA:
             Q_h, dO_h = Q + h * st.q[1], dO + h * st.do[1]
-        for SEGMENT in tl.static_range(3):
-            dk, dv = _attn_bwd_dkdv_tiles((dk, dv), (k, v), Q_h, dO_h,
-                                          (Lse + h * stride_stats_h, Delta + h * stride_stats_h),
-                                          (mask_row_ptrs, alibi_log2, seed), (offs_n, offs_d, offs_dv), (b, h),
-                                          (drop_head0 + h, drop_q0, drop_k0),
-                                          segment(SEGMENT, tiles), st, sc, SEGMENT != 1, SW)
+        stats_h = (Lse + h * stride_stats_h, Delta + h * stride_stats_h)
+        extra = (mask_row_ptrs, alibi_log2, seed)
+        drop_h = (drop_head0 + h, drop_q0, drop_k0)
+        if SW.BLOCK_SIZE:  # the block mask's full query blocks, then its partial ones, within the band
+            line = (b * st.blocks[0] + h * st.blocks[1]) * tl.cdiv(sc.len_k, SW.BLOCK_SIZE) + start_n // SW.BLOCK_SIZE
+            for KIND in tl.static_range(FULL_BLOCKS, PARTIAL_BLOCKS + 1):
+                span = listed_tiles(Blocks, line, COLS, KIND, (tiles[0], tiles[3]), SW.BLOCK_M, SW)
+                dk, dv = _attn_bwd_dkdv_tiles((dk, dv), (k, v), Q_h, dO_h, stats_h, extra, (offs_n, offs_d, offs_dv),
+                                              (b, h), drop_h, span, st, sc, SW.BANDED, SW, KIND)
+        else:
+            for SEGMENT in tl.static_range(3):
+                dk, dv = _attn_bwd_dkdv_tiles((dk, dv), (k, v), Q_h, dO_h, stats_h, extra, (offs_n, offs_d, offs_dv),
+                                              (b, h), drop_h, segment(SEGMENT, tiles), st, sc, SEGMENT != 1, SW)
     dk *= sc.scale  # ds is the gradient of the natural-log scores s = scale * q.k
     _store_rows(dK, b, h_kv, start_n, dk, offs_n, offs_d, st.out, sc.len_k, SW.HEAD_DIM, SW.INTERPRETED_BF16, SW.TMA)
     _store_rows(dV, b, h_kv, start_n, dv, offs_n, offs_dv, st.out_v, sc.len_k, SW.HEAD_DIM_V, SW.INTERPRETED_BF16,
@@ -136,7 +150,7 @@ def _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, Mask, Alibi, Seed, stats, at, group
 # group_size must not become a constant when it is 1 (MHA): ptxas then serializes every wgmma of the
 # loop over the group (warning C7515), 40 fences per iteration instead of 6.
 @triton.jit(do_not_specialize=["group_size"])
-def _attn_bwd_dkdv(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, st, num_heads_q, group_size, sc,
+def _attn_bwd_dkdv(Q, K, V, Mask, Blocks, Alibi, Seed, dO, Lse, Delta, dK, dV, st, num_heads_q, group_size, sc,
                    SW: tl.constexpr):
     """A program per block of BLOCK_N keys of one (batch, kv head). `st.out` and `st.out_v`: dK's and
     dV's strides."""
@@ -150,28 +164,31 @@ def _attn_bwd_dkdv(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dK, dV, st, num_h
         dO += b * st.do[0]
     # The LSE and delta are [B * Hq, Lq] rows: batch b's heads start at row b * Hq, len_q apart.
     stats = b * num_heads_q * sc.len_q
-    _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, Mask + b * st.mask[0], Alibi + b * st.alibi[0], Seed,
+    _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, (Mask + b * st.mask[0], Blocks), Alibi + b * st.alibi[0], Seed,
                         (Lse + stats, Delta + stats, sc.len_q), (start_n, b, h_kv), group_size, (b * num_heads_q, 0, 0),
                         st, sc, SW)
 
 
 @triton.jit
 def _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, extra, offs, at, drop, span, st, sc, EDGE: tl.constexpr,
-                       SW: tl.constexpr):
+                       SW: tl.constexpr, KIND: tl.constexpr = CONTIGUOUS):
     """dQ of the query rows `offs` = (queries, head dims of K, of V), whose q and dO tiles are given,
-    summed over key tiles [start, stop) = `span` of (b, h_kv) = `at`; `row_stats`: their (lse2, delta);
-    `extra` and `drop` as `_attn_fwd_tiles`'s."""
+    summed over the key tiles of `span` (by ``KIND``) of (b, h_kv) = `at`; `row_stats`: their (lse2,
+    delta); `extra`, `drop` and `span` as `_attn_fwd_tiles`'s."""
     mask_row_ptrs, alibi_log2, seed = extra
     offs_m, offs_d, offs_dv = offs
     b, h_kv = at
     drop_head, drop_q0, drop_k0 = drop
-    start, stop = span
-    for start_n in range(start, stop, SW.BLOCK_N):
+    for i in range(span[0], span[1], SW.BLOCK_N if KIND == CONTIGUOUS else 1):
+        start_n = tile_start(i, span, KIND, SW.BLOCK_N, SW)
         offs_n = start_n + tl.arange(0, SW.BLOCK_N)
+        hidden = None
+        if KIND == PARTIAL_BLOCKS:
+            hidden = _block_bits(span, i, offs_m, start_n, SW.BLOCK_N, SW)
         k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, True, SW)
         v_t = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, True, SW)
         s, cap_slope, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3],
-                                            alibi_log2, sc, EDGE, SW)
+                                            alibi_log2, sc, EDGE, SW, False, hidden)
         ds = _score_grads(s, unit, row_stats, do, v_t, seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, sc,
                           SW) * cap_slope
         dq += _dot(_rounded(ds, SW.INTERPRETED_BF16).to(k_t.dtype), tl.trans(k_t), SW.INPUT_PRECISION)
@@ -179,11 +196,12 @@ def _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, extra, offs, at, drop, span, 
 
 
 @triton.jit
-def _attn_bwd_dq_rows(Q, K, V, dO, dQ, Mask, alibi_log2, Seed, stats, at, drop, st, sc, SW: tl.constexpr):
+def _attn_bwd_dq_rows(Q, K, V, dO, dQ, masks, alibi_log2, Seed, stats, at, drop, st, sc, SW: tl.constexpr):
     """dQ of queries [start_m, start_m + BLOCK_M) of one (sequence, head), `at` = (start_m, b, h,
     h_kv), every pointer at its first row, `stats` = (Lse, Delta) too (with ``TMA`` Q, K, V, dO and
-    dQ descriptors; as `_attn_fwd_rows`)."""
+    dQ descriptors; `masks` as `_attn_fwd_rows`')."""
     start_m, b, h, h_kv = at
+    Mask, Blocks = masks
     Lse, Delta = stats
     offs_m = start_m + tl.arange(0, SW.BLOCK_M)
     offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
@@ -195,16 +213,24 @@ def _attn_bwd_dq_rows(Q, K, V, dO, dQ, Mask, alibi_log2, Seed, stats, at, drop, 
     seed = tl.load(Seed) if SW.DROPOUT else 0
     dq = tl.zeros([SW.BLOCK_M, SW.HEAD_DIM_PAD], dtype=tl.float32)
     tiles = key_tiles(start_m, sc.len_q, sc, SW)
-    for SEGMENT in tl.static_range(3):
-        dq = _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, (mask_row_ptrs, alibi_log2, seed),
-                                (offs_m, offs_d, offs_dv), (b, h_kv), drop, segment(SEGMENT, tiles), st, sc,
-                                SEGMENT != 1, SW)
+    extra = (mask_row_ptrs, alibi_log2, seed)
+    if SW.BLOCK_SIZE:  # as the forward's
+        line = (b * st.blocks[0] + h * st.blocks[1]) * tl.cdiv(sc.len_q, SW.BLOCK_SIZE) + start_m // SW.BLOCK_SIZE
+        for KIND in tl.static_range(FULL_BLOCKS, PARTIAL_BLOCKS + 1):
+            span = listed_tiles(Blocks, line, ROWS, KIND, (tiles[0], tiles[3]), SW.BLOCK_N, SW)
+            dq = _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, extra, (offs_m, offs_d, offs_dv), (b, h_kv), drop,
+                                    span, st, sc, SW.BANDED, SW, KIND)
+    else:
+        for SEGMENT in tl.static_range(3):
+            dq = _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, extra, (offs_m, offs_d, offs_dv), (b, h_kv), drop,
+                                    segment(SEGMENT, tiles), st, sc, SEGMENT != 1, SW)
     dq *= sc.scale
     _store_rows(dQ, b, h, start_m, dq, offs_m, offs_d, st.out, sc.len_q, SW.HEAD_DIM, SW.INTERPRETED_BF16, SW.TMA)
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dQ, st, num_heads_q, group_size, sc, SW: tl.constexpr):
+def _attn_bwd_dq(Q, K, V, Mask, Blocks, Alibi, Seed, dO, Lse, Delta, dQ, st, num_heads_q, group_size, sc,
+                 SW: tl.constexpr):
     """A program per block of BLOCK_M queries of one (batch, query head), the heaviest first; `st.out`:
     dQ's strides."""
     head_index, b, h, start_m = _program_block(sc.len_q, num_heads_q, SW.BLOCK_M, True)
@@ -215,7 +241,8 @@ def _attn_bwd_dq(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dQ, st, num_heads_q
         Q = _head_rows(Q, b, h, st.q)
         dO = _head_rows(dO, b, h, st.do)
         dQ = _head_rows(dQ, b, h, st.out)
-    _attn_bwd_dq_rows(Q, K, V, dO, dQ, _head_rows(Mask, b, h, st.mask), _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI),
+    _attn_bwd_dq_rows(Q, K, V, dO, dQ, (_head_rows(Mask, b, h, st.mask), Blocks),
+                      _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI),
                       Seed, (_row_stats(Lse, head_index, sc.len_q), _row_stats(Delta, head_index, sc.len_q)),
                       (start_m, b, h, h_kv), (head_index, 0, 0), st, sc, SW)
 
@@ -322,11 +349,11 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     delta = row_deltas(out, do, dlse_log2, dq_pass.block_m, deltas)
     tensors = launch_tensors(q, args)
     q_, k_, v_, do_, dk_, dv_ = descriptors(dkdv.layouts, q, k, v, do, dk, dv)
-    _attn_bwd_dkdv[dkdv.grid](q_, k_, v_, tensors.mask, tensors.alibi, tensors.seed, do_, lse_log2, delta, dk_, dv_,
-                              *dkdv.scalars, **dkdv.options)
+    _attn_bwd_dkdv[dkdv.grid](q_, k_, v_, tensors.mask, tensors.blocks, tensors.alibi, tensors.seed, do_, lse_log2,
+                              delta, dk_, dv_, *dkdv.scalars, **dkdv.options)
     q_, k_, v_, do_, dq_ = descriptors(dq_pass.layouts, q, k, v, do, dq)
-    _attn_bwd_dq[dq_pass.grid](q_, k_, v_, tensors.mask, tensors.alibi, tensors.seed, do_, lse_log2, delta, dq_,
-                               *dq_pass.scalars, **dq_pass.options)
+    _attn_bwd_dq[dq_pass.grid](q_, k_, v_, tensors.mask, tensors.blocks, tensors.alibi, tensors.seed, do_, lse_log2,
+                               delta, dq_, *dq_pass.scalars, **dq_pass.options)
     dmask = _mask_grad(q, k, v, do, lse_log2, delta, args, tensors, dq_pass) if mask_grad else None
     dsinks = None if args.sinks is None else sink_grads(args.sinks, lse_log2, delta)
     return dq, dk, dv, dmask, dsinks
@@ -350,10 +377,10 @@ def _plan(do, q, k, v, out, dq, dk, dv, args, config, tma):
     if copy_do:
         do = do.clone(memory_format=torch.contiguous_format)  # once, for the plan's layouts
     strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), mask=launch.mask_strides, alibi=launch.alibi_strides,
-                   do=do.stride())
+                   do=do.stride(), blocks=launch.block_strides)
 
     def pass_plan(kernel, grid_rows, block_rows, outputs):
-        tile = tile_config(q, kernel, max(head_dim, head_dim_v), config, tma, launch.plain)
+        tile = tile_config(q, kernel, max(head_dim, head_dim_v), config, tma, launch.plain, args.block_size)
         rows = {"queries": tile.block_m, "keys": tile.block_n}
         return PassPlan(
             grid=(cdiv(grid_rows, rows[block_rows]) * batch * (num_heads_kv if kernel == "dkdv" else num_heads_q),),

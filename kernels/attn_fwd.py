@@ -5,12 +5,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_common import (LOG2E, _alibi_log2, _dot, _dropout_keep, _head_rows, _load_rows, _masked_scores,
-                          _program_block, _rounded, _row_stats, _store_rows, _wide)
+from .attn_common import (LOG2E, _alibi_log2, _block_bits, _dot, _dropout_keep, _head_rows, _load_rows,
+                          _masked_scores, _program_block, _rounded, _row_stats, _store_rows, _wide)
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, uses_tma)
 from .bundles import Strides
-from .schedule import key_tiles, segment
+from .schedule import CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, key_tiles, listed_tiles, segment, tile_start
 from .config import NO_MASK, cdiv, tile_config
 from .layout import empty_like_q
 
@@ -52,22 +52,28 @@ def _normalized(acc, l_i, m_i):
 
 
 @triton.jit
-def _attn_fwd_tiles(state, q, K, V, extra, offs, at, drop, span, st, sc, EDGE: tl.constexpr, SW: tl.constexpr):
+def _attn_fwd_tiles(state, q, K, V, extra, offs, at, drop, span, st, sc, EDGE: tl.constexpr, SW: tl.constexpr,
+                    KIND: tl.constexpr = CONTIGUOUS):
     """The online softmax `state` (acc, l_i, m_i) of the rows `offs` = (queries, head dims of K, of V)
-    carried over key tiles [start, stop) = `span` of (b, h_kv) = `at`; `extra`: the rows' mask
-    pointers, ALiBi slope and dropout seed; `drop`: the dropout key's (head, query, key) offsets."""
+    carried over the key tiles of `span` (``KIND`` CONTIGUOUS: [start, stop); else a block mask's
+    listed blocks, `listed_tiles`) of (b, h_kv) = `at`; `extra`: the rows' mask pointers, ALiBi slope
+    and dropout seed; `drop`: the dropout key's (head, query, key) offsets."""
     acc, l_i, m_i = state
     mask_row_ptrs, alibi_log2, seed = extra
     offs_m, offs_d, offs_dv = offs
     b, h_kv = at
     drop_head, drop_q0, drop_k0 = drop
-    start, stop = span
-    for start_n in range(start, stop, SW.BLOCK_N):
+    for i in range(span[0], span[1], SW.BLOCK_N if KIND == CONTIGUOUS else 1):
+        start_n = tile_start(i, span, KIND, SW.BLOCK_N, SW)
         offs_n = start_n + tl.arange(0, SW.BLOCK_N)
+        hidden = None
+        if KIND == PARTIAL_BLOCKS:
+            hidden = _block_bits(span, i, offs_m, start_n, SW.BLOCK_N, SW)
         k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, True, SW)
         s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3],
-                                    alibi_log2, sc, EDGE, SW)
-        p, alpha, l_i, m_new = _online_softmax(s, unit, m_i, l_i, EDGE or SW.MASK_KIND != NO_MASK)
+                                    alibi_log2, sc, EDGE, SW, False, hidden)
+        p, alpha, l_i, m_new = _online_softmax(s, unit, m_i, l_i,
+                                               EDGE or SW.MASK_KIND != NO_MASK or KIND == PARTIAL_BLOCKS)
         if SW.DROPOUT:
             # The normalizer sums every probability; dropout acts on the normalized ones.
             keep = _dropout_keep(seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, sc.dropout_p)
@@ -79,13 +85,16 @@ def _attn_fwd_tiles(state, q, K, V, extra, offs, at, drop, span, st, sc, EDGE: t
 
 
 @triton.jit
-def _attn_fwd_rows(Q, K, V, Out, Lse, Mask, alibi_log2, Sinks, Seed, at, drop, st, sc, SW: tl.constexpr):
-    """Queries [start_m, start_m + BLOCK_M) of one (sequence, head), `at` = (start_m, b, h, h_kv): Mask
-    points at its first row, Lse at its first row statistic, Sinks at its head's sink; Q, K, V and
-    Out too, or with ``TMA`` they are tensor descriptors and (b, h) and (b, h_kv) pick the rows
-    (`_load_rows`). The dropout pattern is keyed by (head, q0 + query, k0 + key), `drop` = (head,
-    q0, k0). `st`: the `Strides`, `sc`: the sequence's `Scores`, `SW`: the `Switches`."""
+def _attn_fwd_rows(Q, K, V, Out, Lse, masks, alibi_log2, Sinks, Seed, at, drop, st, sc, SW: tl.constexpr):
+    """Queries [start_m, start_m + BLOCK_M) of one (sequence, head), `at` = (start_m, b, h, h_kv):
+    `masks` = (Mask, Blocks), Mask pointing at its first row, Blocks a block mask's (lists, bits),
+    read with ``SW.BLOCK_SIZE``; Lse points at its first row statistic, Sinks at its head's sink; Q,
+    K, V and Out too, or with ``TMA`` they are tensor descriptors and (b, h) and (b, h_kv) pick the
+    rows (`_load_rows`). The dropout
+    pattern is keyed by (head, q0 + query, k0 + key), `drop` = (head, q0, k0). `st`: the `Strides`,
+    `sc`: the sequence's `Scores`, `SW`: the `Switches`."""
     start_m, b, h, h_kv = at
+    Mask, Blocks = masks
     offs_m = start_m + tl.arange(0, SW.BLOCK_M)
     offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
     offs_dv = tl.arange(0, SW.HEAD_DIM_V_PAD)
@@ -98,11 +107,17 @@ def _attn_fwd_rows(Q, K, V, Out, Lse, Mask, alibi_log2, Sinks, Seed, at, drop, s
     acc = tl.zeros([SW.BLOCK_M, SW.HEAD_DIM_V_PAD], dtype=tl.float32)
     state = (acc, l_i, m_i)
     tiles = key_tiles(start_m, sc.len_q, sc, SW)
-    # Boundary tiles get the element-wise band mask, interior tiles skip it, dead tiles are not visited.
-    for SEGMENT in tl.static_range(3):
-        state = _attn_fwd_tiles(state, q, K, V, (mask_row_ptrs, alibi_log2, seed), (offs_m, offs_d, offs_dv),
-                                (b, h_kv), drop, segment(SEGMENT, tiles), st, sc, SEGMENT != 1,
-                                SW)
+    extra = (mask_row_ptrs, alibi_log2, seed)
+    if SW.BLOCK_SIZE:  # the block mask's full blocks, then its partial ones, within the band
+        line = (b * st.blocks[0] + h * st.blocks[1]) * tl.cdiv(sc.len_q, SW.BLOCK_SIZE) + start_m // SW.BLOCK_SIZE
+        for KIND in tl.static_range(FULL_BLOCKS, PARTIAL_BLOCKS + 1):
+            span = listed_tiles(Blocks, line, ROWS, KIND, (tiles[0], tiles[3]), SW.BLOCK_N, SW)
+            state = _attn_fwd_tiles(state, q, K, V, extra, (offs_m, offs_d, offs_dv), (b, h_kv), drop, span, st, sc,
+                                    SW.BANDED, SW, KIND)
+    else:  # boundary tiles get the element-wise band mask, interior tiles skip it, dead tiles are not visited
+        for SEGMENT in tl.static_range(3):
+            state = _attn_fwd_tiles(state, q, K, V, extra, (offs_m, offs_d, offs_dv), (b, h_kv), drop,
+                                    segment(SEGMENT, tiles), st, sc, SEGMENT != 1, SW)
     acc, l_i, m_i = state
     if SW.SINKS:
         acc, l_i, m_i = _with_sink(acc, l_i, m_i, tl.load(Sinks))
@@ -113,7 +128,8 @@ def _attn_fwd_rows(Q, K, V, Out, Lse, Mask, alibi_log2, Sinks, Seed, at, drop, s
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Mask, Alibi, Sinks, Seed, Out, Lse, st, num_heads_q, group_size, sc, SW: tl.constexpr):
+def _attn_fwd(Q, K, V, Mask, Blocks, Alibi, Sinks, Seed, Out, Lse, st, num_heads_q, group_size, sc,
+              SW: tl.constexpr):
     """A program per block of BLOCK_M queries of one (batch, query head), the heaviest blocks first.
     Q, K, V and Out are tensor descriptors with ``TMA``, else pointers; the rest pointers."""
     head_index, b, h, start_m = _program_block(sc.len_q, num_heads_q, SW.BLOCK_M, True)
@@ -123,7 +139,7 @@ def _attn_fwd(Q, K, V, Mask, Alibi, Sinks, Seed, Out, Lse, st, num_heads_q, grou
         Out = _head_rows(Out, b, h, st.out)
         K = _head_rows(K, b, h_kv, st.k)
         V = _head_rows(V, b, h_kv, st.v)
-    _attn_fwd_rows(Q, K, V, Out, _row_stats(Lse, head_index, sc.len_q), _head_rows(Mask, b, h, st.mask),
+    _attn_fwd_rows(Q, K, V, Out, _row_stats(Lse, head_index, sc.len_q), (_head_rows(Mask, b, h, st.mask), Blocks),
                    _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI), Sinks + h, Seed, (start_m, b, h, h_kv),
                    (head_index, 0, 0), st, sc, SW)
 
@@ -155,8 +171,8 @@ def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None, plans=None
             plans["fwd"] = plan
     tensors = launch_tensors(q, args)
     q_, k_, v_, out_ = descriptors(plan.layouts, q, k, v, out)
-    _attn_fwd[plan.grid](q_, k_, v_, tensors.mask, tensors.alibi, tensors.sinks, tensors.seed, out_, lse_log2,
-                         *plan.scalars, **plan.options)
+    _attn_fwd[plan.grid](q_, k_, v_, tensors.mask, tensors.blocks, tensors.alibi, tensors.sinks, tensors.seed, out_,
+                         lse_log2, *plan.scalars, **plan.options)
     return out, lse_log2
 
 
@@ -167,14 +183,14 @@ def _plan(q, k, v, out, args, config, tma):
     if tma is None:
         tma = uses_tma("fwd", max(head_dim, head_dim_v), q, k, v, out)
     block_m, block_n, num_warps, num_stages = tile_config(q, "fwd", max(head_dim, head_dim_v), config, tma,
-                                                              launch.plain)
+                                                              launch.plain, args.block_size)
     return PassPlan(
         grid=(cdiv(len_q, block_m) * batch * num_heads_q,),
         block_m=block_m,
         block_n=block_n,
         layouts=descriptor_layouts(tma, (q, block_m), (k, block_n), (v, block_n), (out, block_m)),
         scalars=(Strides(q=q.stride(), k=k.stride(), v=v.stride(), mask=launch.mask_strides, alibi=launch.alibi_strides,
-                         out=out.stride()),
+                         out=out.stride(), blocks=launch.block_strides),
                  num_heads_q, num_heads_q // k.shape[1], launch.scores),
         options=dict(SW=launch.switches(BLOCK_M=block_m, BLOCK_N=block_n, SINKS=args.sinks is not None, TMA=tma),
                      num_warps=num_warps, num_stages=num_stages),

@@ -50,6 +50,13 @@ class OpArgs(NamedTuple):
     cu_seqlens_q: Optional[torch.Tensor] = None
     cu_seqlens_k: Optional[torch.Tensor] = None
     bottom_right: bool = False
+    # A block mask (`attn_ops.BlockMask.kernel_args`): its lists (int32) and bits (uint8), its block
+    # size (0: none) and its batch and head counts (1 where it broadcasts).
+    block_lists: Optional[torch.Tensor] = None
+    block_bits: Optional[torch.Tensor] = None
+    block_size: int = 0
+    block_batch: int = 1
+    block_heads: int = 1
 
     def flat(self):
         """The fields in order, as the custom ops take them."""
@@ -71,6 +78,7 @@ class LaunchArgs(NamedTuple):
     mask_strides: tuple
     mask_kind: int
     alibi_strides: tuple
+    block_strides: tuple  # a block mask's lines per batch and per head (0 where it broadcasts)
     scores: Scores  # with the lengths of q's and k's rows (every sequence's, packed)
     plain: bool  # no mask, dropout, cap or ALiBi: the scores are the scaled dot products (bigger tiles fit)
     # The `Switches` every pass takes alike: head dims (and their tile padding), which score
@@ -89,6 +97,7 @@ class LaunchTensors(NamedTuple):
     kernel never reads)."""
 
     mask: torch.Tensor  # a bool mask as its uint8 view (nonzero = may attend)
+    blocks: tuple  # a block mask's (lists, bits)
     alibi: torch.Tensor
     sinks: torch.Tensor  # read as sinks[h]: [Hq], unit stride
     seed: torch.Tensor
@@ -118,6 +127,7 @@ def launch_args(q, k, v_head_dim, args):
         mask_strides=mask_strides,
         mask_kind=mask_kind,
         alibi_strides=alibi_strides,
+        block_strides=(args.block_heads if args.block_batch > 1 else 0, 1 if args.block_heads > 1 else 0),
         scores=Scores(
             len_q=len_q,
             len_k=len_k,
@@ -140,6 +150,7 @@ def launch_args(q, k, v_head_dim, args):
             ALIBI=args.alibi_slopes is not None, DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=interpreted_bf16,
             INPUT_PRECISION="tf32" if tf32 else "ieee",
             MODIFIER=modifier_of(args.softcap is not None, args.alibi_slopes is not None),
+            BLOCK_SIZE=args.block_size, BANDED=args.band_lo is not None or args.band_hi is not None,
         ),
     )
 
@@ -149,6 +160,7 @@ def launch_tensors(q, args):
     mask = q if args.mask is None else args.mask.view(torch.uint8) if args.mask.dtype == torch.bool else args.mask
     return LaunchTensors(
         mask=mask,
+        blocks=(q, q) if args.block_lists is None else (args.block_lists, args.block_bits),
         alibi=q if args.alibi_slopes is None else args.alibi_slopes,
         sinks=q if args.sinks is None else args.sinks.contiguous(),
         seed=args.seed if args.dropout_p > 0 else q,

@@ -56,10 +56,10 @@ def _varlen_fwd(Q, K, V, Alibi, Sinks, Seed, Out, Lse, schedule, st, num_seqs, g
     h = tl.program_id(1).to(tl.int64)
     h_kv = h // group_size
     rows = Strides(q=_rows(st.q), k=_rows(st.k), v=_rows(st.v), mask=(0, 0, 0, 0), alibi=st.alibi, do=st.do,
-                   out=_rows(st.out), out_v=st.out_v, table=st.table)
-    # Q stands in for the mask pointer, which NO_MASK never reads.
+                   out=_rows(st.out), out_v=st.out_v, table=st.table, blocks=st.blocks)
+    # Q stands in for the mask's and the block mask's pointers, which NO_MASK and BLOCK_SIZE 0 never read.
     _attn_fwd_rows(Q + q0 * st.q[0] + h * st.q[1], K + k0 * st.k[0] + h_kv * st.k[1], V + k0 * st.v[0] + h_kv * st.v[1],
-                   Out + q0 * st.out[0] + h * st.out[1], Lse + h * sc.len_q + q0, Q,
+                   Out + q0 * st.out[0] + h * st.out[1], Lse + h * sc.len_q + q0, (Q, (Q, Q)),
                    _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI), Sinks + h, Seed, (start_m, 0, h, h_kv), (h, q0, k0),
                    rows, _shifted_scores(sc, len_q, len_k, shift), SW)
 
@@ -75,11 +75,11 @@ def _varlen_bwd_dkdv(Q, K, V, Alibi, Seed, dO, Lse, Delta, dK, dV, schedule, st,
     start_n, q0, k0, len_q, len_k, shift = _sequence(CuQ, CuK, TileFirst, b, bottom_right, SW.BLOCK_N)
     h_kv = tl.program_id(1).to(tl.int64)
     rows = Strides(q=_rows(st.q), k=_rows(st.k), v=_rows(st.v), mask=(0, 0, 0, 0), alibi=st.alibi, do=_rows(st.do),
-                   out=_rows(st.out), out_v=_rows(st.out_v), table=st.table)
+                   out=_rows(st.out), out_v=_rows(st.out_v), table=st.table, blocks=st.blocks)
     # The LSE and delta are [Hq, total_q] rows: head h's statistics are total_q apart.
     _attn_bwd_dkdv_cols(Q + q0 * st.q[0], K + k0 * st.k[0] + h_kv * st.k[1], V + k0 * st.v[0] + h_kv * st.v[1],
                         dO + q0 * st.do[0], dK + k0 * st.out[0] + h_kv * st.out[1],
-                        dV + k0 * st.out_v[0] + h_kv * st.out_v[1], Q, Alibi + b * st.alibi[0], Seed,
+                        dV + k0 * st.out_v[0] + h_kv * st.out_v[1], (Q, (Q, Q)), Alibi + b * st.alibi[0], Seed,
                         (Lse + q0, Delta + q0, sc.len_q), (start_n, 0, h_kv), group_size, (0, q0, k0), rows,
                         _shifted_scores(sc, len_q, len_k, shift), SW)
 
@@ -97,10 +97,11 @@ def _varlen_bwd_dq(Q, K, V, Alibi, Seed, dO, Lse, Delta, dQ, schedule, st, num_s
     h_kv = h // group_size
     stats = h * sc.len_q + q0
     rows = Strides(q=_rows(st.q), k=_rows(st.k), v=_rows(st.v), mask=(0, 0, 0, 0), alibi=st.alibi, do=_rows(st.do),
-                   out=_rows(st.out), out_v=st.out_v, table=st.table)
+                   out=_rows(st.out), out_v=st.out_v, table=st.table, blocks=st.blocks)
     _attn_bwd_dq_rows(Q + q0 * st.q[0] + h * st.q[1], K + k0 * st.k[0] + h_kv * st.k[1],
                       V + k0 * st.v[0] + h_kv * st.v[1], dO + q0 * st.do[0] + h * st.do[1],
-                      dQ + q0 * st.out[0] + h * st.out[1], Q, _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI), Seed,
+                      dQ + q0 * st.out[0] + h * st.out[1], (Q, (Q, Q)), _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI),
+                      Seed,
                       (Lse + stats, Delta + stats), (start_m, 0, h, h_kv), (h, q0, k0), rows,
                       _shifted_scores(sc, len_q, len_k, shift), SW)
 

@@ -57,6 +57,8 @@ class Switches(NamedTuple):
     INPUT_PRECISION: str
     TMA: bool
     PAGED: bool  # K and V are a paged cache, read through its block table (decoding)
+    BLOCK_SIZE: int  # a block mask's block size (its lists pick the tiles: `schedule.listed_tiles`), or 0
+    BANDED: bool  # a causal or window band: listed tiles get its element-wise mask
     MODIFIER: object  # the score modifier, a @triton.jit function (`kernels.modifiers`)
 
     @classmethod
@@ -99,3 +101,4 @@ class Strides(NamedTuple):
     out: tuple = ()  # what the pass writes: O, dQ, dK, the mask's gradient
     out_v: tuple = ()  # dV, beside dK
     table: tuple = ()  # a paged cache's block table: (batch,)
+    blocks: tuple = ()  # a block mask's lines: (batch, head) strides, 0 where it broadcasts

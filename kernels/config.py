@@ -109,16 +109,21 @@ DECODE_TILES = {
 INTERPRETER_TILE = TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps
 
 
-def tile_config(q, kernel, head_dim, config=None, tma=False, plain=False):
+def tile_config(q, kernel, head_dim, config=None, tma=False, plain=False, block_size=0):
     """The tile config of one pass ("fwd", "dkdv" or "dq") by head dim (the larger of K's and V's),
     dtype, whether it reads through TMA descriptors and whether its scores are `plain`, unless
-    `config` is given."""
+    `config` is given; with a block mask's `block_size`, its tile rows and columns no more than
+    that (a pass's tiles iterate inside the mask's blocks: both are powers of two)."""
     if config is not None:
-        return TileConfig(*config)
-    if INTERPRETED:
-        return INTERPRETER_TILE
-    major = device_properties(q.device).major if q.is_cuda else 9
-    return tile_for(q.element_size(), kernel, head_dim, major, tma, plain)
+        tile = TileConfig(*config)
+    elif INTERPRETED:
+        tile = INTERPRETER_TILE
+    else:
+        major = device_properties(q.device).major if q.is_cuda else 9
+        tile = tile_for(q.element_size(), kernel, head_dim, major, tma, plain)
+    if block_size:
+        tile = tile._replace(block_m=min(tile.block_m, block_size), block_n=min(tile.block_n, block_size))
+    return tile
 
 
 def decode_tile(q, head_dim, rows, config=None):

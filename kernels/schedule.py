@@ -9,11 +9,27 @@ dead and never touched. A pass asks for its block's `tiles` (`key_tiles` for a b
 ``SEGMENT != 1``), each in its own tile loop. Decoding cuts the range into split-KV ranges of
 whole tiles (`split_range`). Packed sequences first map each program to its sequence's rows
 (`attn_varlen.tile_schedule`, on the device), then ask the same questions with that sequence's
-`Scores`. A block-sparse mask's block lists are the next kind of schedule: they join here.
+`Scores`.
+
+A block mask (`attn_ops.BlockMask`) lists, for each block of rows, the blocks of the other axis
+that are full and those that are partial: a pass walks the full ones, then the partial ones
+(`listed_tiles`), each a loop of the same tile body (``KIND`` FULL_BLOCKS or PARTIAL_BLOCKS instead
+of CONTIGUOUS; `tile_start` maps the loop's index to a tile), a block's tiles one after another.
+Full blocks need no element-wise masking but the band's, partial ones read their bits
+(`attn_common._block_bits`). Blocks the band cannot see are cut from the ends of each list.
 """
 
 import triton
 import triton.language as tl
+
+# How a tile loop's index maps to tiles (`tile_start`).
+CONTIGUOUS = tl.constexpr(0)  # the index is the tile's first row
+FULL_BLOCKS = tl.constexpr(1)  # the index counts the tiles of a block mask's full blocks
+PARTIAL_BLOCKS = tl.constexpr(2)  # ... of its partial blocks, which read their bits
+# A block mask's packed lists (`BlockMask.lists`) start with where each list starts in them: the
+# lists by query block (ROWS), then by key block (COLS), five each in `BlockLists`' order.
+ROWS = tl.constexpr(0)
+COLS = tl.constexpr(5)
 
 
 @triton.jit
@@ -69,3 +85,39 @@ def split_range(tiles, split, num_splits, BLOCK: tl.constexpr):
     per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK) * BLOCK
     split_lo = lo + split * per_split
     return split_lo, tl.minimum(split_lo + per_split, hi)
+
+
+@triton.jit
+def listed_tiles(Blocks, line, SIDE: tl.constexpr, KIND: tl.constexpr, band, BLOCK: tl.constexpr, SW: tl.constexpr):
+    """The span of line `line`'s full or partial blocks (``KIND``) of a block mask's lists (`Blocks` =
+    (lists, bits)) by query block (``SIDE`` ROWS) or key block (COLS): (first tile, stop tile, the
+    blocks, their bits' indices, the bits), ``BLOCK_SIZE // BLOCK`` tiles of BLOCK rows per block.
+    With ``SW.BANDED`` only the blocks that meet `band` = (lo, hi), the range of the other axis the
+    band lets this line's rows see: a line's blocks are in increasing order, so the others are at
+    its two ends."""
+    Lists, Bits = Blocks
+    at = SIDE + 2 * (KIND - FULL_BLOCKS)
+    offsets = Lists + tl.load(Lists + at)
+    blocks = Lists + tl.load(Lists + at + 1)
+    first = tl.load(offsets + line)
+    stop = tl.load(offsets + line + 1)
+    if SW.BANDED:
+        lo, hi = band
+        while (first < stop) & ((tl.load(blocks + first, mask=first < stop, other=0) + 1) * SW.BLOCK_SIZE <= lo):
+            first += 1
+        while (first < stop) & (tl.load(blocks + stop - 1, mask=first < stop, other=0) * SW.BLOCK_SIZE >= hi):
+            stop -= 1
+    per_block: tl.constexpr = SW.BLOCK_SIZE // BLOCK
+    return first * per_block, stop * per_block, blocks, Lists + tl.load(Lists + SIDE + 4), Bits
+
+
+@triton.jit
+def tile_start(i, span, KIND: tl.constexpr, BLOCK: tl.constexpr, SW: tl.constexpr):
+    """The first row of tile `i` of a tile loop over `span`: i itself (CONTIGUOUS), or tile ``i % per
+    block`` of the listed block ``i // per block`` (`listed_tiles`)."""
+    start = i
+    if KIND != CONTIGUOUS:
+        per_block: tl.constexpr = SW.BLOCK_SIZE // BLOCK
+        block = i // per_block  # (and no `%`: the interpreter's int has none for a constexpr)
+        start = tl.load(span[2] + block) * SW.BLOCK_SIZE + (i - block * per_block) * BLOCK
+    return start

@@ -209,3 +209,27 @@ def test_compiled_decoding_takes_a_symbolic_cache_length(device):
         q = torch.randn(2, 4, 1, 16, device=device)
         k, v = (torch.randn(2, 2, length, 16, device=device) for _ in range(2))
         torch.testing.assert_close(compiled(q, k, v), step(q, k, v), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_masks_pass_opcheck_and_compile_without_graph_breaks(device):
+    """A block mask's tensors are custom-op arguments: opcheck passes, and a compiled step equals eager."""
+    q, k, v = (torch.randn(1, 2, 100, 16, device=device, requires_grad=True) for _ in range(3))
+    block_mask = attn_ops.BlockMask.from_mask(torch.rand(1, 2, 100, 100, device=device) > 0.4, block_size=64)
+    args = OpArgs(scale=0.25, band_hi=0, **block_mask.kernel_args)
+    operands = [t.detach() for t in (q, k, v)]
+    opcheck(torch.ops.attn_ops.attention_fwd.default, (*operands, *args.flat()))
+    out, lse_log2 = torch.ops.attn_ops.attention_fwd(*operands, *args.flat())
+    opcheck(torch.ops.attn_ops.attention_bwd.default,
+            (torch.randn_like(out), None, *operands, out, lse_log2, False, *args.flat()))
+
+    def step(q, k, v):
+        return attn_ops.attention(q, k, v, block_mask=block_mask, causal=True, backend="triton")
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        out = fn(q, k, v)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)

@@ -77,7 +77,30 @@ def test_matmul_kinds_tma_and_the_shortest_matmul_loop_per_million_multiply_adds
     assert (wgmma, mma_sync, tma) == (2, 1, True)
     # The 4-instruction loop over 2 * 64 * 64 * 64 multiply-adds (0.524288 million).
     assert per_mflop == round(4 / 0.524288, 1)
-    assert matmul_report(parse_sass(LISTING), "dkdv", dict(BLOCK_M=64, BLOCK_N=64, HEAD_DIM_PAD=64))[3] is None
+    tile = dict(BLOCK_M=64, BLOCK_N=64, HEAD_DIM_PAD=64)
+    # dK/dV's loop runs four matmuls per tile; a block mask's partial blocks take the longer loop.
+    assert matmul_report(parse_sass(LISTING), "dkdv GQA", tile)[3] == round(4 / 1.048576, 1)
+    assert matmul_report(parse_sass(LISTING), "fwd partial blocks", tile)[3] == round(5 / 0.524288, 1)
+    assert matmul_report(parse_sass(LISTING), "dmask+softcap+alibi", tile)[3] is None
+
+
+# dK/dV's loop over a GQA group's heads (0x10 to 0x60) holds its loop over query tiles (0x20 to 0x40).
+NESTED_LISTING = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R88, gdesc[UR4], RZ, !UPT ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R88, gdesc[UR4], R88 ;
+        /*0030*/                   FADD R5, R5, R6 ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   FADD R5, R5, R6 ;
+        /*0060*/               @P1 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_the_interior_loop_is_an_innermost_one():
+    assert len(loops(parse_sass(NESTED_LISTING))) == 2
+    tile = dict(BLOCK_M=64, BLOCK_N=64, HEAD_DIM_PAD=64)
+    assert matmul_report(parse_sass(NESTED_LISTING), "dkdv partial blocks", tile)[3] == round(3 / 1.048576, 1)
 
 
 def test_ptxas_performance_warnings():

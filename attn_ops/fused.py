@@ -47,7 +47,7 @@ def _fwd(q, k, v, *flat):
 def _forward(q, k, v, args, plans=None):
     """The forward launchers for `args` (an `OpArgs`); `plans`: see `run`."""
     if args.cu_seqlens_q is not None:
-        return varlen_fwd(q, k, v, args)
+        return varlen_fwd(q, k, v, args, plans=plans)
     return attn_fwd(q, k, v, args, plans=plans)
 
 
@@ -64,7 +64,7 @@ def _bwd(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, *flat):
 def _backward(dout, dlse_log2, q, k, v, out, lse_log2, mask_grad, args, plans=None):
     """The backward launchers for `args` (an `OpArgs`); `plans`: see `run`."""
     if args.cu_seqlens_q is not None:
-        return varlen_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args)
+        return varlen_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args, plans=plans)
     return attn_bwd(dout, dlse_log2, q, k, v, out, lse_log2, args, mask_grad=mask_grad, plans=plans)
 
 

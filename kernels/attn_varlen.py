@@ -11,6 +11,8 @@ ALiBi's distances, the bounds; only the dropout key uses packed positions, so th
 sequence does not depend on how the batch was tiled.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -18,7 +20,7 @@ import triton.language as tl
 from .attn_bwd import _attn_bwd_dkdv_cols, _attn_bwd_dq_rows, row_deltas, sink_grads
 from .attn_common import _alibi_log2, _shifted_scores
 from .attn_fwd import _attn_fwd_rows
-from .attn_launch import launch_args, launch_tensors, on_inputs_device
+from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, remembered
 from .bundles import Strides
 from .config import NO_MASK, tile_config
 
@@ -106,17 +108,20 @@ def _varlen_bwd_dq(Q, K, V, Alibi, Seed, dO, Lse, Delta, dQ, schedule, st, num_s
                       _shifted_scores(sc, len_q, len_k, shift), SW)
 
 
-def tile_schedule(cu_seqlens, block, total):
-    """(the sequence of each program's tile, int32 [grid]; each sequence's first tile, int32 [B + 1];
-    grid): sequence b has ``cdiv(L_b, block)`` tiles, numbered after the earlier sequences'. The grid,
-    ``total // block + B``, bounds the tile count without reading the lengths on the host; programs
-    past the last tile get sequence B (none)."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    first = torch.zeros_like(cu_seqlens)
-    first[1:] = torch.cumsum((lengths + block - 1) // block, 0)
-    grid = total // block + lengths.shape[0]
-    programs = torch.arange(grid, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(first[1:], programs, right=True).to(torch.int32), first, grid
+def tile_schedule(cu_seqlens, block, programs):
+    """(the sequence of each program's tile, int32 [grid]; each sequence's first tile, int32 [B + 1])
+    for `programs`, int32 ``arange(grid)``: sequence b has ``cdiv(L_b, block)`` tiles, numbered after
+    the earlier sequences'. The grid (`tile_grid`) bounds the tile count without reading the lengths
+    on the host; programs past the last tile get sequence B (none). Five small device ops: a
+    call's only work that depends on its lengths' values."""
+    tiles = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
+    first = torch.nn.functional.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0))
+    return torch.searchsorted(first[1:], programs, right=True, out_int32=True), first
+
+
+def tile_grid(total, block, num_seqs):
+    """``total // block + B``: at least ``sum_b cdiv(L_b, block)`` for any B lengths adding up to `total`."""
+    return total // block + num_seqs
 
 
 def _switches(launch, tile, **per_pass):
@@ -130,60 +135,106 @@ def _cu_seqlens(args):
     return args.cu_seqlens_q.contiguous(), args.cu_seqlens_k.contiguous()
 
 
+_PLANS = {}
+
+
+def _planned(plans, name, key, make):
+    """`plans`' entry `name` (a Problem's plans: every call with its static parts), else the launch
+    plan remembered for ``key()``; made by `make` the first time."""
+    plan = None if plans is None else plans.get(name)
+    if plan is None:
+        plan = remembered(_PLANS, key(), make)
+        if plans is not None:
+            plans[name] = plan
+    return plan
+
+
+class PackedPlan(NamedTuple):
+    """A packed pass's launch plan and its programs' numbers, int32 ``arange(grid)`` (`tile_schedule`
+    maps them to tiles on every call: the sequences' lengths are values)."""
+
+    launch: PassPlan
+    programs: torch.Tensor
+
+
+def _pass_plan(q, tile, rows, heads, strides, launch, args, **per_pass):
+    """A packed pass's `PackedPlan`: programs over `rows` packed rows in tiles of ``tile.block_m`` (or
+    ``block_n``: ``per_pass["rows_block"]``) per head."""
+    block = per_pass.pop("rows_block")
+    num_seqs = len(args.cu_seqlens_q) - 1
+    grid = tile_grid(rows, block, num_seqs)
+    return PackedPlan(PassPlan(
+        grid=(grid, heads),
+        block_m=tile.block_m,
+        block_n=tile.block_n,
+        layouts=(),
+        scalars=(strides, num_seqs, q.shape[1] // per_pass.pop("heads_kv"), int(args.bottom_right), launch.scores),
+        options=dict(SW=_switches(launch, tile, **per_pass), num_warps=tile.num_warps, num_stages=tile.num_stages),
+    ), torch.arange(grid, device=q.device, dtype=torch.int32))
+
+
 @on_inputs_device
-def varlen_fwd(q, k, v, args, *, config=None):
+def varlen_fwd(q, k, v, args, *, config=None, plans=None):
     """Launches the packed forward for `args` (an `OpArgs` with cu_seqlens); returns (out
-    ``[total_q, Hq, Dv]`` contiguous in q's dtype, lse_log2 ``[Hq, total_q]`` float32 in log2 units)."""
+    ``[total_q, Hq, Dv]`` contiguous in q's dtype, lse_log2 ``[Hq, total_q]`` float32 in log2 units).
+    ``plans``: as `attn_fwd`'s."""
     total_q, num_heads_q, head_dim = q.shape
-    total_k, num_heads_kv, head_dim_v = v.shape
+    head_dim_v = v.shape[-1]
     out = q.new_empty(total_q, num_heads_q, head_dim_v)
     lse_log2 = torch.empty(num_heads_q, total_q, device=q.device, dtype=torch.float32)
-    launch = launch_args(q, k, head_dim_v, args)
-    tensors = launch_tensors(q, args)
-    tile = tile_config(q, "fwd", max(head_dim, head_dim_v), config)
+    plan, programs = _planned(plans, "varlen fwd", lambda: ("fwd", launch_key(args, q, k, v), config),
+                              lambda: _fwd_plan(q, k, v, out, args, config))
     cu_seqlens = _cu_seqlens(args)
-    tile_seq, tile_first, grid = tile_schedule(cu_seqlens[0], tile.block_m, total_q)
-    if grid:
-        _varlen_fwd[(grid, num_heads_q)](
-            q, k, v, tensors.alibi, tensors.sinks, tensors.seed, out, lse_log2, (*cu_seqlens, tile_seq, tile_first),
-            Strides(q=q.stride(), k=k.stride(), v=v.stride(), alibi=launch.alibi_strides, out=out.stride()),
-            len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, int(args.bottom_right), launch.scores,
-            SW=_switches(launch, tile, SINKS=args.sinks is not None), num_warps=tile.num_warps,
-            num_stages=tile.num_stages,
-        )
+    if plan.grid[0]:
+        tensors = launch_tensors(q, args)
+        schedule = (*cu_seqlens, *tile_schedule(cu_seqlens[0], plan.block_m, programs))
+        _varlen_fwd[plan.grid](q, k, v, tensors.alibi, tensors.sinks, tensors.seed, out, lse_log2, schedule,
+                               *plan.scalars, **plan.options)
     return out, lse_log2
 
 
-@on_inputs_device
-def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None):
-    """Launches the packed backward; returns (dq, dk, dv, None, dsinks or None), as `attn_bwd` does
-    (a packed call has no mask)."""
-    total_q, num_heads_q, head_dim = q.shape
-    total_k, num_heads_kv, head_dim_v = v.shape
+def _fwd_plan(q, k, v, out, args, config):
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     launch = launch_args(q, k, head_dim_v, args)
-    tensors = launch_tensors(q, args)
-    dkdv = tile_config(q, "dkdv", max(head_dim, head_dim_v), config)
-    dq_tile = tile_config(q, "dq", max(head_dim, head_dim_v), config)
+    tile = tile_config(q, "fwd", max(head_dim, head_dim_v), config)
+    strides = Strides(q=q.stride(), k=k.stride(), v=v.stride(), alibi=launch.alibi_strides, out=out.stride())
+    return _pass_plan(q, tile, q.shape[0], q.shape[1], strides, launch, args, rows_block=tile.block_m,
+                      heads_kv=k.shape[1], SINKS=args.sinks is not None)
+
+
+@on_inputs_device
+def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None, plans=None):
+    """Launches the packed backward; returns (dq, dk, dv, None, dsinks or None), as `attn_bwd` does
+    (a packed call has no mask). ``plans``: as `attn_bwd`'s."""
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    (dkdv, dkdv_programs), (dq_pass, dq_programs) = _planned(
+        plans, ("varlen bwd", do.stride()), lambda: ("bwd", launch_key(args, q, k, v, do), config),
+        lambda: _bwd_plans(do, q, k, v, dq, dk, dv, args, config))
     # delta over [1, Hq, total_q] rows: the packed rows seen as one long sequence.
     delta = row_deltas(out.permute(1, 0, 2)[None], do.permute(1, 0, 2)[None],
-                       None if dlse_log2 is None else dlse_log2[None], dq_tile.block_m)[0]
-    strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), alibi=launch.alibi_strides, do=do.stride())
-    scalars = (len(args.cu_seqlens_q) - 1, num_heads_q // num_heads_kv, int(args.bottom_right), launch.scores)
+                       None if dlse_log2 is None else dlse_log2[None], dq_pass.block_m)[0]
+    tensors = launch_tensors(q, args)
     cu_seqlens = _cu_seqlens(args)
-    tile_seq, tile_first, grid = tile_schedule(cu_seqlens[1], dkdv.block_n, total_k)  # tiles of keys
-    if grid:
-        _varlen_bwd_dkdv[(grid, num_heads_kv)](
-            q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dk, dv, (*cu_seqlens, tile_seq, tile_first),
-            Strides(**strides, out=dk.stride(), out_v=dv.stride()), *scalars, SW=_switches(launch, dkdv),
-            num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
-        )
-    tile_seq, tile_first, grid = tile_schedule(cu_seqlens[0], dq_tile.block_m, total_q)
-    if grid:
-        _varlen_bwd_dq[(grid, num_heads_q)](
-            q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dq, (*cu_seqlens, tile_seq, tile_first),
-            Strides(**strides, out=dq.stride()), *scalars, SW=_switches(launch, dq_tile),
-            num_warps=dq_tile.num_warps, num_stages=dq_tile.num_stages,
-        )
+    if dkdv.grid[0]:  # tiles of keys
+        schedule = (*cu_seqlens, *tile_schedule(cu_seqlens[1], dkdv.block_n, dkdv_programs))
+        _varlen_bwd_dkdv[dkdv.grid](q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dk, dv, schedule,
+                                    *dkdv.scalars, **dkdv.options)
+    if dq_pass.grid[0]:
+        schedule = (*cu_seqlens, *tile_schedule(cu_seqlens[0], dq_pass.block_m, dq_programs))
+        _varlen_bwd_dq[dq_pass.grid](q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dq, schedule,
+                                     *dq_pass.scalars, **dq_pass.options)
     dsinks = None if args.sinks is None else sink_grads(args.sinks, lse_log2[None], delta[None])
     return dq, dk, dv, None, dsinks
+
+
+def _bwd_plans(do, q, k, v, dq, dk, dv, args, config):
+    """(the dK/dV pass's plan, the dQ pass's)."""
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    launch = launch_args(q, k, head_dim_v, args)
+    dkdv = tile_config(q, "dkdv", max(head_dim, head_dim_v), config)
+    dq_tile = tile_config(q, "dq", max(head_dim, head_dim_v), config)
+    strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), alibi=launch.alibi_strides, do=do.stride())
+    return (_pass_plan(q, dkdv, k.shape[0], k.shape[1], Strides(**strides, out=dk.stride(), out_v=dv.stride()), launch,
+                       args, rows_block=dkdv.block_n, heads_kv=k.shape[1]),
+            _pass_plan(q, dq_tile, q.shape[0], q.shape[1], Strides(**strides, out=dq.stride()), launch, args,
+                       rows_block=dq_tile.block_m, heads_kv=k.shape[1]))

@@ -59,6 +59,13 @@ def test_each_call_runs_with_its_own_tensors(backend):
                                                    torch.tensor(lengths, dtype=torch.int32), key_mask=key_mask,
                                                    backend="reference")
         torch.testing.assert_close(out, expected)
+    packed = [t.detach()[0].transpose(0, 1).requires_grad_() for t in (q, k, v)]  # [8, H, D]: 8 packed rows
+    for cuts in ([0, 3, 8], [0, 6, 8]):  # the same shapes, other sequences
+        cu_seqlens = torch.tensor(cuts, dtype=torch.int32)
+        results = [attn_ops.varlen_attention(*packed, cu_seqlens, cu_seqlens, causal=True, backend=name)
+                   for name in (backend, "reference")]
+        for out, expected in zip(*(( r, *torch.autograd.grad(r.sum(), packed)) for r in results)):
+            torch.testing.assert_close(out, expected)
 
 
 def test_repeated_multihead_attention_calls_share_one_description():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attn_ops
-from attn_ops.kernels.attn_varlen import tile_schedule
+from attn_ops.kernels.attn_varlen import tile_grid, tile_schedule
 from truth import DEVICES, DTYPES, check_against_float64, check_finite_differences, check_lse_against_float64
 
 
@@ -190,8 +190,9 @@ def test_backward_is_deterministic(device):
 
 def test_tile_schedule_covers_only_real_tiles():
     cu = torch.tensor([0, 5, 5, 135, 136], dtype=torch.int32)  # 5, 0, 130, 1 rows: 1 + 0 + 3 + 1 tiles of 64
-    tile_seq, first, grid = tile_schedule(cu, 64, 136)
+    grid = tile_grid(136, 64, 4)
     assert grid == 136 // 64 + 4  # the bound, known without reading cu on the host
+    tile_seq, first = tile_schedule(cu, 64, torch.arange(grid, dtype=torch.int32))
     assert tile_seq.tolist() == [0, 2, 2, 2, 3, 4]  # 4 = past the last tile: those programs return at once
     assert first.tolist() == [0, 1, 1, 4, 5]
 

@@ -114,7 +114,8 @@ GPU_SWEEP = (
 GPU_QUICK = (self_attention((1024, 4096), (128,), MASKS, ("fwd", "fwd_bwd")) + varlen((4096,), ("fwd", "fwd_bwd"))
              + decode((1, 8), (16384,), ("kvcache", "kvcache_paged16")))
 
-# Sized to finish in about 3 minutes on 2 cores, demo included (2 min 43 s measured).
+# Sized to finish in about 2 minutes on 2 cores, demo included (2026-12-02: 2 min 7 s wall, 3.1 CPU-minutes
+# of user time; a machine with more cores spends more CPU time on the same work).
 CPU_CASES = (
     self_attention((256, 512, 1024, 2048), (64,), ("none", "causal", "padding"), ("fwd",),
                    dtype="float32", tokens=2048, width=512)

@@ -534,8 +534,9 @@ def main(argv=None):
          f"{DECODE_HEADS} query heads on {DECODE_HEADS_KV}, 1 or 8 queries). Read from the cubin Triton built "
          "(`cuobjdump`): registers, stack bytes (spills), shared memory (bytes, Triton's metadata), the matmul "
          "instructions (wgmma `HGMMA`, mma.sync `HMMA`), TMA loads, whether ptxas serialized the wgmma (its "
-         "warning C7513 or C7515), and the SASS instructions of the shortest matmul loop per million "
-         "multiply-adds of its two matmuls (the forward-type passes' interior loop).\n")
+         "warning C7513 or C7515), and the SASS instructions of the shortest innermost matmul loop (a block "
+         "mask's partial blocks: the longest) per million multiply-adds of its matmuls (the forward's two, "
+         "dQ's three, dK/dV's four).\n")
     emit("| kernel | dtype | D | mask | dropout | BLOCK_M x BLOCK_N | warps | stages | regs | spill bytes | smem "
          "| wgmma | mma.sync | TMA | wgmma serialized | loop SASS / MFLOP |")
     emit("|" + "---|" * 16)

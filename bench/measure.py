@@ -130,7 +130,9 @@ def peak_rss_growth():
         rss = None
     yield result
     if rss is not None:
-        result["mb"] = (_status_kb("VmHWM") - rss) / 1024
+        # The kernel updates both counters lazily (each thread's RSS changes in batches of up to 64
+        # pages): a growth within that slack can read as a fraction of a MB below zero, which is 0.
+        result["mb"] = max(0.0, (_status_kb("VmHWM") - rss) / 1024)
 
 
 def time_cpu(step):

@@ -6,9 +6,11 @@ Two functions are registered under one name, as transformers needs both:
   `sdpa_mask` skip materialising the mask (its ``allow_is_*_skip`` flags), ours returns the key
   padding alone: ``[B, Lk]``
   (True = real token) for the plain causal mask, the module adding its causal rule as in
-  transformers' flash-attention integration; a ``[B, 1, 1, Lk]`` view for the plain bidirectional
-  mask. Other patterns (sliding window, chunked, packed sequences, static-cache offsets, custom
-  overlays) get transformers' own dense `sdpa_mask`.
+  transformers' flash-attention integration; ``[B, 1, Lk]`` for a sliding-window causal layer, the
+  module adding its causal rule and its ``sliding_window`` (which transformers passes to attention
+  functions, as to flash attention) as a window; a ``[B, 1, 1, Lk]`` view for the plain
+  bidirectional mask. Other patterns (chunked attention, packed sequences, a sliding cache past its
+  window, static-cache offsets, custom overlays) get transformers' own dense `sdpa_mask`.
 - an attention function (`AttentionInterface`) with `sdpa_attention_forward`'s signature. It reads
   a 2-D mask as key padding on top of the module's causal rule (``module.is_causal``, bottom-right
   aligned as a KV cache needs), a 4-D mask exactly as SDPA reads it, and no mask as SDPA does
@@ -81,6 +83,12 @@ def padding_or_dense_mask(
     covers_keys = attention_mask is None or attention_mask.shape[-1] >= kv_length
     if kv_offset == 0 and covers_keys and bidirectional:
         return None if attention_mask is None else attention_mask[:, None, None, :kv_length]
+    if kv_offset == 0 and covers_keys and aligned and _sliding_window(mask_function, kwargs) is not None:
+        # The key padding alone, as [B, 1, Lk]: `attention_forward` adds the layer's causal rule and
+        # its window (transformers passes `sliding_window`, as to its flash-attention path).
+        padding = (torch.ones(batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+                   if attention_mask is None else attention_mask[:, :kv_length].bool())
+        return padding[:, None, :]
     if kv_offset == 0 and covers_keys and causal and aligned:
         if attention_mask is not None:
             return attention_mask[:, :kv_length]
@@ -101,6 +109,26 @@ def padding_or_dense_mask(
     )
 
 
+def _sliding_window(mask_function, kwargs):
+    """The window of a sliding-window causal layer's mask, where `mask_function` is exactly
+    transformers' ``sliding_window_causal_mask_function(window)`` (``and_masks`` of its window overlay
+    and the causal rule, read from the closures) and the call lets the mask be skipped (no overlay,
+    no packed sequences); else None, and the layer gets transformers' dense mask."""
+    from transformers.masking_utils import causal_mask_function, sliding_window_overlay
+
+    window = kwargs.get("local_size")
+    if not isinstance(window, int) or not kwargs.get("allow_is_causal_skip", True):
+        return None
+    try:
+        overlay, rule = mask_function.__closure__[0].cell_contents
+        same_overlay = overlay.__code__ is sliding_window_overlay(window).__code__
+        if rule is causal_mask_function and same_overlay and overlay.__closure__[0].cell_contents == window:
+            return window
+    except (AttributeError, IndexError, TypeError, ValueError):  # another kind of mask function
+        pass
+    return None
+
+
 def attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, softcap=None, s_aux=None,
     position_bias=None, **kwargs
@@ -114,10 +142,19 @@ def attention_forward(
             "use attn_implementation='sdpa' or 'eager' there"
         )
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = None
     if attention_mask is None:
         mask, causal = None, bool(is_causal) and query.shape[2] > 1
     elif attention_mask.dim() == 2:  # key padding from padding_or_dense_mask's causal case
         mask, causal = attention_mask[:, None, None, :], "bottom_right" if is_causal else False
+    elif attention_mask.dim() == 3:  # a sliding-window layer's key padding [B, 1, Lk] (padding_or_dense_mask)
+        sliding_window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        if not sliding_window:
+            raise ValueError("attn_ops attention got a sliding-window layer's key padding ([B, 1, Lk]) without the "
+                             "layer's `sliding_window`: pass it as transformers passes it to flash attention")
+        # transformers' window: key kv is seen from query q iff q - sliding_window < kv <= q.
+        mask, causal, window = attention_mask[:, None], "bottom_right", (sliding_window - 1, 0)
+        attention_mask = mask
     else:
         mask, causal = attention_mask, False
     if position_bias is not None:
@@ -125,7 +162,7 @@ def attention_forward(
     decoding = None if position_bias is not None else _decoding_step(query, key, value, s_aux, attention_mask, dropout)
     if decoding is not None:
         cache_seqlens, key_mask = decoding
-        out = attention_with_kvcache(query, key, value, cache_seqlens, key_mask=key_mask, scale=scaling,
+        out = attention_with_kvcache(query, key, value, cache_seqlens, key_mask=key_mask, window=window, scale=scaling,
                                      softcap=softcap, sinks=s_aux)
         return out.transpose(1, 2).contiguous(), None
     packed = None if position_bias is not None else _packed_sequences(query, key, attention_mask, is_causal, kwargs)
@@ -138,9 +175,8 @@ def attention_forward(
             sinks=s_aux, dropout_p=dropout,
         )
         return out[None], None
-    out = attention(
-        query, key, value, mask=mask, causal=causal, scale=scaling, softcap=softcap, sinks=s_aux, dropout_p=dropout
-    )
+    out = attention(query, key, value, mask=mask, causal=causal, window=window, scale=scaling, softcap=softcap,
+                    sinks=s_aux, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
 
 

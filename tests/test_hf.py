@@ -157,16 +157,80 @@ def test_bert_encoder_with_padding_matches_sdpa(calls):
     assert calls and all(m.shape == (3, 1, 1, SEQ) for m in calls)  # padding broadcast over the queries
 
 
-def test_sliding_window_model_gets_the_dense_mask_and_matches_sdpa(calls):
+@pytest.fixture
+def op_rules(monkeypatch):
+    """The mask and window each call of our attention function passes to the op (or to decoding)."""
+    seen = []
+
+    def spy_on(name):
+        real = getattr(attn_ops.hf, name)
+
+        def spy(*args, **kwargs):
+            mask = kwargs.get("mask", kwargs.get("key_mask"))
+            seen.append((name, None if mask is None else tuple(mask.shape), kwargs.get("window")))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(attn_ops.hf, name, spy)
+
+    spy_on("attention")
+    spy_on("attention_with_kvcache")
+    return seen
+
+
+def _mistral(window=4):
     config = transformers.MistralConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=window,
     )
-    model = transformers.MistralForCausalLM(config).eval()
+    return transformers.MistralForCausalLM(config).eval()
+
+
+def test_sliding_window_model_passes_its_rule_not_a_dense_mask_and_matches_sdpa(calls, op_rules):
+    model = _mistral()
     ids, mask = _batch("left")
     expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(_run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits, expected, **TOL)
-    assert calls and all(m.shape == (3, 1, SEQ, SEQ) for m in calls)
+    # Each layer gets the key padding alone, [B, 1, Lk], and gives the op the window: no [Lq, Lk] mask.
+    assert calls and all(m.shape == (3, 1, SEQ) for m in calls)
+    assert op_rules == [("attention", (3, 1, 1, SEQ), (3, 0))] * 2
+
+
+def test_sliding_window_generation_matches_sdpa_with_the_window_in_each_decoding_step(calls, op_rules):
+    """A window of 16 over a 9-token prompt and 6 new tokens: every step stays within it (the cache
+    holds every key), so each takes the rule; the steps decode through the split-KV kernels."""
+    model = _mistral(window=16)
+    ids, mask = _batch("right")
+    outputs = {}
+    for implementation in ("sdpa", "attn_ops"):
+        model.set_attn_implementation(implementation)
+        outputs[implementation] = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+            return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+        )
+    assert torch.equal(outputs["attn_ops"].sequences, outputs["sdpa"].sequences)
+    for actual, expected in zip(outputs["attn_ops"].logits, outputs["sdpa"].logits):
+        torch.testing.assert_close(actual, expected, **TOL)
+    assert [name for name, _, _ in op_rules] == ["attention"] * 2 + ["attention_with_kvcache"] * 10
+    assert all(window == (15, 0) for _, _, window in op_rules)
+
+
+def test_a_sliding_window_generation_past_its_window_matches_sdpa():
+    """Past the window the sliding cache drops keys (transformers then builds the mask over what it
+    kept, an offset the rule does not take): the dense mask path, the same tokens as SDPA."""
+    model = _mistral(window=4)
+    ids, mask = _batch("left")
+    sequences = {}
+    for implementation in ("sdpa", "attn_ops"):
+        model.set_attn_implementation(implementation)
+        sequences[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                                                   do_sample=False, pad_token_id=0)
+    assert torch.equal(sequences["attn_ops"], sequences["sdpa"])
+
+
+def test_a_sliding_window_layers_padding_without_its_window_is_an_error():
+    query = key = value = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="without the layer's `sliding_window`"):
+        attn_ops.hf.attention_forward(torch.nn.Module(), query, key, value, torch.ones(1, 1, 4, dtype=torch.bool))
 
 
 def test_config_attn_implementation_selects_the_op(calls):
@@ -208,8 +272,8 @@ def test_sliding_window_models_with_score_modifiers_match_eager(make, calls):
     expected = _run(model, "eager", input_ids=ids, attention_mask=mask).logits
     actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(actual, expected, **TOL)
-    # The global layer's padding mask and the sliding layer's dense mask.
-    assert sorted(m.dim() for m in calls) == [2, 4]
+    # The global layer's padding mask [B, Lk] and the sliding layer's [B, 1, Lk] (its window a rule).
+    assert sorted(m.dim() for m in calls) == [2, 3]
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=DEVICES[0].marks)])

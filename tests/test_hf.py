@@ -101,20 +101,25 @@ def decode_calls(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])  # static: the dense-mask path, tensor offsets
-def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache, calls, decode_calls):
-    model = _llama()
-    ids, mask = _batch("left")
+def _generate_as_sdpa(model, ids, mask, max_new_tokens, **options):
+    """Greedy generation with "sdpa", then "attn_ops": asserts the same tokens and logits."""
     outputs = {}
     for implementation in ("sdpa", "attn_ops"):
         model.set_attn_implementation(implementation)
         outputs[implementation] = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-            return_dict_in_generate=True, output_logits=True, pad_token_id=0, cache_implementation=cache,
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            return_dict_in_generate=True, output_logits=True, pad_token_id=0, **options,
         )
     assert torch.equal(outputs["attn_ops"].sequences, outputs["sdpa"].sequences)
     for actual, expected in zip(outputs["attn_ops"].logits, outputs["sdpa"].logits):
         torch.testing.assert_close(actual, expected, **TOL)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])  # static: the dense-mask path, tensor offsets
+def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache, calls, decode_calls):
+    model = _llama()
+    ids, mask = _batch("left")
+    _generate_as_sdpa(model, ids, mask, 4, cache_implementation=cache)
     # Our function ran every step: 2 layers x (the prompt + 3 one-token steps), each with the mask
     # its cache gives (the small padding mask, or static's dense one over the whole cache).
     assert len(calls) == 2 * 4
@@ -198,18 +203,8 @@ def test_sliding_window_model_passes_its_rule_not_a_dense_mask_and_matches_sdpa(
 def test_sliding_window_generation_matches_sdpa_with_the_window_in_each_decoding_step(calls, op_rules):
     """A window of 16 over a 9-token prompt and 6 new tokens: every step stays within it (the cache
     holds every key), so each takes the rule; the steps decode through the split-KV kernels."""
-    model = _mistral(window=16)
     ids, mask = _batch("right")
-    outputs = {}
-    for implementation in ("sdpa", "attn_ops"):
-        model.set_attn_implementation(implementation)
-        outputs[implementation] = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-            return_dict_in_generate=True, output_logits=True, pad_token_id=0,
-        )
-    assert torch.equal(outputs["attn_ops"].sequences, outputs["sdpa"].sequences)
-    for actual, expected in zip(outputs["attn_ops"].logits, outputs["sdpa"].logits):
-        torch.testing.assert_close(actual, expected, **TOL)
+    _generate_as_sdpa(_mistral(window=16), ids, mask, 6)
     assert [name for name, _, _ in op_rules] == ["attention"] * 2 + ["attention_with_kvcache"] * 10
     assert all(window == (15, 0) for _, _, window in op_rules)
 
@@ -217,14 +212,8 @@ def test_sliding_window_generation_matches_sdpa_with_the_window_in_each_decoding
 def test_a_sliding_window_generation_past_its_window_matches_sdpa():
     """Past the window the sliding cache drops keys (transformers then builds the mask over what it
     kept, an offset the rule does not take): the dense mask path, the same tokens as SDPA."""
-    model = _mistral(window=4)
     ids, mask = _batch("left")
-    sequences = {}
-    for implementation in ("sdpa", "attn_ops"):
-        model.set_attn_implementation(implementation)
-        sequences[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
-                                                   do_sample=False, pad_token_id=0)
-    assert torch.equal(sequences["attn_ops"], sequences["sdpa"])
+    _generate_as_sdpa(_mistral(window=4), ids, mask, 5)
 
 
 def test_a_sliding_window_layers_padding_without_its_window_is_an_error():

@@ -130,7 +130,11 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, EDGE: tl.c
         unit = 1.0
     s, cap_slope = SW.MODIFIER(s, offs_m + shift, offs_n, alibi_log2, sc)
     if SW.MASK_KIND != NO_MASK:
-        in_bounds = (offs_m[:, None] < len_r) & (offs_n[None, :] < len_c)
+        in_bounds = offs_m[:, None] < len_r
+        if EDGE or TRANSPOSED or hidden is not None:
+            in_bounds = in_bounds & (offs_n[None, :] < len_c)
+        # Else every key of the tile is below len_k (an interior tile, or a full block): a bound that
+        # is the same along the keys lets a row's contiguous mask bytes load together, not one by one.
         m = tl.load(mask_ptrs, mask=in_bounds, other=0)
         if SW.MASK_KIND == BOOL_MASK:
             s = tl.where(m != 0, s, float("-inf"))

@@ -122,6 +122,7 @@ class BlockMask:
             raise ValueError(f"mask must have 2 to 4 dims ([B, H, Lq, Lk], leading ones optional), got shape "
                              f"{tuple(mask.shape)}")
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        _checked_shape(tuple(mask.shape), "mask's B, H, Lq, Lk")
         _check_block_size(block_size)
         return _built(tuple(mask.shape), block_size, mask.device, lambda q0, q1, k0, k1: mask[:, :, q0:q1, k0:k1])
 
@@ -133,11 +134,12 @@ class BlockMask:
         if not isinstance(block_map, torch.Tensor) or block_map.dtype != torch.bool:
             raise TypeError(f"block_map must be a bool tensor, got "
                             f"{block_map.dtype if isinstance(block_map, torch.Tensor) else type(block_map).__name__}")
-        Lq, Lk = _checked_shape((1, 1, Lq, Lk), "B, H, Lq, Lk")[2:]
+        _checked_shape((1, 1, Lq, Lk), "Lq and Lk")
         blocks = (-(-Lq // block_size), -(-Lk // block_size))
         if block_map.dim() != 4 or tuple(block_map.shape[2:]) != blocks:
             raise ValueError(f"block_map must be [B | 1, H | 1, ceil(Lq / {block_size}), ceil(Lk / {block_size})] "
                              f"= [B | 1, H | 1, {blocks[0]}, {blocks[1]}], got shape {tuple(block_map.shape)}")
+        _checked_shape((*block_map.shape[:2], Lq, Lk), "block_map's B and H, Lq, Lk")
 
         def piece(q0, q1, k0, k1):
             return _blocks_piece(block_map, block_size, q0, q1, k0, k1)
@@ -185,16 +187,17 @@ class BlockMask:
         dense = torch.zeros(B, H, last - first, bs, n_cols, bs, dtype=torch.bool, device=self.device)
         full_lines, full_blocks = _entries(self.rows.full_offsets, self.rows.full_blocks)
         part_lines, part_blocks = _entries(self.rows.partial_offsets, self.rows.partial_blocks)
-        for lines, blocks, bits in ((full_lines, full_blocks, None),
-                                    (part_lines, part_blocks, self.bits[self.rows.partial_bits.long()])):
+        for lines, blocks, bit_ids in ((full_lines, full_blocks, None),
+                                       (part_lines, part_blocks, self.rows.partial_bits)):
             block_row = lines % n_rows
             chosen = (block_row >= first) & (block_row < last)
             head_line = lines[chosen] // n_rows
-            at = (head_line // H, head_line % H, block_row[chosen] - first, slice(None), blocks[chosen].long())
-            if bits is None:
-                dense.permute(0, 1, 2, 4, 3, 5)[at[:3] + (at[4],)] = True
+            # [B, H, row block, key block, bs, bs]: the chosen blocks' elements.
+            at = (head_line // H, head_line % H, block_row[chosen] - first, blocks[chosen].long())
+            if bit_ids is None:
+                dense.permute(0, 1, 2, 4, 3, 5)[at] = True
             else:
-                dense.permute(0, 1, 2, 4, 3, 5)[at[:3] + (at[4],)] = _unpacked(bits[chosen], bs)
+                dense.permute(0, 1, 2, 4, 3, 5)[at] = _unpacked(self.bits[bit_ids[chosen].long()], bs)
         dense = dense.view(B, H, (last - first) * bs, n_cols * bs)
         return dense[:, :, start - first * bs:stop - first * bs, :Lk]
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .kernels.attn_bwd import attn_bwd
 from .kernels.attn_fwd import attn_fwd
-from .kernels.attn_launch import OP_ARG_NAMES, OpArgs
+from .kernels.attn_launch import BLOCK_MASK_ARG_NAMES, OP_ARG_NAMES, OpArgs
 from .kernels.attn_varlen import varlen_bwd, varlen_fwd
 from .kernels.config import INTERPRETED, MAX_HEAD_DIM
 from .kernels.layout import empty_like_q
@@ -28,7 +28,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LN2 = math.log(2.0)
 
 # The OpArgs fields that are the Problem's of the same names (the block mask's come from it: `op_args`).
-PROBLEM_ARG_NAMES = OP_ARG_NAMES[:OP_ARG_NAMES.index("block_lists")]
+PROBLEM_ARG_NAMES = tuple(name for name in OP_ARG_NAMES if name not in BLOCK_MASK_ARG_NAMES)
 _SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", Optional[int]: "SymInt?",
                  float: "float", Optional[float]: "float?", bool: "bool"}
 
@@ -214,7 +214,7 @@ def op_args(problem):
     tensor, as then for every call with its static parts (those with a mask, say, hold this call's)."""
     args = problem.plans.get(OpArgs)
     if args is None:
-        args = OpArgs(*[getattr(problem, name) for name in PROBLEM_ARG_NAMES])
+        args = OpArgs(**{name: getattr(problem, name) for name in PROBLEM_ARG_NAMES})
         if problem.cache_seqlens is not None:
             args = args._replace(mask=problem.key_mask)
         if problem.block_mask is not None:

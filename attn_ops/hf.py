@@ -13,7 +13,8 @@ Two functions are registered under one name, as transformers needs both:
   window, static-cache offsets, custom overlays) get transformers' own dense `sdpa_mask`.
 - an attention function (`AttentionInterface`) with `sdpa_attention_forward`'s signature. It reads
   a 2-D mask as key padding on top of the module's causal rule (``module.is_causal``, bottom-right
-  aligned as a KV cache needs), a 4-D mask exactly as SDPA reads it, and no mask as SDPA does
+  aligned as a KV cache needs), a 3-D one as a sliding-window layer's key padding on top of the
+  causal rule and the layer's window, a 4-D mask exactly as SDPA reads it, and no mask as SDPA does
   (top-left causal for a causal module given more than one query). GQA runs without repeating k/v.
   It takes the score modifiers models pass: ``softcap`` (Gemma 2), ``s_aux`` as the per-head sinks
   (gpt-oss) and ``position_bias`` (T5) as a float mask, its gradient flowing back to the bias.
@@ -35,7 +36,8 @@ flash-attention path takes them: the sequences they give, the module's causal ru
 block-diagonal mask for such a row; the varlen path is taken only where that mask says exactly
 "each token sees its own sequence's tokens (the earlier ones, for a causal module)", which finding
 the sequences and comparing the mask read on the host once per forward (the layers share the mask
-object; the keywords avoid that read). Any other mask (a sliding window, say) takes the dense path.
+object; the keywords avoid that read). A packed row with any other mask (a sliding window's dense
+mask, say) takes the dense path.
 """
 
 import inspect
@@ -69,8 +71,10 @@ def padding_or_dense_mask(
 
     ``attention_mask`` is the 2-D padding mask ``[B, >= kv_length]`` (True = real token) or None.
     Returns None (no padding), ``[B, 1, 1, kv_length]`` (bidirectional: SDPA broadcasts it over
-    the queries), ``[B, kv_length]`` (causal: `attention_forward` adds the module's causal rule)
-    or the dense ``[B, 1, q_length, kv_length]`` mask.
+    the queries), ``[B, kv_length]`` (causal: `attention_forward` adds the module's causal rule),
+    ``[B, 1, kv_length]`` (a sliding-window causal layer: `attention_forward` adds the causal rule
+    and the layer's window; ``[B, 1, 0]`` when nothing is padded) or the dense
+    ``[B, 1, q_length, kv_length]`` mask.
     """
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
@@ -84,11 +88,12 @@ def padding_or_dense_mask(
     if kv_offset == 0 and covers_keys and bidirectional:
         return None if attention_mask is None else attention_mask[:, None, None, :kv_length]
     if kv_offset == 0 and covers_keys and aligned and _sliding_window(mask_function, kwargs) is not None:
-        # The key padding alone, as [B, 1, Lk]: `attention_forward` adds the layer's causal rule and
-        # its window (transformers passes `sliding_window`, as to its flash-attention path).
-        padding = (torch.ones(batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
-                   if attention_mask is None else attention_mask[:, :kv_length].bool())
-        return padding[:, None, :]
+        # The key padding alone, as [B, 1, Lk] ([B, 1, 0]: none): `attention_forward` adds the layer's
+        # causal rule and its window (transformers passes `sliding_window`, as to its flash-attention
+        # path).
+        if attention_mask is None:
+            return torch.ones(batch_size, 1, 0, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+        return attention_mask[:, None, :kv_length]
     if kv_offset == 0 and covers_keys and causal and aligned:
         if attention_mask is not None:
             return attention_mask[:, :kv_length]
@@ -153,13 +158,14 @@ def attention_forward(
             raise ValueError("attn_ops attention got a sliding-window layer's key padding ([B, 1, Lk]) without the "
                              "layer's `sliding_window`: pass it as transformers passes it to flash attention")
         # transformers' window: key kv is seen from query q iff q - sliding_window < kv <= q.
-        mask, causal, window = attention_mask[:, None], "bottom_right", (sliding_window - 1, 0)
-        attention_mask = mask
+        mask = attention_mask[:, None] if attention_mask.shape[-1] else None  # [B, 1, 0]: nothing padded
+        causal, window = "bottom_right", (sliding_window - 1, 0)
     else:
         mask, causal = attention_mask, False
     if position_bias is not None:
         mask = _with_bias(mask, position_bias)
-    decoding = None if position_bias is not None else _decoding_step(query, key, value, s_aux, attention_mask, dropout)
+    key_padding = mask if window is not None else attention_mask
+    decoding = None if position_bias is not None else _decoding_step(query, key, value, s_aux, key_padding, dropout)
     if decoding is not None:
         cache_seqlens, key_mask = decoding
         out = attention_with_kvcache(query, key, value, cache_seqlens, key_mask=key_mask, window=window, scale=scaling,
@@ -260,8 +266,10 @@ def _sequences_the_mask_keeps_apart(mask, positions, causal):
     row's first: 0, or 2 in RoBERTa-like models), if there are several and a bool [1, 1, L, L] mask
     lets each token see exactly its own sequence's tokens (the earlier ones where `causal`); else None."""
     length = positions.numel()
+    if mask.dtype != torch.bool or tuple(mask.shape) != (1, 1, length, length):
+        return None  # not transformers' dense mask of one packed row (and no host read to find that)
     starts = (positions == positions[0]).nonzero().view(-1)
-    if starts.numel() < 2 or mask.dtype != torch.bool or tuple(mask.shape) != (1, 1, length, length):
+    if starts.numel() < 2:
         return None  # a single sequence: the dense call is the same work
     cu_seqlens = torch.cat([starts, starts.new_tensor([length])]).to(torch.int32)
     ids = torch.repeat_interleave(torch.arange(starts.numel(), device=mask.device),

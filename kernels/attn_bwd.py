@@ -12,8 +12,8 @@ from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args
                           on_inputs_device, remembered, tma_allowed, uses_tma)
 from .bundles import Strides
 from .layout import on_16_bytes
-from .schedule import (COLS, CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, key_tiles, listed_tiles, query_tiles,
-                       segment, tile_start)
+from .schedule import (COLS, CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, block_line, key_tiles, listed_tiles,
+                       query_tiles, segment, tile_start)
 from .config import cdiv, head_dim_pad, tile_config
 from .precision import tf32_allowed
 
@@ -132,7 +132,7 @@ def _attn_bwd_dkdv_cols(Q, K, V, dO, dK, dV, masks, Alibi, Seed, stats, at, grou
         extra = (mask_row_ptrs, alibi_log2, seed)
         drop_h = (drop_head0 + h, drop_q0, drop_k0)
         if SW.BLOCK_SIZE:  # the block mask's full query blocks, then its partial ones, within the band
-            line = (b * st.blocks[0] + h * st.blocks[1]) * tl.cdiv(sc.len_k, SW.BLOCK_SIZE) + start_n // SW.BLOCK_SIZE
+            line = block_line(b, h, start_n, sc.len_k, st, SW)
             for KIND in tl.static_range(FULL_BLOCKS, PARTIAL_BLOCKS + 1):
                 span = listed_tiles(Blocks, line, COLS, KIND, (tiles[0], tiles[3]), SW.BLOCK_M, SW)
                 dk, dv = _attn_bwd_dkdv_tiles((dk, dv), (k, v), Q_h, dO_h, stats_h, extra, (offs_n, offs_d, offs_dv),
@@ -215,7 +215,7 @@ def _attn_bwd_dq_rows(Q, K, V, dO, dQ, masks, alibi_log2, Seed, stats, at, drop,
     tiles = key_tiles(start_m, sc.len_q, sc, SW)
     extra = (mask_row_ptrs, alibi_log2, seed)
     if SW.BLOCK_SIZE:  # as the forward's
-        line = (b * st.blocks[0] + h * st.blocks[1]) * tl.cdiv(sc.len_q, SW.BLOCK_SIZE) + start_m // SW.BLOCK_SIZE
+        line = block_line(b, h, start_m, sc.len_q, st, SW)
         for KIND in tl.static_range(FULL_BLOCKS, PARTIAL_BLOCKS + 1):
             span = listed_tiles(Blocks, line, ROWS, KIND, (tiles[0], tiles[3]), SW.BLOCK_N, SW)
             dq = _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, extra, (offs_m, offs_d, offs_dv), (b, h_kv), drop,

@@ -10,7 +10,8 @@ from .attn_common import (LOG2E, _alibi_log2, _block_bits, _dot, _dropout_keep, 
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
                           on_inputs_device, remembered, uses_tma)
 from .bundles import Strides
-from .schedule import CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, key_tiles, listed_tiles, segment, tile_start
+from .schedule import (CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, block_line, key_tiles, listed_tiles, segment,
+                       tile_start)
 from .config import NO_MASK, cdiv, tile_config
 from .layout import empty_like_q
 
@@ -109,7 +110,7 @@ def _attn_fwd_rows(Q, K, V, Out, Lse, masks, alibi_log2, Sinks, Seed, at, drop, 
     tiles = key_tiles(start_m, sc.len_q, sc, SW)
     extra = (mask_row_ptrs, alibi_log2, seed)
     if SW.BLOCK_SIZE:  # the block mask's full blocks, then its partial ones, within the band
-        line = (b * st.blocks[0] + h * st.blocks[1]) * tl.cdiv(sc.len_q, SW.BLOCK_SIZE) + start_m // SW.BLOCK_SIZE
+        line = block_line(b, h, start_m, sc.len_q, st, SW)
         for KIND in tl.static_range(FULL_BLOCKS, PARTIAL_BLOCKS + 1):
             span = listed_tiles(Blocks, line, ROWS, KIND, (tiles[0], tiles[3]), SW.BLOCK_N, SW)
             state = _attn_fwd_tiles(state, q, K, V, extra, (offs_m, offs_d, offs_dv), (b, h_kv), drop, span, st, sc,

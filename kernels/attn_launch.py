@@ -21,8 +21,9 @@ class OpArgs(NamedTuple):
     tensors, and the custom ops' flat, typed arguments (their schemas are derived from this class:
     `attn_ops.fused`). The kernels take what `launch_args` derives from them (the bundles of
     `kernels.bundles`). A new argument is one field here, its use in `launch_args` and the kernels,
-    and nothing else. A named tuple, passed on as the ops' flat arguments as it is; kept in a
-    Problem's plans where it holds no tensor (`fused.op_args`).
+    and nothing else: `fused.op_args` takes it from the Problem's field of the same name (a block
+    mask's, `BLOCK_MASK_ARG_NAMES`, from `BlockMask.kernel_args`). A named tuple, passed on as the
+    ops' flat arguments as it is; kept in a Problem's plans where it holds no tensor.
 
     ``band_lo``/``band_hi``: query i sees key j iff ``i + band_lo <= j <= i + band_hi`` (None:
     unbounded). ``mask``: bool (True = may attend) or float (added), broadcastable to
@@ -64,11 +65,15 @@ class OpArgs(NamedTuple):
 
     def static_key(self):
         """The fields as a launcher's static work depends on them: the tensors by shape, strides and
-        dtype, never their values (see `launch_key`)."""
-        return tuple((x.shape, x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x for x in self)
+        dtype, never their values (see `launch_key`); a block mask's lists and bits by dtype alone
+        (their lengths count its non-empty blocks: values)."""
+        return tuple((x.dtype if name in BLOCK_MASK_TENSORS else (x.shape, x.stride(), x.dtype))
+                     if isinstance(x, torch.Tensor) else x for name, x in zip(self._fields, self))
 
 
 OP_ARG_NAMES = OpArgs._fields
+BLOCK_MASK_ARG_NAMES = ("block_lists", "block_bits", "block_size", "block_batch", "block_heads")
+BLOCK_MASK_TENSORS = BLOCK_MASK_ARG_NAMES[:2]
 
 
 class LaunchArgs(NamedTuple):
@@ -150,7 +155,9 @@ def launch_args(q, k, v_head_dim, args):
             ALIBI=args.alibi_slopes is not None, DROPOUT=args.dropout_p > 0, INTERPRETED_BF16=interpreted_bf16,
             INPUT_PRECISION="tf32" if tf32 else "ieee",
             MODIFIER=modifier_of(args.softcap is not None, args.alibi_slopes is not None),
-            BLOCK_SIZE=args.block_size, BANDED=args.band_lo is not None or args.band_hi is not None,
+            # BANDED is read with a block mask only: without one it would split compiled kernels for nothing.
+            BLOCK_SIZE=args.block_size,
+            BANDED=bool(args.block_size) and (args.band_lo is not None or args.band_hi is not None),
         ),
     )
 

@@ -112,7 +112,7 @@ def tile_schedule(cu_seqlens, block, programs):
     """(the sequence of each program's tile, int32 [grid]; each sequence's first tile, int32 [B + 1])
     for `programs`, int32 ``arange(grid)``: sequence b has ``cdiv(L_b, block)`` tiles, numbered after
     the earlier sequences'. The grid (`tile_grid`) bounds the tile count without reading the lengths
-    on the host; programs past the last tile get sequence B (none). Five small device ops: a
+    on the host; programs past the last tile get sequence B (none). Six small device ops: a
     call's only work that depends on its lengths' values."""
     tiles = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
     first = torch.nn.functional.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0))

@@ -88,6 +88,13 @@ def split_range(tiles, split, num_splits, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def block_line(b, h, start, length, st, SW: tl.constexpr):
+    """The line of a block mask's lists for batch b, head h and the block of rows (of `length`) that
+    holds row `start`: its (batch, head) strides are 0 where it broadcasts (``st.blocks``)."""
+    return (b * st.blocks[0] + h * st.blocks[1]) * tl.cdiv(length, SW.BLOCK_SIZE) + start // SW.BLOCK_SIZE
+
+
+@triton.jit
 def listed_tiles(Blocks, line, SIDE: tl.constexpr, KIND: tl.constexpr, band, BLOCK: tl.constexpr, SW: tl.constexpr):
     """The span of line `line`'s full or partial blocks (``KIND``) of a block mask's lists (`Blocks` =
     (lists, bits)) by query block (``SIDE`` ROWS) or key block (COLS): (first tile, stop tile, the

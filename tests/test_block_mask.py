@@ -287,6 +287,17 @@ def test_kernel_tiles_smaller_than_a_block_or_a_word_of_bits(device, config):
     check_against_float64(q, k, v, out, grads, dout, mask=block_mask.to_dense())
 
 
+def test_launch_plans_do_not_depend_on_how_many_blocks_a_mask_keeps():
+    """A launcher's plan key reads a block mask's lists and bits by dtype: their lengths are values."""
+    one_block = torch.zeros(1, 1, 4, 5, dtype=torch.bool)
+    one_block[0, 0, 0, 0] = True
+    sparse, dense = (BlockMask.from_blocks(blocks, 200, 260, block_size=64)
+                     for blocks in (one_block, torch.ones_like(one_block)))
+    assert sparse.lists.numel() != dense.lists.numel() and sparse.bits.shape != dense.bits.shape
+    keys = [OpArgs(scale=1.0, **mask.kernel_args).static_key() for mask in (sparse, dense)]
+    assert keys[0] == keys[1]
+
+
 @pytest.mark.parametrize("backend, device", RUNS)
 def test_dropout_with_a_block_mask_is_dropout_with_its_dense_mask(backend, device):
     q, k, v = _inputs(device)
@@ -318,6 +329,10 @@ def test_bad_block_masks_name_block_mask():
 
 
 def test_bad_constructor_arguments_raise_naming_them():
+    with pytest.raises(ValueError, match="mask's B, H, Lq, Lk must be ints"):
+        BlockMask.from_mask(torch.ones(0, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_map's B and H, Lq, Lk must be ints"):
+        BlockMask.from_blocks(torch.ones(1, 0, 1, 1, dtype=torch.bool), 8, 8, block_size=64)
     with pytest.raises(ValueError, match="block_size must be one of"):
         BlockMask.from_mask(torch.ones(8, 8, dtype=torch.bool), block_size=32)
     with pytest.raises(TypeError, match="mask must be a bool tensor"):

@@ -216,6 +216,24 @@ def test_a_sliding_window_generation_past_its_window_matches_sdpa():
     _generate_as_sdpa(_mistral(window=4), ids, mask, 5)
 
 
+def test_an_unpadded_sliding_window_model_passes_no_mask_at_all(calls, op_rules):
+    model = _mistral()
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    expected = _run(model, "sdpa", input_ids=ids).logits
+    torch.testing.assert_close(_run(model, "attn_ops", input_ids=ids).logits, expected, **TOL)
+    assert calls and all(m.shape == (2, 1, 0) for m in calls)  # the window rule, nothing padded
+    assert op_rules == [("attention", None, (3, 0))] * 2
+
+
+def test_a_mask_that_is_no_packed_rows_dense_mask_is_not_read_on_the_host(monkeypatch):
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host read")
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", host_read)
+    sliding_padding = torch.ones(1, 1, SEQ, dtype=torch.bool)
+    assert attn_ops.hf._sequences_the_mask_keeps_apart(sliding_padding, torch.arange(SEQ), True) is None
+
+
 def test_a_sliding_window_layers_padding_without_its_window_is_an_error():
     query = key = value = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="without the layer's `sliding_window`"):

@@ -13,9 +13,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import attn_ops  # noqa: E402
+from bench.measure import time_cpu, time_gpu  # noqa: E402
 from bench.report import file_stem, meta  # noqa: E402
 
 DENSITIES = (1.0, 0.5, 0.25, 0.125)
@@ -46,18 +45,9 @@ def pattern(blocks, density, partial, block, length, gen):
 
 
 def timed(step, device):
-    """Median seconds of `step()`: do_bench on a GPU, 3 runs after a warm-up on a CPU."""
-    if device == "cuda":
-        import triton
-
-        return triton.testing.do_bench(step) / 1e3
-    step()
-    runs = []
-    for _ in range(3):
-        start = time.perf_counter()
-        step()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+    """Median seconds of `step()`, by the sweep's timers (`bench.measure`): do_bench on a GPU, a
+    perf_counter median of 3 to 6 calls after a warm-up on a CPU."""
+    return (time_gpu if device == "cuda" else time_cpu)(step)[0] / 1e3
 
 
 def measure(device):
@@ -120,7 +110,8 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     now = datetime.datetime.now()
     shape, base, rows = measure(device)
-    meta_ = meta(device, "triton.testing.do_bench" if device == "cuda" else "time.perf_counter, median of 3", now)
+    meta_ = meta(device, "bench.measure.time_gpu (do_bench, median)" if device == "cuda"
+                 else "bench.measure.time_cpu (time.perf_counter, median of 3 to 6 calls after a warm-up)", now)
     stem = Path(args.out) / file_stem(device, "sparsity", now)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta_, shape={**shape, "dtype": str(shape["dtype"])},

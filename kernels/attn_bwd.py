@@ -9,7 +9,7 @@ import triton.language as tl
 from .attn_common import (LOG2E, _alibi_log2, _block_bits, _dot, _dropout_keep, _head_rows, _load_rows, _load_tile,
                           _masked_scores, _program_block, _rounded, _row_stats, _store_rows, _store_tile, _wide)
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
-                          on_inputs_device, remembered, tma_allowed, uses_tma)
+                          on_inputs_device, planned, tma_allowed, uses_tma)
 from .bundles import Strides
 from .layout import on_16_bytes
 from .schedule import (COLS, CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, block_line, key_tiles, listed_tiles,
@@ -335,14 +335,10 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     pointer path. ``plans``: as `attn_fwd`'s (the plan also depends on dO's layout).
     """
     dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
-    planned = None if plans is None else ("bwd", do.stride(), on_16_bytes(do),
-                                          q.dtype == torch.float32 and tf32_allowed())
-    plan = None if plans is None else plans.get(planned)
-    if plan is None:
-        plan = remembered(_PLANS, (launch_key(args, q, k, v, out, do, dq), config, tma),
-                          lambda: _plan(do, q, k, v, out, dq, dk, dv, args, config, tma))
-        if plans is not None:
-            plans[planned] = plan
+    name = None if plans is None else ("bwd", do.stride(), on_16_bytes(do),
+                                       q.dtype == torch.float32 and tf32_allowed())
+    plan = planned(plans, name, _PLANS, lambda: (launch_key(args, q, k, v, out, do, dq), config, tma),
+                   lambda: _plan(do, q, k, v, out, dq, dk, dv, args, config, tma))
     copy_do, deltas, dkdv, dq_pass = plan
     if copy_do:
         do = do.clone(memory_format=torch.contiguous_format)

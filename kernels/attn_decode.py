@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .attn_common import LOG2E, _alibi_log2, _head_rows, _shifted_scores, _store_tile, _wide
 from .attn_fwd import _attn_fwd_tiles, _normalized, _with_sink
-from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, remembered
+from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, planned
 from .bundles import Strides
 from .schedule import key_tiles, segment, split_range
 from .config import BOOL_MASK, NO_MASK, cdiv, decode_tile, device_properties, head_dim_pad, next_power_of_2
@@ -208,14 +208,10 @@ def decode_fwd(q, k_cache, v_cache, seqlens, table, len_new, num_splits, args, *
         return out, lse
     # The kernel reads them as cache_seqlens[b] and table[b, j] at unit stride.
     seqlens, table = seqlens.contiguous(), None if table is None else table.contiguous()
-    plan = None if plans is None else plans.get("decode")
-    if plan is None:
-        key = (launch_key(args, q, k_cache, v_cache, out), None if table is None else table.shape, len_new,
-               num_splits, config)
-        plan = remembered(_PLANS, key, lambda: _plan(q, k_cache, v_cache, out, table, len_new, num_splits, args,
-                                                     config))
-        if plans is not None:
-            plans["decode"] = plan
+    plan = planned(plans, "decode", _PLANS,
+                   lambda: (launch_key(args, q, k_cache, v_cache, out), None if table is None else table.shape,
+                            len_new, num_splits, config),
+                   lambda: _plan(q, k_cache, v_cache, out, table, len_new, num_splits, args, config))
     tensors = launch_tensors(q, args)
     if plan.combine is None:
         split_out, split_lse = out, lse

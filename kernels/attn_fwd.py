@@ -8,7 +8,7 @@ import triton.language as tl
 from .attn_common import (LOG2E, _alibi_log2, _block_bits, _dot, _dropout_keep, _head_rows, _load_rows,
                           _masked_scores, _program_block, _rounded, _row_stats, _store_rows, _wide)
 from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args, launch_key, launch_tensors,
-                          on_inputs_device, remembered, uses_tma)
+                          on_inputs_device, planned, uses_tma)
 from .bundles import Strides
 from .schedule import (CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, block_line, key_tiles, listed_tiles, segment,
                        tile_start)
@@ -164,12 +164,8 @@ def attn_fwd(q, k, v, args, *, config=None, out_dtype=None, tma=None, plans=None
     """
     out = empty_like_q(q, v.shape[-1], out_dtype)
     lse_log2 = q.new_empty(q.shape[:3], dtype=torch.float32)
-    plan = None if plans is None else plans.get("fwd")
-    if plan is None:
-        plan = remembered(_PLANS, (launch_key(args, q, k, v, out), config, tma),
-                          lambda: _plan(q, k, v, out, args, config, tma))
-        if plans is not None:
-            plans["fwd"] = plan
+    plan = planned(plans, "fwd", _PLANS, lambda: (launch_key(args, q, k, v, out), config, tma),
+                   lambda: _plan(q, k, v, out, args, config, tma))
     tensors = launch_tensors(q, args)
     q_, k_, v_, out_ = descriptors(plan.layouts, q, k, v, out)
     _attn_fwd[plan.grid](q_, k_, v_, tensors.mask, tensors.blocks, tensors.alibi, tensors.sinks, tensors.seed, out_,

@@ -209,6 +209,19 @@ def remembered(plans, key, make):
     return plan
 
 
+def planned(plans, name, remembered_plans, key, make):
+    """A launch plan: `plans`' entry `name` (a Problem's plans, shared by every call with its static
+    parts; None: there are none), else the launcher's `remembered_plans` entry for ``key()``, made by
+    `make` the first time (`remembered`) and kept in `plans` too. The launch key is built only on a
+    miss."""
+    plan = None if plans is None else plans.get(name)
+    if plan is None:
+        plan = remembered(remembered_plans, key(), make)
+        if plans is not None:
+            plans[name] = plan
+    return plan
+
+
 def uses_tma(kernel, head_dim, *tensors):
     """Whether pass `kernel` ("fwd", "dkdv", "dq") at head dim `head_dim` reads and writes these
     tensors through TMA descriptors: where `tma_allowed`, for 2-byte dtypes, and its padded head

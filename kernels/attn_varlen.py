@@ -20,7 +20,7 @@ import triton.language as tl
 from .attn_bwd import _attn_bwd_dkdv_cols, _attn_bwd_dq_rows, row_deltas, sink_grads
 from .attn_common import _alibi_log2, _shifted_scores
 from .attn_fwd import _attn_fwd_rows
-from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, remembered
+from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, planned
 from .bundles import Strides
 from .config import NO_MASK, tile_config
 
@@ -138,17 +138,6 @@ def _cu_seqlens(args):
 _PLANS = {}
 
 
-def _planned(plans, name, key, make):
-    """`plans`' entry `name` (a Problem's plans: every call with its static parts), else the launch
-    plan remembered for ``key()``; made by `make` the first time."""
-    plan = None if plans is None else plans.get(name)
-    if plan is None:
-        plan = remembered(_PLANS, key(), make)
-        if plans is not None:
-            plans[name] = plan
-    return plan
-
-
 class PackedPlan(NamedTuple):
     """A packed pass's launch plan and its programs' numbers, int32 ``arange(grid)`` (`tile_schedule`
     maps them to tiles on every call: the sequences' lengths are values)."""
@@ -182,7 +171,7 @@ def varlen_fwd(q, k, v, args, *, config=None, plans=None):
     head_dim_v = v.shape[-1]
     out = q.new_empty(total_q, num_heads_q, head_dim_v)
     lse_log2 = torch.empty(num_heads_q, total_q, device=q.device, dtype=torch.float32)
-    plan, programs = _planned(plans, "varlen fwd", lambda: ("fwd", launch_key(args, q, k, v), config),
+    plan, programs = planned(plans, "varlen fwd", _PLANS, lambda: ("fwd", launch_key(args, q, k, v), config),
                               lambda: _fwd_plan(q, k, v, out, args, config))
     cu_seqlens = _cu_seqlens(args)
     if plan.grid[0]:
@@ -207,8 +196,8 @@ def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None, plan
     """Launches the packed backward; returns (dq, dk, dv, None, dsinks or None), as `attn_bwd` does
     (a packed call has no mask). ``plans``: as `attn_bwd`'s."""
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
-    (dkdv, dkdv_programs), (dq_pass, dq_programs) = _planned(
-        plans, ("varlen bwd", do.stride()), lambda: ("bwd", launch_key(args, q, k, v, do), config),
+    (dkdv, dkdv_programs), (dq_pass, dq_programs) = planned(
+        plans, ("varlen bwd", do.stride()), _PLANS, lambda: ("bwd", launch_key(args, q, k, v, do), config),
         lambda: _bwd_plans(do, q, k, v, dq, dk, dv, args, config))
     # delta over [1, Hq, total_q] rows: the packed rows seen as one long sequence.
     delta = row_deltas(out.permute(1, 0, 2)[None], do.permute(1, 0, 2)[None],

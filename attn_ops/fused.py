@@ -33,6 +33,11 @@ _SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", O
                  float: "float", Optional[float]: "float?", bool: "bool"}
 
 
+# The positions of the `OpArgs` fields that may hold a tensor.
+_TENSOR_FIELDS = tuple(i for i, name in enumerate(OP_ARG_NAMES)
+                       if get_type_hints(OpArgs)[name] in (Tensor, Optional[Tensor]))
+
+
 def op_args_schema(leading, returns):
     """A custom op schema: the `leading` arguments, then every `OpArgs` field, typed."""
     hints = get_type_hints(OpArgs)
@@ -108,7 +113,7 @@ class FusedAttention(torch.autograd.Function):
             out, lse_log2 = torch.ops.attn_ops.attention_fwd(q, k, v, *args)
         else:
             out, lse_log2 = _forward(q, k, v, args, plans)
-        tensors = [x for x in args if isinstance(x, Tensor)]
+        tensors = [args[i] for i in _TENSOR_FIELDS if args[i] is not None]
         ctx.save_for_backward(q, k, v, out, lse_log2, *tensors)
         ctx.args = args
         if tensors:  # saved_tensors gives them back (version-checked); ctx keeps the rest

@@ -80,7 +80,7 @@ DECODE_HEADS, DECODE_HEADS_KV, CACHE_CAPACITY, CACHED, PAGE_SIZE = 32, 4, 4096, 
 MULTIPROCESSORS = 132
 
 # The kernels' names in the table.
-KERNEL_NAMES = {"_attn_fwd": "fwd", "_attn_bwd_preprocess": "preprocess", "_attn_bwd_dkdv": "dkdv",
+KERNEL_NAMES = {"_attn_fwd": "fwd", "_attn_bwd_dkdv": "dkdv",
                 "_attn_bwd_dq": "dq", "_attn_bwd_dmask": "dmask", "_varlen_fwd": "varlen fwd",
                 "_varlen_bwd_dkdv": "varlen dkdv", "_varlen_bwd_dq": "varlen dq", "_decode_split": "decode",
                 "_decode_combine": "decode combine"}
@@ -205,27 +205,29 @@ def named(launches):
     return {KERNEL_NAMES[launch.kernel.fn.__name__]: launch for launch in launches}
 
 
-def dense_launches(arch, dtype, head_dim, head_dim_v, args, heads_kv=HEADS, tma=None, mask_grad=False):
+def dense_launches(arch, dtype, head_dim, head_dim_v, args, heads_kv=HEADS, tma=None, mask_grad=False,
+                   lse_grad=False):
     """The launches of a forward and a backward (`attn_fwd`, `attn_bwd`) on contiguous [B, H, L, D]
-    tensors, by table name."""
+    tensors, by table name; with `lse_grad` the LSE has a gradient (which the dQ pass reads)."""
     q = torch.empty(BATCH, HEADS, LENGTH, head_dim, dtype=dtype)
     k = torch.empty(BATCH, heads_kv, LENGTH, head_dim, dtype=dtype)
     v = torch.empty(BATCH, heads_kv, LENGTH, head_dim_v, dtype=dtype)
     with recorded_launches(arch) as launches:
         out, lse = attn_fwd(q, k, v, args, tma=tma)
-        attn_bwd(torch.empty_like(out), None, q, k, v, out, lse, args, mask_grad=mask_grad, tma=tma)
+        attn_bwd(torch.empty_like(out), torch.empty_like(lse) if lse_grad else None, q, k, v, out, lse, args,
+                 mask_grad=mask_grad, tma=tma)
     return named(launches)
 
 
 def packed_launches(arch, dtype, modified):
     """The launches of a packed forward and backward (`varlen_fwd`, `varlen_bwd`) at D = 128, with
-    every modifier and dropout if `modified`."""
+    every modifier, dropout and a gradient of the LSE if `modified`."""
     cu_seqlens = torch.tensor((0, *PACKED_LENGTHS), dtype=torch.int32).cumsum(0, dtype=torch.int32)
     args = op_args(HEADS, 128, dropout=modified, softcap_alibi=modified, sinks=modified, cu_seqlens=cu_seqlens)
     q, k, v = (torch.empty(sum(PACKED_LENGTHS), HEADS, 128, dtype=dtype) for _ in range(3))
     with recorded_launches(arch) as launches:
         out, lse = varlen_fwd(q, k, v, args)
-        varlen_bwd(torch.empty_like(out), None, q, k, v, out, lse, args)
+        varlen_bwd(torch.empty_like(out), torch.empty_like(lse) if modified else None, q, k, v, out, lse, args)
     return named(launches)
 
 
@@ -249,7 +251,7 @@ def decode_launches(arch, dtype, head_dim, len_q, paged, args):
 def variants(arch):
     """Every variant's launch, in the table's order: by dtype, the dense passes by head dim and
     masking (the mask-free ones also through pointers where the launcher takes TMA, and with GQA at
-    D = 128), the score modifiers, packed sequences, decoding, and the backward's preprocess."""
+    D = 128), the score modifiers, packed sequences, and decoding."""
     for dtype in TRITON_DTYPE:
         # 80: a head dim padded to its tile (masked loads); 192/128: K's and V's differ (DeepSeek's MLA)
         for head_dim, head_dim_v in ((64, 64), (80, 80), (128, 128), (256, 256), (192, 128)):
@@ -268,14 +270,13 @@ def variants(arch):
                     if plain and compile_time(launches[name].kwargs)["TMA"]:
                         yield Variant(name + " pointers", dtype, label, mask_kind, dropout, pointers[name])
                 if plain and head_dim == 128:
-                    preprocess = launches["preprocess"]
                     gqa = dense_launches(arch, dtype, head_dim, head_dim_v, args, heads_kv=GQA_HEADS_KV)
                     for name in ("fwd", "dkdv", "dq"):
                         yield Variant(name + " GQA", dtype, label, mask_kind, dropout, gqa[name])
         # Score modifiers with a float mask at D = 128: softcap and ALiBi in every pass, sinks in the
-        # forward, and the pass that computes the mask's gradient.
+        # forward, and the pass that computes the mask's gradient; the LSE has a gradient (dQ reads it).
         args = op_args(HEADS, 128, dense_mask(ADD_MASK.value), softcap_alibi=True, sinks=True)
-        launches = dense_launches(arch, dtype, 128, 128, args, mask_grad=True)
+        launches = dense_launches(arch, dtype, 128, 128, args, mask_grad=True, lse_grad=True)
         for name in ("fwd", "dkdv", "dq", "dmask"):
             label = f"{name}+sinks+softcap+alibi" if name == "fwd" else f"{name}+softcap+alibi"
             yield Variant(label, dtype, 128, ADD_MASK.value, False, launches[name])
@@ -286,7 +287,7 @@ def variants(arch):
         for name in ("fwd", "dkdv", "dq"):
             for kind in ("full", "partial"):
                 yield Variant(f"{name} {kind} blocks", dtype, 128, NO_MASK.value, False, launches[name])
-        # Packed sequences (varlen) at D = 128: plain, and with every modifier and dropout.
+        # Packed sequences (varlen) at D = 128: plain, and with every modifier, dropout and an LSE gradient.
         for modified in (False, True):
             launches = packed_launches(arch, dtype, modified)
             for name in ("varlen fwd", "varlen dkdv", "varlen dq"):
@@ -309,7 +310,6 @@ def variants(arch):
                     if len_q == 1 and not paged:
                         combine = launches["decode combine"]
             yield Variant("decode combine", dtype, head_dim, NO_MASK.value, False, combine)
-        yield Variant("preprocess", dtype, 128, NO_MASK.value, False, preprocess)
 
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

@@ -1,6 +1,7 @@
-"""Backward pass: a preprocess (delta = rowsum(dO * O)), a dK/dV pass over key blocks and a dQ pass
-over query blocks. Both recompute the probabilities from the saved LSE (and the dropout pattern from
-the seed); no [Lq, Lk] tensor is stored and no atomics are used, so results are deterministic."""
+"""Backward pass: a dQ pass over query blocks, which also stores each row's delta = rowsum(dO * O),
+then a dK/dV pass over key blocks, which reads them. Both recompute the probabilities from the saved
+LSE (and the dropout pattern from the seed); no [Lq, Lk] tensor is stored and no atomics are used, so
+results are deterministic."""
 
 import torch
 import triton
@@ -16,19 +17,6 @@ from .schedule import (COLS, CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, bloc
                        query_tiles, segment, tile_start)
 from .config import cdiv, head_dim_pad, tile_config
 from .precision import tf32_allowed
-
-
-@triton.jit
-def _attn_bwd_preprocess(Out, dOut, Delta, st, num_heads_q, len_q, HEAD_DIM: tl.constexpr,
-                         HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O) of BLOCK_M rows of one (batch, head); `st`: the `Strides` of out and do."""
-    head_index, b, h, start_m = _program_block(len_q, num_heads_q, BLOCK_M)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    o = _load_tile(_head_rows(Out, b, h, st.out), offs_m, offs_d, st.out[2], st.out[3], len_q, HEAD_DIM)
-    do = _load_tile(_head_rows(dOut, b, h, st.do), offs_m, offs_d, st.do[2], st.do[3], len_q, HEAD_DIM)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(_row_stats(Delta, head_index, len_q) + offs_m, delta, mask=offs_m < len_q)
 
 
 @triton.jit
@@ -196,19 +184,35 @@ def _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, extra, offs, at, drop, span, 
 
 
 @triton.jit
-def _attn_bwd_dq_rows(Q, K, V, dO, dQ, masks, alibi_log2, Seed, stats, at, drop, st, sc, SW: tl.constexpr):
+def _row_deltas(o, do, dLse, offs_m, len_q):
+    """delta = rowsum(dO * O) - dlse_log2 * log2(e) of the rows `offs_m` (the LSE's gradient folded in,
+    see `attn_bwd`); `dLse`: None where the LSE had no gradient."""
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if dLse is not None:
+        delta -= tl.load(dLse + offs_m, mask=offs_m < len_q, other=0.0) * LOG2E
+    return delta
+
+
+@triton.jit
+def _attn_bwd_dq_rows(Q, K, V, outputs, dQ, masks, alibi_log2, Seed, stats, at, drop, st, sc, SW: tl.constexpr):
     """dQ of queries [start_m, start_m + BLOCK_M) of one (sequence, head), `at` = (start_m, b, h,
-    h_kv), every pointer at its first row, `stats` = (Lse, Delta) too (with ``TMA`` Q, K, V, dO and
-    dQ descriptors; `masks` as `_attn_fwd_rows`')."""
+    h_kv), every pointer at its first row: `outputs` = (Out, dO), `stats` = (Lse, dLse or None, Delta)
+    too (with ``TMA`` Q, K, V, Out, dO and dQ descriptors; `masks` as `_attn_fwd_rows`'). Stores the
+    rows' deltas, which the dK/dV pass launched after this one reads: no pass of their own."""
     start_m, b, h, h_kv = at
     Mask, Blocks = masks
-    Lse, Delta = stats
+    Out, dO = outputs
+    Lse, dLse, Delta = stats
     offs_m = start_m + tl.arange(0, SW.BLOCK_M)
     offs_d = tl.arange(0, SW.HEAD_DIM_PAD)
     offs_dv = tl.arange(0, SW.HEAD_DIM_V_PAD)
     q = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, False, SW)
     do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, st.do, sc.len_q, SW.HEAD_DIM_V, False, SW)
-    row_stats = _load_row_stats(Lse, Delta, offs_m, sc.len_q)
+    o = _load_rows(Out, b, h, start_m, offs_m, offs_dv, st.o, sc.len_q, SW.HEAD_DIM_V, False, SW)
+    delta = _row_deltas(o, do, dLse, offs_m, sc.len_q)
+    tl.store(Delta + offs_m, delta, mask=offs_m < sc.len_q)
+    lse2 = tl.load(Lse + offs_m, mask=offs_m < sc.len_q, other=float("-inf"))
+    row_stats = (tl.where(lse2 == float("-inf"), float("inf"), lse2), delta)  # as `_load_row_stats`
     mask_row_ptrs = Mask + _wide(offs_m)[:, None] * st.mask[2]
     seed = tl.load(Seed) if SW.DROPOUT else 0
     dq = tl.zeros([SW.BLOCK_M, SW.HEAD_DIM_PAD], dtype=tl.float32)
@@ -229,21 +233,24 @@ def _attn_bwd_dq_rows(Q, K, V, dO, dQ, masks, alibi_log2, Seed, stats, at, drop,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Mask, Blocks, Alibi, Seed, dO, Lse, Delta, dQ, st, num_heads_q, group_size, sc,
+def _attn_bwd_dq(Q, K, V, Mask, Blocks, Alibi, Seed, Out, dO, Lse, dLse, Delta, dQ, st, num_heads_q, group_size, sc,
                  SW: tl.constexpr):
     """A program per block of BLOCK_M queries of one (batch, query head), the heaviest first; `st.out`:
-    dQ's strides."""
+    dQ's strides, `st.o` Out's; `dLse`: None, or the LSE's gradient as [B * Hq, Lq] rows."""
     head_index, b, h, start_m = _program_block(sc.len_q, num_heads_q, SW.BLOCK_M, True)
     h_kv = h // group_size
     if not SW.TMA:  # pointers at (b, h)'s first rows; descriptors take (b, h) as coordinates
         K = _head_rows(K, b, h_kv, st.k)
         V = _head_rows(V, b, h_kv, st.v)
         Q = _head_rows(Q, b, h, st.q)
+        Out = _head_rows(Out, b, h, st.o)
         dO = _head_rows(dO, b, h, st.do)
         dQ = _head_rows(dQ, b, h, st.out)
-    _attn_bwd_dq_rows(Q, K, V, dO, dQ, (_head_rows(Mask, b, h, st.mask), Blocks),
-                      _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI),
-                      Seed, (_row_stats(Lse, head_index, sc.len_q), _row_stats(Delta, head_index, sc.len_q)),
+    if dLse is not None:
+        dLse = _row_stats(dLse, head_index, sc.len_q)
+    _attn_bwd_dq_rows(Q, K, V, (Out, dO), dQ, (_head_rows(Mask, b, h, st.mask), Blocks),
+                      _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI), Seed,
+                      (_row_stats(Lse, head_index, sc.len_q), dLse, _row_stats(Delta, head_index, sc.len_q)),
                       (start_m, b, h, h_kv), (head_index, 0, 0), st, sc, SW)
 
 
@@ -334,22 +341,25 @@ def attn_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, mask_grad=False, co
     ``tma``: None reads and writes through tensor descriptors where `uses_tma`; False forces the
     pointer path. ``plans``: as `attn_fwd`'s (the plan also depends on dO's layout).
     """
-    dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
+    dq, dk, dv = [torch.empty_like(x) if grad_dtype is None else torch.empty_like(x, dtype=grad_dtype)
+                  for x in (q, k, v)]
     name = None if plans is None else ("bwd", do.stride(), on_16_bytes(do),
                                        q.dtype == torch.float32 and tf32_allowed())
     plan = planned(plans, name, _PLANS, lambda: (launch_key(args, q, k, v, out, do, dq), config, tma),
                    lambda: _plan(do, q, k, v, out, dq, dk, dv, args, config, tma))
-    copy_do, deltas, dkdv, dq_pass = plan
+    copy_do, dkdv, dq_pass = plan
     if copy_do:
         do = do.clone(memory_format=torch.contiguous_format)
-    delta = row_deltas(out, do, dlse_log2, dq_pass.block_m, deltas)
+    if dlse_log2 is not None:  # read as [B * Hq, Lq] rows, as the LSE
+        dlse_log2 = dlse_log2.contiguous()
+    delta = torch.empty_like(lse_log2)  # the dQ pass writes it, the dK/dV pass reads it
     tensors = launch_tensors(q, args)
+    q_, k_, v_, out_, do_, dq_ = descriptors(dq_pass.layouts, q, k, v, out, do, dq)
+    _attn_bwd_dq[dq_pass.grid](q_, k_, v_, tensors.mask, tensors.blocks, tensors.alibi, tensors.seed, out_, do_,
+                               lse_log2, dlse_log2, delta, dq_, *dq_pass.scalars, **dq_pass.options)
     q_, k_, v_, do_, dk_, dv_ = descriptors(dkdv.layouts, q, k, v, do, dk, dv)
     _attn_bwd_dkdv[dkdv.grid](q_, k_, v_, tensors.mask, tensors.blocks, tensors.alibi, tensors.seed, do_, lse_log2,
                               delta, dk_, dv_, *dkdv.scalars, **dkdv.options)
-    q_, k_, v_, do_, dq_ = descriptors(dq_pass.layouts, q, k, v, do, dq)
-    _attn_bwd_dq[dq_pass.grid](q_, k_, v_, tensors.mask, tensors.blocks, tensors.alibi, tensors.seed, do_, lse_log2,
-                               delta, dq_, *dq_pass.scalars, **dq_pass.options)
     dmask = _mask_grad(q, k, v, do, lse_log2, delta, args, tensors, dq_pass) if mask_grad else None
     dsinks = None if args.sinks is None else sink_grads(args.sinks, lse_log2, delta)
     return dq, dk, dv, dmask, dsinks
@@ -359,13 +369,13 @@ _PLANS = {}
 
 
 def _plan(do, q, k, v, out, dq, dk, dv, args, config, tma):
-    """(whether dO is copied first, the row deltas' pass, the dK/dV pass, the dQ pass)."""
+    """(whether dO is copied first, the dK/dV pass, the dQ pass)."""
     batch, num_heads_q, len_q, head_dim = q.shape
     num_heads_kv, len_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     launch = launch_args(q, k, head_dim_v, args)
     copy_do = False
     if tma is None:  # one path for both passes: dK/dV and dQ share the head-dim limit
-        tma = uses_tma("dkdv", max(head_dim, head_dim_v), q, k, v, dq, dk, dv)
+        tma = uses_tma("dkdv", max(head_dim, head_dim_v), q, k, v, out, dq, dk, dv)
         # out.sum().backward() passes a stride-0 expand the copy engine cannot read (or a dO may sit
         # off a 16-byte boundary): one fresh copy the size of out keeps the whole backward on its
         # descriptors.
@@ -375,44 +385,29 @@ def _plan(do, q, k, v, out, dq, dk, dv, args, config, tma):
     strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), mask=launch.mask_strides, alibi=launch.alibi_strides,
                    do=do.stride(), blocks=launch.block_strides)
 
-    def pass_plan(kernel, grid_rows, block_rows, outputs):
+    def pass_plan(kernel, grid_rows, block_rows, tiles, more_strides):
+        """`tiles`: (tensor, whose rows it holds: "queries" or "keys") of the kernel's tensors that may
+        go through descriptors, in argument order; `more_strides`: the `Strides` of those beyond q,
+        k, v and dO (what the pass writes is ``out``, then ``out_v``)."""
         tile = tile_config(q, kernel, max(head_dim, head_dim_v), config, tma, launch.plain, args.block_size)
         rows = {"queries": tile.block_m, "keys": tile.block_n}
         return PassPlan(
             grid=(cdiv(grid_rows, rows[block_rows]) * batch * (num_heads_kv if kernel == "dkdv" else num_heads_q),),
             block_m=tile.block_m,
             block_n=tile.block_n,
-            layouts=descriptor_layouts(tma, (q, rows["queries"]), (k, rows["keys"]), (v, rows["keys"]),
-                                       (do, rows["queries"]), *((t, rows[r]) for t, r in outputs)),
-            scalars=(Strides(**strides, **{field: t.stride() for field, (t, _) in zip(("out", "out_v"), outputs)}),
-                     num_heads_q, num_heads_q // num_heads_kv, launch.scores),
+            layouts=descriptor_layouts(tma, *((t, rows[r]) for t, r in tiles)),
+            scalars=(Strides(**strides, **more_strides), num_heads_q, num_heads_q // num_heads_kv, launch.scores),
             options=dict(SW=launch.switches(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, TMA=tma),
                          num_warps=tile.num_warps, num_stages=tile.num_stages),
         )
 
-    # dK/dV: a program per block of keys (of a kv head); dQ: per block of queries.
-    dq_pass = pass_plan("dq", len_q, "queries", ((dq, "queries"),))
-    return (copy_do, row_deltas_plan(out, do, dq_pass.block_m),
-            pass_plan("dkdv", len_k, "keys", ((dk, "keys"), (dv, "keys"))), dq_pass)
-
-
-def row_deltas(out, do, dlse_log2, block_m, plan=None):
-    """delta = rowsum(dO * O) - dlse (the LSE's gradient folded in, see `attn_bwd`), [B, Hq, L]
-    float32 for out and do [B, Hq, L, Dv] (any strides) and dlse_log2 [B, Hq, L] or None, in blocks
-    of `block_m` rows; `plan`: `row_deltas_plan`'s for these layouts, if made already."""
-    plan = plan or row_deltas_plan(out, do, block_m)
-    delta = out.new_empty(out.shape[:3], dtype=torch.float32)
-    _attn_bwd_preprocess[plan.grid](out, do, delta, *plan.scalars, **plan.options)
-    if dlse_log2 is not None:
-        delta -= dlse_log2 * LOG2E.value
-    return delta
-
-
-def row_deltas_plan(out, do, block_m):
-    batch, num_heads_q, len_q, head_dim_v = out.shape
-    return PassPlan(grid=(cdiv(len_q, block_m) * batch * num_heads_q,), block_m=block_m, block_n=0, layouts=(),
-                    scalars=(Strides(out=out.stride(), do=do.stride()), num_heads_q, len_q),
-                    options=dict(HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_pad(head_dim_v), BLOCK_M=block_m))
+    inputs = ((q, "queries"), (k, "keys"), (v, "keys"))
+    # dQ (with the row deltas): a program per block of queries; dK/dV: per block of keys (of a kv head).
+    dq_pass = pass_plan("dq", len_q, "queries", (*inputs, (out, "queries"), (do, "queries"), (dq, "queries")),
+                        dict(o=out.stride(), out=dq.stride()))
+    dkdv = pass_plan("dkdv", len_k, "keys", (*inputs, (do, "queries"), (dk, "keys"), (dv, "keys")),
+                     dict(out=dk.stride(), out_v=dv.stride()))
+    return copy_do, dkdv, dq_pass
 
 
 def sink_grads(sinks, lse_log2, delta):

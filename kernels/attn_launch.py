@@ -271,8 +271,10 @@ def descriptors(layouts, *tensors):
 
 
 def _described(fields, t):
-    descriptor = object.__new__(TensorDescriptor)
-    descriptor.__dict__ = {**fields, "base": t}
+    descriptor = object.__new__(TensorDescriptor)  # no validation: `descriptor_layouts` made the fields
+    attributes = descriptor.__dict__
+    attributes.update(fields)
+    attributes["base"] = t
     return descriptor
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attn_bwd import _attn_bwd_dkdv_cols, _attn_bwd_dq_rows, row_deltas, sink_grads
+from .attn_bwd import _attn_bwd_dkdv_cols, _attn_bwd_dq_rows, sink_grads
 from .attn_common import _alibi_log2, _shifted_scores
 from .attn_fwd import _attn_fwd_rows
 from .attn_launch import PassPlan, launch_args, launch_key, launch_tensors, on_inputs_device, planned
@@ -58,7 +58,7 @@ def _varlen_fwd(Q, K, V, Alibi, Sinks, Seed, Out, Lse, schedule, st, num_seqs, g
     h = tl.program_id(1).to(tl.int64)
     h_kv = h // group_size
     rows = Strides(q=_rows(st.q), k=_rows(st.k), v=_rows(st.v), mask=(0, 0, 0, 0), alibi=st.alibi, do=st.do,
-                   out=_rows(st.out), out_v=st.out_v, table=st.table, blocks=st.blocks)
+                   o=st.o, out=_rows(st.out), out_v=st.out_v, table=st.table, blocks=st.blocks)
     # Q stands in for the mask's and the block mask's pointers, which NO_MASK and BLOCK_SIZE 0 never read.
     _attn_fwd_rows(Q + q0 * st.q[0] + h * st.q[1], K + k0 * st.k[0] + h_kv * st.k[1], V + k0 * st.v[0] + h_kv * st.v[1],
                    Out + q0 * st.out[0] + h * st.out[1], Lse + h * sc.len_q + q0, (Q, (Q, Q)),
@@ -77,7 +77,7 @@ def _varlen_bwd_dkdv(Q, K, V, Alibi, Seed, dO, Lse, Delta, dK, dV, schedule, st,
     start_n, q0, k0, len_q, len_k, shift = _sequence(CuQ, CuK, TileFirst, b, bottom_right, SW.BLOCK_N)
     h_kv = tl.program_id(1).to(tl.int64)
     rows = Strides(q=_rows(st.q), k=_rows(st.k), v=_rows(st.v), mask=(0, 0, 0, 0), alibi=st.alibi, do=_rows(st.do),
-                   out=_rows(st.out), out_v=_rows(st.out_v), table=st.table, blocks=st.blocks)
+                   o=st.o, out=_rows(st.out), out_v=_rows(st.out_v), table=st.table, blocks=st.blocks)
     # The LSE and delta are [Hq, total_q] rows: head h's statistics are total_q apart.
     _attn_bwd_dkdv_cols(Q + q0 * st.q[0], K + k0 * st.k[0] + h_kv * st.k[1], V + k0 * st.v[0] + h_kv * st.v[1],
                         dO + q0 * st.do[0], dK + k0 * st.out[0] + h_kv * st.out[1],
@@ -87,8 +87,8 @@ def _varlen_bwd_dkdv(Q, K, V, Alibi, Seed, dO, Lse, Delta, dK, dV, schedule, st,
 
 
 @triton.jit
-def _varlen_bwd_dq(Q, K, V, Alibi, Seed, dO, Lse, Delta, dQ, schedule, st, num_seqs, group_size, bottom_right, sc,
-                   SW: tl.constexpr):
+def _varlen_bwd_dq(Q, K, V, Alibi, Seed, Out, dO, Lse, dLse, Delta, dQ, schedule, st, num_seqs, group_size,
+                   bottom_right, sc, SW: tl.constexpr):
     """A program per (tile of BLOCK_M queries of one sequence, query head); as `_varlen_fwd`."""
     CuQ, CuK, TileSeq, TileFirst = schedule
     b = tl.load(TileSeq + tl.program_id(0))
@@ -98,13 +98,15 @@ def _varlen_bwd_dq(Q, K, V, Alibi, Seed, dO, Lse, Delta, dQ, schedule, st, num_s
     h = tl.program_id(1).to(tl.int64)
     h_kv = h // group_size
     stats = h * sc.len_q + q0
+    if dLse is not None:
+        dLse += stats
     rows = Strides(q=_rows(st.q), k=_rows(st.k), v=_rows(st.v), mask=(0, 0, 0, 0), alibi=st.alibi, do=_rows(st.do),
-                   out=_rows(st.out), out_v=st.out_v, table=st.table, blocks=st.blocks)
+                   o=_rows(st.o), out=_rows(st.out), out_v=st.out_v, table=st.table, blocks=st.blocks)
     _attn_bwd_dq_rows(Q + q0 * st.q[0] + h * st.q[1], K + k0 * st.k[0] + h_kv * st.k[1],
-                      V + k0 * st.v[0] + h_kv * st.v[1], dO + q0 * st.do[0] + h * st.do[1],
+                      V + k0 * st.v[0] + h_kv * st.v[1],
+                      (Out + q0 * st.o[0] + h * st.o[1], dO + q0 * st.do[0] + h * st.do[1]),
                       dQ + q0 * st.out[0] + h * st.out[1], (Q, (Q, Q)), _alibi_log2(Alibi, b, h, st.alibi, SW.ALIBI),
-                      Seed,
-                      (Lse + stats, Delta + stats), (start_m, 0, h, h_kv), (h, q0, k0), rows,
+                      Seed, (Lse + stats, dLse, Delta + stats), (start_m, 0, h, h_kv), (h, q0, k0), rows,
                       _shifted_scores(sc, len_q, len_k, shift), SW)
 
 
@@ -197,26 +199,26 @@ def varlen_bwd(do, dlse_log2, q, k, v, out, lse_log2, args, *, config=None, plan
     (a packed call has no mask). ``plans``: as `attn_bwd`'s."""
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
     (dkdv, dkdv_programs), (dq_pass, dq_programs) = planned(
-        plans, ("varlen bwd", do.stride()), _PLANS, lambda: ("bwd", launch_key(args, q, k, v, do), config),
-        lambda: _bwd_plans(do, q, k, v, dq, dk, dv, args, config))
-    # delta over [1, Hq, total_q] rows: the packed rows seen as one long sequence.
-    delta = row_deltas(out.permute(1, 0, 2)[None], do.permute(1, 0, 2)[None],
-                       None if dlse_log2 is None else dlse_log2[None], dq_pass.block_m)[0]
+        plans, ("varlen bwd", do.stride()), _PLANS, lambda: ("bwd", launch_key(args, q, k, v, out, do), config),
+        lambda: _bwd_plans(do, q, k, v, out, dq, dk, dv, args, config))
+    if dlse_log2 is not None:  # read as [Hq, total_q] rows, as the LSE
+        dlse_log2 = dlse_log2.contiguous()
+    delta = torch.empty_like(lse_log2)  # [Hq, total_q]: the dQ pass writes it, the dK/dV pass reads it
     tensors = launch_tensors(q, args)
     cu_seqlens = _cu_seqlens(args)
+    if dq_pass.grid[0]:  # tiles of queries
+        schedule = (*cu_seqlens, *tile_schedule(cu_seqlens[0], dq_pass.block_m, dq_programs))
+        _varlen_bwd_dq[dq_pass.grid](q, k, v, tensors.alibi, tensors.seed, out, do, lse_log2, dlse_log2, delta, dq,
+                                     schedule, *dq_pass.scalars, **dq_pass.options)
     if dkdv.grid[0]:  # tiles of keys
         schedule = (*cu_seqlens, *tile_schedule(cu_seqlens[1], dkdv.block_n, dkdv_programs))
         _varlen_bwd_dkdv[dkdv.grid](q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dk, dv, schedule,
                                     *dkdv.scalars, **dkdv.options)
-    if dq_pass.grid[0]:
-        schedule = (*cu_seqlens, *tile_schedule(cu_seqlens[0], dq_pass.block_m, dq_programs))
-        _varlen_bwd_dq[dq_pass.grid](q, k, v, tensors.alibi, tensors.seed, do, lse_log2, delta, dq, schedule,
-                                     *dq_pass.scalars, **dq_pass.options)
     dsinks = None if args.sinks is None else sink_grads(args.sinks, lse_log2[None], delta[None])
     return dq, dk, dv, None, dsinks
 
 
-def _bwd_plans(do, q, k, v, dq, dk, dv, args, config):
+def _bwd_plans(do, q, k, v, out, dq, dk, dv, args, config):
     """(the dK/dV pass's plan, the dQ pass's)."""
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     launch = launch_args(q, k, head_dim_v, args)
@@ -225,5 +227,5 @@ def _bwd_plans(do, q, k, v, dq, dk, dv, args, config):
     strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), alibi=launch.alibi_strides, do=do.stride())
     return (_pass_plan(q, dkdv, k.shape[0], k.shape[1], Strides(**strides, out=dk.stride(), out_v=dv.stride()), launch,
                        args, rows_block=dkdv.block_n, heads_kv=k.shape[1]),
-            _pass_plan(q, dq_tile, q.shape[0], q.shape[1], Strides(**strides, out=dq.stride()), launch, args,
-                       rows_block=dq_tile.block_m, heads_kv=k.shape[1]))
+            _pass_plan(q, dq_tile, q.shape[0], q.shape[1], Strides(**strides, o=out.stride(), out=dq.stride()), launch,
+                       args, rows_block=dq_tile.block_m, heads_kv=k.shape[1]))

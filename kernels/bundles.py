@@ -98,6 +98,7 @@ class Strides(NamedTuple):
     mask: tuple = ()
     alibi: tuple = ()
     do: tuple = ()
+    o: tuple = ()  # the forward's output, which the dQ pass reads with dO for the row deltas
     out: tuple = ()  # what the pass writes: O, dQ, dK, the mask's gradient
     out_v: tuple = ()  # dV, beside dK
     table: tuple = ()  # a paged cache's block table: (batch,)

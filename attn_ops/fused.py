@@ -16,6 +16,7 @@ from typing import Optional, get_type_hints
 import torch
 from torch import Tensor
 
+from . import mask_summary
 from .kernels.attn_bwd import attn_bwd
 from .kernels.attn_fwd import attn_fwd
 from .kernels.attn_launch import BLOCK_MASK_ARG_NAMES, OP_ARG_NAMES, OpArgs
@@ -215,7 +216,8 @@ def kernel_operands(q, args):
 
 def op_args(problem):
     """The `OpArgs` of `problem`, of every entry point (a decoding step's key mask is the mask its
-    kernels read; a block mask's fields are its `kernel_args`): kept in its plans where they hold no
+    kernels read; a block mask's fields are its `kernel_args`, and so are those of a dense bool mask's
+    `mask_summary` where it is `summarizable`, in its place): kept in its plans where they hold no
     tensor, as then for every call with its static parts (those with a mask, say, hold this call's)."""
     args = problem.plans.get(OpArgs)
     if args is None:
@@ -224,6 +226,8 @@ def op_args(problem):
             args = args._replace(mask=problem.key_mask)
         if problem.block_mask is not None:
             args = args._replace(**problem.block_mask.kernel_args)
+        elif problem.mask is not None and mask_summary.summarizable(problem.mask):
+            args = args._replace(mask=None, **mask_summary.summary(problem.mask))
         if not any([isinstance(x, Tensor) for x in args]):
             problem.plans[OpArgs] = args
     return args

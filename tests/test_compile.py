@@ -233,3 +233,27 @@ def test_block_masks_pass_opcheck_and_compile_without_graph_breaks(device):
         results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_summarized_dense_mask_compiles_without_graph_breaks(device, monkeypatch):
+    """A dense bool mask's summary (`attn_ops.mask_summary`) is traced into the graph: no host read,
+    sizes from the mask's shape only."""
+    from attn_ops import mask_summary, problem
+
+    monkeypatch.setattr(mask_summary, "MIN_SUMMARIZED", 0)
+    monkeypatch.setattr(problem, "_DESCRIBED", {})  # no plan of an earlier call with the bool-mask path
+    q, k, v = (torch.randn(1, 2, 200, 16, device=device, requires_grad=True) for _ in range(3))
+    mask = torch.rand(1, 1, 200, 200, device=device) > 0.4
+    mask[:, :, :128, 128:] = False
+
+    def step(q, k, v, mask):
+        return attn_ops.attention(q, k, v, mask=mask, backend="triton")
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        out = fn(q, k, v, mask)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, atol=1e-6, rtol=0)

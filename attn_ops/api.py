@@ -14,7 +14,7 @@ def attention(q, k, v, *, mask=None, block_mask=None, causal=False, window=None,
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``; any strides, one dtype
             of float16 / bfloat16 / float32 (float64: the reference path only); ``Hq % Hkv == 0``
-            (query head h reads kv head ``h // (Hq // Hkv)``). The kernels take D and Dv up to 256;
+            (query head h reads kv head ``h // (Hq // Hkv)``). The kernels take D and Dv up to 512;
             the reference any.
         mask: None, a bool tensor (True = may attend) or a float tensor added to the scaled scores
             (-inf = masked), broadcastable to ``[B, Hq, Lq, Lk]`` (read through stride 0, never expanded).
@@ -57,7 +57,7 @@ def attention(q, k, v, *, mask=None, block_mask=None, causal=False, window=None,
             differentiable.
         backend: ``"auto"`` (the kernels on CUDA, the reference elsewhere and for float64; see
             `use_backend`), ``"triton"`` or ``"reference"``. On CUDA, ``"auto"`` raises rather than fall
-            back to the reference for what the kernels cannot run (D > 256, say), naming the reason.
+            back to the reference for what the kernels cannot run (D > 512, say), naming the reason.
 
     Returns:
         ``out`` ``[B, Hq, Lq, Dv]`` in q's dtype and layout, or ``(out, lse)``. A row that sees no key

@@ -2,7 +2,7 @@
 and what was expected.
 
 Nothing is broadcast, truncated or cast on the user's behalf: a mismatch is an error. What one
-implementation cannot run (float64 or D > 256 in the kernels, say) is not checked here: each
+implementation cannot run (float64 or D > 512 in the kernels, say) is not checked here: each
 implementation lists it in its `not_supported_reasons`, and dispatch reports it.
 """
 

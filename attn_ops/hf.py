@@ -4,18 +4,20 @@ Two functions are registered under one name, as transformers needs both:
 
 - a mask function (`AttentionMaskInterface`), called once per forward. Where the caller lets
   `sdpa_mask` skip materialising the mask (its ``allow_is_*_skip`` flags), ours returns the key
-  padding alone: ``[B, Lk]``
-  (True = real token) for the plain causal mask, the module adding its causal rule as in
-  transformers' flash-attention integration; ``[B, 1, Lk]`` for a sliding-window causal layer, the
-  module adding its causal rule and its ``sliding_window`` (which transformers passes to attention
-  functions, as to flash attention) as a window; a ``[B, 1, 1, Lk]`` view for the plain
-  bidirectional mask. Other patterns (chunked attention, packed sequences, a sliding cache past its
-  window, static-cache offsets, custom overlays) get transformers' own dense `sdpa_mask`.
-- an attention function (`AttentionInterface`) with `sdpa_attention_forward`'s signature. It reads
-  a 2-D mask as key padding on top of the module's causal rule (``module.is_causal``, bottom-right
-  aligned as a KV cache needs), a 3-D one as a sliding-window layer's key padding on top of the
-  causal rule and the layer's window, a 4-D mask exactly as SDPA reads it, and no mask as SDPA does
-  (top-left causal for a causal module given more than one query). GQA runs without repeating k/v.
+  padding alone as a ``[B, 1, 1, Lk]`` view (True = real token; ``[B, 1, 1, 0]`` where nothing is
+  padded but the rule must be told): for the plain causal mask and a sliding-window causal layer's,
+  the module adding its causal rule and its ``sliding_window`` (which transformers passes to
+  attention functions, as to flash attention) as in transformers' flash-attention integration; for
+  the plain bidirectional mask, broadcast over the queries. Four dims, one row: transformers may
+  slice the queries' dimension (Gemma 3n's and 4's KV-shared layers keep the last tokens' rows).
+  Other patterns (chunked attention, packed sequences, a sliding cache past its window, static-cache
+  offsets, custom overlays) get transformers' own dense `sdpa_mask`.
+- an attention function (`AttentionInterface`) with `sdpa_attention_forward`'s signature. A causal
+  module (``module.is_causal``) given a mask of one row reads it as key padding under its causal
+  rule, bottom-right aligned as a KV cache needs, and its sliding window where the call passes one
+  (a dense mask's one row, a decoding step's, holds that rule already: adding it changes nothing).
+  Any other mask is read exactly as SDPA reads it, and no mask as SDPA does (top-left causal for a
+  causal module given more than one query). GQA runs without repeating k/v.
   It takes the score modifiers models pass: ``softcap`` (Gemma 2), ``s_aux`` as the per-head sinks
   (gpt-oss) and ``position_bias`` (T5) as a float mask, its gradient flowing back to the bias.
   transformers' paged ``cache`` (continuous batching) is refused: transformers 5.23 lets only its
@@ -70,11 +72,10 @@ def padding_or_dense_mask(
     """Key padding alone where it says everything, transformers' dense `sdpa_mask` otherwise.
 
     ``attention_mask`` is the 2-D padding mask ``[B, >= kv_length]`` (True = real token) or None.
-    Returns None (no padding), ``[B, 1, 1, kv_length]`` (bidirectional: SDPA broadcasts it over
-    the queries), ``[B, kv_length]`` (causal: `attention_forward` adds the module's causal rule),
-    ``[B, 1, kv_length]`` (a sliding-window causal layer: `attention_forward` adds the causal rule
-    and the layer's window; ``[B, 1, 0]`` when nothing is padded) or the dense
-    ``[B, 1, q_length, kv_length]`` mask.
+    Returns None (no padding, and the rule SDPA reads without a mask), the key padding
+    ``[B, 1, 1, kv_length]`` (bidirectional: broadcast over the queries; causal or a sliding-window
+    causal layer: `attention_forward` adds the module's causal rule and the layer's window), the
+    rule alone ``[B, 1, 1, 0]`` (nothing padded) or the dense ``[B, 1, q_length, kv_length]`` mask.
     """
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
@@ -87,21 +88,17 @@ def padding_or_dense_mask(
     covers_keys = attention_mask is None or attention_mask.shape[-1] >= kv_length
     if kv_offset == 0 and covers_keys and bidirectional:
         return None if attention_mask is None else attention_mask[:, None, None, :kv_length]
-    if kv_offset == 0 and covers_keys and aligned and _sliding_window(mask_function, kwargs) is not None:
-        # The key padding alone, as [B, 1, Lk] ([B, 1, 0]: none): `attention_forward` adds the layer's
-        # causal rule and its window (transformers passes `sliding_window`, as to its flash-attention
-        # path).
-        if attention_mask is None:
-            return torch.ones(batch_size, 1, 0, dtype=torch.bool, device=kwargs.get("device", "cpu"))
-        return attention_mask[:, None, :kv_length]
-    if kv_offset == 0 and covers_keys and causal and aligned:
+    sliding = aligned and _sliding_window(mask_function, kwargs) is not None
+    if kv_offset == 0 and covers_keys and (sliding or causal and aligned):
+        # The key padding alone: `attention_forward` adds the module's causal rule and the layer's
+        # window (transformers passes `sliding_window`, as to its flash-attention path).
         if attention_mask is not None:
-            return attention_mask[:, :kv_length]
-        if q_offset == 0 or q_length == 1:
+            return attention_mask[:, None, None, :kv_length]
+        if not sliding and (q_offset == 0 or q_length == 1):
             # Read as SDPA reads it: top-left causal, exact when q_length == kv_length; a single query
             # sees every key (a decoding step, which then takes the KV-cache path).
             return None
-        return torch.ones(batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+        return torch.ones(batch_size, 1, 1, 0, dtype=torch.bool, device=kwargs.get("device", "cpu"))
     return sdpa_mask(
         batch_size,
         q_length,
@@ -150,22 +147,18 @@ def attention_forward(
     window = None
     if attention_mask is None:
         mask, causal = None, bool(is_causal) and query.shape[2] > 1
-    elif attention_mask.dim() == 2:  # key padding from padding_or_dense_mask's causal case
-        mask, causal = attention_mask[:, None, None, :], "bottom_right" if is_causal else False
-    elif attention_mask.dim() == 3:  # a sliding-window layer's key padding [B, 1, Lk] (padding_or_dense_mask)
+    elif attention_mask.dim() == 4 and attention_mask.shape[2] == 1 and is_causal:
+        # Key padding (padding_or_dense_mask's; [B, 1, 1, 0]: nothing padded) or one row of a dense
+        # mask, under the module's causal rule and a sliding-window layer's window; transformers'
+        # window: key kv is seen from query q iff q - sliding_window < kv <= q.
+        mask, causal = attention_mask if attention_mask.shape[-1] else None, "bottom_right"
         sliding_window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        if not sliding_window:
-            raise ValueError("attn_ops attention got a sliding-window layer's key padding ([B, 1, Lk]) without the "
-                             "layer's `sliding_window`: pass it as transformers passes it to flash attention")
-        # transformers' window: key kv is seen from query q iff q - sliding_window < kv <= q.
-        mask = attention_mask[:, None] if attention_mask.shape[-1] else None  # [B, 1, 0]: nothing padded
-        causal, window = "bottom_right", (sliding_window - 1, 0)
+        window = (sliding_window - 1, 0) if sliding_window else None
     else:
         mask, causal = attention_mask, False
     if position_bias is not None:
         mask = _with_bias(mask, position_bias)
-    key_padding = mask if window is not None else attention_mask
-    decoding = None if position_bias is not None else _decoding_step(query, key, value, s_aux, key_padding, dropout)
+    decoding = None if position_bias is not None else _decoding_step(query, key, value, s_aux, mask, dropout)
     if decoding is not None:
         cache_seqlens, key_mask = decoding
         out = attention_with_kvcache(query, key, value, cache_seqlens, key_mask=key_mask, window=window, scale=scaling,
@@ -203,11 +196,14 @@ def _decoding_step(query, key, value, sinks, attention_mask, dropout):
     """For a decoding step (one query per row, no dropout, nothing needing a gradient): the
     `attention_with_kvcache` arguments (cache_seqlens, key_mask) over the layer's keys; else None.
 
-    Without a mask every key is seen (a dynamic cache with no padding). A bool key mask (``[B, Lk]``
-    or ``[B, 1, 1, Lk]``: a generation's padding, a static cache's unused tail) goes to the kernels as
+    Without a mask every key is seen (a dynamic cache with no padding). A bool key mask
+    (``[B, 1, 1, Lk]``: a generation's padding, a static cache's unused tail) goes to the kernels as
     it is, and each row's keys past its last visible one are not visited at all: their count comes
     from the mask on the device. Nothing is read on the host, so this holds under torch.compile too
-    (transformers compiles static-cache generation).
+    (transformers compiles static-cache generation). A row's query is taken to sit at its last
+    visible key, as a token just written into the cache does; a padding query (the last prompt row
+    of right-padded generation, which transformers warns against) is placed there too, which a
+    sliding window then measures from.
     """
     batch, _, len_q, _ = query.shape
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, sinks))
@@ -215,8 +211,7 @@ def _decoding_step(query, key, value, sinks, attention_mask, dropout):
         return None
     if attention_mask is None:
         return key.shape[2], None
-    if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) not in ((batch, key.shape[2]),
-                                                                                  (batch, 1, 1, key.shape[2])):
+    if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (batch, 1, 1, key.shape[2]):
         return None
     key_mask = attention_mask.reshape(batch, key.shape[2])
     positions = torch.arange(1, key.shape[2] + 1, device=key_mask.device)

@@ -15,7 +15,7 @@ from .bundles import Strides
 from .layout import on_16_bytes
 from .schedule import (COLS, CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, block_line, key_tiles, listed_tiles,
                        query_tiles, segment, tile_start)
-from .config import cdiv, head_dim_pad, tile_config
+from .config import cdiv, tile_config
 from .precision import tf32_allowed
 
 

@@ -26,7 +26,7 @@ def _probe():
 INTERPRETED = isinstance(_probe, InterpretedFunction)
 
 
-MAX_HEAD_DIM = 256  # head dims the tile tables cover
+MAX_HEAD_DIM = 512  # head dims the tile tables cover
 
 
 # Host arithmetic in plain ints: triton.cdiv and triton.next_power_of_2 are constexpr functions,
@@ -70,17 +70,26 @@ class TileConfig(NamedTuple):
 # IEEE products runs on FMA units, not tensor cores, and needs the smallest tiles: a slow path.
 # dK/dV computes transposed tiles, keys as the matmuls' M: 64 or more keys make them wgmma on
 # Hopper; at D = 128 only 16 queries x 128 keys (8 warps) fit without spills, at D = 256 no wgmma
-# tile does (32 x 32 stays mma.sync).
+# tile does (32 x 32 stays mma.sync). At D = 512 (Gemma 4's global layers) an accumulator row is 2 KB
+# of float32: the smallest tiles, mma.sync, one or two stages. The mask-free passes compile without
+# spills in 2-byte dtypes; masks and dropout spill 8 to 144 bytes in dK/dV and dQ, and float32's dQ
+# about 1.9 KB (its [16, 512] q, dO and dQ rows do not fit one thread's registers).
 TILES = {
     2: {
-        "fwd": {64: TileConfig(128, 64, 8, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 32, 8, 2)},
-        "dkdv": {64: TileConfig(32, 64, 8, 2), 128: TileConfig(16, 128, 8, 2), 256: TileConfig(32, 32, 8, 1)},
-        "dq": {64: TileConfig(128, 32, 8, 2), 128: TileConfig(128, 32, 8, 2), 256: TileConfig(32, 32, 4, 2)},
+        "fwd": {64: TileConfig(128, 64, 8, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 32, 8, 2),
+                512: TileConfig(32, 32, 8, 2)},
+        "dkdv": {64: TileConfig(32, 64, 8, 2), 128: TileConfig(16, 128, 8, 2), 256: TileConfig(32, 32, 8, 1),
+                 512: TileConfig(16, 16, 8, 1)},
+        "dq": {64: TileConfig(128, 32, 8, 2), 128: TileConfig(128, 32, 8, 2), 256: TileConfig(32, 32, 4, 2),
+               512: TileConfig(16, 16, 8, 1)},
     },
     4: {
-        "fwd": {64: TileConfig(32, 32, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2)},
-        "dkdv": {64: TileConfig(16, 16, 8, 2), 128: TileConfig(16, 16, 8, 2), 256: TileConfig(16, 16, 8, 2)},
-        "dq": {64: TileConfig(16, 16, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2)},
+        "fwd": {64: TileConfig(32, 32, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2),
+                512: TileConfig(16, 16, 8, 1)},
+        "dkdv": {64: TileConfig(16, 16, 8, 2), 128: TileConfig(16, 16, 8, 2), 256: TileConfig(16, 16, 8, 2),
+                 512: TileConfig(16, 16, 8, 1)},
+        "dq": {64: TileConfig(16, 16, 4, 2), 128: TileConfig(16, 16, 4, 2), 256: TileConfig(16, 16, 4, 2),
+               512: TileConfig(16, 16, 8, 1)},
     },
 }
 # Through TMA descriptors (Hopper) a tile costs no registers for addresses: with plain scores (no
@@ -101,10 +110,13 @@ TMA_MAX_HEAD_DIM = {"fwd": 256, "dkdv": 128, "dq": 128}
 # (`decode_tile`). With them every variant compiles for sm_90 (Triton 3.6) without spills: bf16 D=128
 # at 16 rows 145 registers (paged 162), at 64 rows and 8 warps 183 (161); fp32 takes 16-row tiles.
 # D=256 streams two stages: with three, 64 rows took 255 registers and spilled 56 to 64 bytes (two
-# stages: 255, none; loop SASS per MFLOP 263 instead of 265, paged 419 instead of 487).
+# stages: 255, none; loop SASS per MFLOP 263 instead of 265, paged 419 instead of 487). D=512 takes
+# 32 rows at most (180 registers, paged 188; float32 16 rows, dense 40 spill bytes).
 DECODE_TILES = {
-    2: {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 8, 3), 256: TileConfig(64, 64, 8, 2)},
-    4: {64: TileConfig(16, 32, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 16, 4, 2)},
+    2: {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 8, 3), 256: TileConfig(64, 64, 8, 2),
+        512: TileConfig(32, 32, 8, 2)},
+    4: {64: TileConfig(16, 32, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 16, 4, 2),
+        512: TileConfig(16, 16, 8, 2)},
 }
 INTERPRETER_TILE = TileConfig(64, 64, 4, 1)  # the interpreter's cost is per tile step: big tiles, few steps
 
@@ -165,6 +177,7 @@ def tile_for(element_size, kernel, head_dim, major, tma=False, plain=False):
         tile = tile._replace(num_stages=min(tile.num_stages, 2))
         if kernel == "dq" and head_dim > 64:
             tile = tile._replace(block_m=min(tile.block_m, 64))
-        if kernel == "dkdv" and element_size == 2 and tile.block_m < 32:  # Hopper's 16 x 128 spills on mma.sync
+        if kernel == "dkdv" and element_size == 2 and tile.block_m < 32 and head_dim <= 128:
+            # Hopper's 16 x 128 spills on mma.sync
             tile = tile._replace(block_m=32, block_n=64)
     return tile

@@ -260,13 +260,13 @@ def on_cuda(**kwargs):
     return dataclasses.replace(problem, device=torch.device("cuda", 0))
 
 
-@pytest.mark.parametrize("case", ["head_dim_300", "v_head_dim_300"])
+@pytest.mark.parametrize("case", ["head_dim_600", "v_head_dim_600"])
 def test_auto_on_cuda_refuses_what_the_kernels_cannot_run_naming_the_reference(case):
-    if case == "head_dim_300":
-        problem = on_cuda(tensors=[torch.randn(1, 2, 4, 300)] * 3)
+    if case == "head_dim_600":
+        problem = on_cuda(tensors=[torch.randn(1, 2, 4, 600)] * 3)
     else:
-        problem = on_cuda(tensors=replace(2, torch.randn(2, 2, 10, 300)))
-    with pytest.raises(ValueError, match=r"backend='auto' on CUDA.*head dim 300 > 256.*backend='reference'"):
+        problem = on_cuda(tensors=replace(2, torch.randn(2, 2, 10, 600)))
+    with pytest.raises(ValueError, match=r"backend='auto' on CUDA.*head dim 600 > 512.*backend='reference'"):
         dispatch.choose(problem, "auto")
     assert dispatch.choose(problem, "reference") is attn_ops.reference
 
@@ -276,10 +276,10 @@ def test_float64_runs_on_the_reference_under_auto_even_on_cuda():
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"backend": "reference"}], ids=["auto", "reference"])
-def test_float64_and_head_dims_past_256_run_on_the_reference(kwargs):
-    q, k, v = (torch.randn(1, 2, 6, 300, dtype=torch.float64) for _ in range(3))
+def test_float64_and_head_dims_past_512_run_on_the_reference(kwargs):
+    q, k, v = (torch.randn(1, 2, 6, 600, dtype=torch.float64) for _ in range(3))
     out = attn_ops.attention(q, k, v, causal=True, **kwargs)
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(300)).masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(600)).masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
     torch.testing.assert_close(out, scores.softmax(-1) @ v)
 
 
@@ -292,10 +292,10 @@ def test_value_head_dim_may_differ_on_the_reference():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right))
 
 
-@pytest.mark.parametrize("case", ["float64", "head_dim_300"])
+@pytest.mark.parametrize("case", ["float64", "head_dim_600"])
 def test_triton_backend_refuses_what_the_kernels_cannot_run(case):
-    tensors = [t.double() for t in qkv()] if case == "float64" else [torch.randn(1, 1, 4, 300)] * 3
-    reason = "dtype torch.float64" if case == "float64" else "head dim 300"
+    tensors = [t.double() for t in qkv()] if case == "float64" else [torch.randn(1, 1, 4, 600)] * 3
+    reason = "dtype torch.float64" if case == "float64" else "head dim 600"
     with pytest.raises(ValueError, match=rf"backend='triton'.*{reason}.*backend='reference'"):
         attn_ops.attention(*tensors, backend="triton")
 

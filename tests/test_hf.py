@@ -1,5 +1,6 @@
 """attn_implementation="attn_ops" against "sdpa" on tiny, randomly initialised transformers models."""
 
+import copy
 import sys
 import types
 
@@ -77,7 +78,7 @@ def test_llama_with_gqa_and_padding_matches_sdpa(padding_side, calls):
     expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
     actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(actual, expected, **TOL)
-    assert calls and all(m.shape == (3, SEQ) for m in calls)  # the small padding mask, causal from the module
+    assert calls and all(m.shape == (3, 1, 1, SEQ) for m in calls)  # the small padding mask, causal from the module
 
 
 def test_llama_without_padding_matches_sdpa(calls):
@@ -101,17 +102,17 @@ def decode_calls(monkeypatch):
     return seen
 
 
-def _generate_as_sdpa(model, ids, mask, max_new_tokens, **options):
-    """Greedy generation with "sdpa", then "attn_ops": asserts the same tokens and logits."""
+def _generate_as_sdpa(model, ids, mask, max_new_tokens, peer="sdpa", **options):
+    """Greedy generation with "sdpa" (or `peer`), then "attn_ops": asserts the same tokens and logits."""
     outputs = {}
-    for implementation in ("sdpa", "attn_ops"):
+    for implementation in (peer, "attn_ops"):
         model.set_attn_implementation(implementation)
         outputs[implementation] = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             return_dict_in_generate=True, output_logits=True, pad_token_id=0, **options,
         )
-    assert torch.equal(outputs["attn_ops"].sequences, outputs["sdpa"].sequences)
-    for actual, expected in zip(outputs["attn_ops"].logits, outputs["sdpa"].logits):
+    assert torch.equal(outputs["attn_ops"].sequences, outputs[peer].sequences)
+    for actual, expected in zip(outputs["attn_ops"].logits, outputs[peer].logits):
         torch.testing.assert_close(actual, expected, **TOL)
 
 
@@ -123,8 +124,9 @@ def test_llama_greedy_generation_with_kv_cache_matches_sdpa(cache, calls, decode
     # Our function ran every step: 2 layers x (the prompt + 3 one-token steps), each with the mask
     # its cache gives (the small padding mask, or static's dense one over the whole cache).
     assert len(calls) == 2 * 4
-    expected_mask_dims = {"dynamic": 2, "static": 4}[cache]
-    assert all(m.dim() == expected_mask_dims for m in calls)
+    # (dynamic: [B, 1, 1, Lk] key padding; static: [B, 1, Lq, capacity], one row in decoding steps)
+    assert all(m.dim() == 4 for m in calls)
+    assert [m.shape[2] for m in calls] == [SEQ if cache == "static" else 1] * 2 + [1] * 6
     # The decoding steps on the split-KV path, the padding as a key mask read by the kernels: each row
     # visits its keys up to its last visible one, the token just written (the static cache's unused
     # tail is never visited).
@@ -195,8 +197,8 @@ def test_sliding_window_model_passes_its_rule_not_a_dense_mask_and_matches_sdpa(
     ids, mask = _batch("left")
     expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(_run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits, expected, **TOL)
-    # Each layer gets the key padding alone, [B, 1, Lk], and gives the op the window: no [Lq, Lk] mask.
-    assert calls and all(m.shape == (3, 1, SEQ) for m in calls)
+    # Each layer gets the key padding alone, [B, 1, 1, Lk], and gives the op the window: no [Lq, Lk] mask.
+    assert calls and all(m.shape == (3, 1, 1, SEQ) for m in calls)
     assert op_rules == [("attention", (3, 1, 1, SEQ), (3, 0))] * 2
 
 
@@ -221,7 +223,7 @@ def test_an_unpadded_sliding_window_model_passes_no_mask_at_all(calls, op_rules)
     ids = torch.randint(0, VOCAB, (2, SEQ))
     expected = _run(model, "sdpa", input_ids=ids).logits
     torch.testing.assert_close(_run(model, "attn_ops", input_ids=ids).logits, expected, **TOL)
-    assert calls and all(m.shape == (2, 1, 0) for m in calls)  # the window rule, nothing padded
+    assert calls and all(m.shape == (2, 1, 1, 0) for m in calls)  # the window rule, nothing padded
     assert op_rules == [("attention", None, (3, 0))] * 2
 
 
@@ -232,12 +234,6 @@ def test_a_mask_that_is_no_packed_rows_dense_mask_is_not_read_on_the_host(monkey
     monkeypatch.setattr(torch.Tensor, "nonzero", host_read)
     sliding_padding = torch.ones(1, 1, SEQ, dtype=torch.bool)
     assert attn_ops.hf._sequences_the_mask_keeps_apart(sliding_padding, torch.arange(SEQ), True) is None
-
-
-def test_a_sliding_window_layers_padding_without_its_window_is_an_error():
-    query = key = value = torch.randn(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="without the layer's `sliding_window`"):
-        attn_ops.hf.attention_forward(torch.nn.Module(), query, key, value, torch.ones(1, 1, 4, dtype=torch.bool))
 
 
 def test_config_attn_implementation_selects_the_op(calls):
@@ -279,8 +275,8 @@ def test_sliding_window_models_with_score_modifiers_match_eager(make, calls):
     expected = _run(model, "eager", input_ids=ids, attention_mask=mask).logits
     actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(actual, expected, **TOL)
-    # The global layer's padding mask [B, Lk] and the sliding layer's [B, 1, Lk] (its window a rule).
-    assert sorted(m.dim() for m in calls) == [2, 3]
+    # The global and the sliding layer's key padding [B, 1, 1, Lk] (the window a rule).
+    assert [tuple(m.shape) for m in calls] == [(3, 1, 1, SEQ)] * 2
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=DEVICES[0].marks)])
@@ -308,7 +304,7 @@ def test_t5_with_position_bias_matches_eager_logits_and_bias_gradients(padded, b
     torch.testing.assert_close(results["attn_ops"], results["eager"], **TOL)
     # 2 encoder layers, then 2 decoder layers of self and cross attention. Unpadded, the bias goes
     # in alone (its gradient from the op in its own shape), the decoder's causal rule from the module.
-    encoder, decoder_self, cross = ((3, 1, 1, SEQ), (3, SEQ - 3), (3, 1, 1, SEQ)) if padded else (None,) * 3
+    encoder, decoder_self, cross = ((3, 1, 1, SEQ), (3, 1, 1, SEQ - 3), (3, 1, 1, SEQ)) if padded else (None,) * 3
     assert [m if m is None else tuple(m.shape) for m in calls] == [encoder] * 2 + [decoder_self, cross] * 2
 
 
@@ -462,3 +458,61 @@ def test_packed_row_keywords_with_a_sliding_window_keep_the_window(varlen_calls)
     separate = torch.cat([_run(model, "sdpa", input_ids=ids[:, a:b]).logits for a, b in ((0, 8), (8, 14))], dim=1)
     torch.testing.assert_close(packed, separate, **TOL)
     assert varlen_calls == [[0, 8, 14]]
+
+
+def _gemma4(k_eq_v=False):
+    """Gemma 4's text model, tiny: sliding layers of head dim 8 (window 4 < SEQ) and global layers of
+    512 (its `global_head_dim`), the last two layers reusing the first two's keys and values
+    (`num_kv_shared_layers`, whose prompt pass transformers shortens to the kept logits, slicing every
+    mask's query rows)."""
+    config = transformers.Gemma4TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+        vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8, attention_k_eq_v=k_eq_v,
+    )
+    model = transformers.Gemma4ForCausalLM(config).eval()
+    assert [layer.self_attn.head_dim for layer in model.model.layers] == [8, 512, 8, 512]
+    return model
+
+
+@pytest.mark.parametrize("k_eq_v", [False, True], ids=["", "k_eq_v"])
+def test_gemma4_kv_shared_layers_take_our_sliced_masks_and_generate_as_eager(k_eq_v, calls, decode_calls):
+    """transformers slices each mask's rows (``mask[:, :, -1:, :]``) before the KV-shared layers: our
+    key padding is four-dimensional with one row, so the slice keeps it (a 2-D one raised IndexError)."""
+    model = _gemma4(k_eq_v)
+    ids, mask = _batch("left")
+    expected = _run(model, "eager", input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+    actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+    torch.testing.assert_close(actual, expected, **TOL)
+    assert calls and all(tuple(m.shape) == (3, 1, 1, SEQ) for m in calls)
+    decode_calls.clear()
+    _generate_as_sdpa(model, ids, mask, 3, peer="eager")
+    # On the split-KV kernels: the KV-shared layers' one kept row of the prompt, then every layer's
+    # two decoding steps.
+    assert len(decode_calls) == 2 + 4 * 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemma4_through_the_kernels_at_head_dim_512(device):
+    """A training step (right padding: logits and a global layer's gradients) within twice eager's
+    float32 error of float64 eager (Gemma 4 scales scores by 1.0 over 512 dims: float32 eager is
+    1e-5 off there), and greedy generation (decoding steps on the split-KV kernels at D = 512 for the
+    global layers) with eager's tokens (left padding, as transformers generates)."""
+    model = _gemma4().to(device)
+    ids, mask = (t.to(device) for t in _batch("right"))
+
+    def training_step(model, implementation):
+        model.set_attn_implementation(implementation)
+        model.zero_grad()
+        with attn_ops.use_backend("triton"):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            (logits * mask[..., None]).square().sum().backward()
+        return [logits.detach().double()] + [p.grad.double() for p in model.model.layers[1].self_attn.parameters()]
+
+    ours, eager = training_step(model, "attn_ops"), training_step(model, "eager")
+    truth = training_step(copy.deepcopy(model).double(), "eager")
+    for actual, plain, wide in zip(ours, eager, truth):
+        assert (actual - wide).abs().max() <= 2 * (plain - wide).abs().max() + 1e-6
+    with attn_ops.use_backend("triton"):
+        _generate_as_sdpa(model, *(t.to(device) for t in _batch("left")), 2, peer="eager")

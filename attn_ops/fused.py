@@ -21,7 +21,7 @@ from .kernels.attn_bwd import attn_bwd
 from .kernels.attn_fwd import attn_fwd
 from .kernels.attn_launch import BLOCK_MASK_ARG_NAMES, OP_ARG_NAMES, OpArgs
 from .kernels.attn_varlen import varlen_bwd, varlen_fwd
-from .kernels.config import INTERPRETED, MAX_HEAD_DIM
+from .kernels.config import FLOAT32_WIDE_SHARED, INTERPRETED, MAX_HEAD_DIM, shared_memory_per_block
 from .kernels.layout import empty_like_q
 
 NAME = "triton"
@@ -150,8 +150,13 @@ def not_supported_reasons(problem):
                    "set before triton is first imported, to run them on CPU)")
     if problem.dtype not in DTYPES:
         why.append(f"dtype {problem.dtype}: the kernels compute float16, bfloat16 and float32")
-    if problem.head_dim > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
-        why.append(f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_HEAD_DIM}")
+    head_dim = max(problem.head_dim, problem.head_dim_v)
+    if head_dim > MAX_HEAD_DIM:
+        why.append(f"head dim {head_dim} > {MAX_HEAD_DIM}")
+    elif problem.dtype == torch.float32 and head_dim > 256 and problem.device.type == "cuda" and \
+            shared_memory_per_block(problem.device) < FLOAT32_WIDE_SHARED:
+        why.append(f"float32 at head dim {head_dim} needs {FLOAT32_WIDE_SHARED} bytes of shared memory per block, "
+                   f"this GPU has {shared_memory_per_block(problem.device)} (half precision fits)")
     if problem.block_mask is not None and problem.requires_grad and problem.mask is not None \
             and problem.mask.requires_grad:
         why.append(f"{names['block_mask']} with a {names['mask']} that requires grad: the mask's gradient pass does "
@@ -214,6 +219,15 @@ def kernel_operands(q, args):
     return q * 0.0, args._replace(scale=1.0)
 
 
+def _summarized_mask(problem):
+    """Whether `problem`'s dense mask runs summarized (`mask_summary.summarizable`): decided once per
+    static key, in its plans, which the launches are planned by."""
+    summarized = problem.plans.get(mask_summary)
+    if summarized is None:
+        summarized = problem.plans[mask_summary] = mask_summary.summarizable(problem.mask)
+    return summarized
+
+
 def op_args(problem):
     """The `OpArgs` of `problem`, of every entry point (a decoding step's key mask is the mask its
     kernels read; a block mask's fields are its `kernel_args`, and so are those of a dense bool mask's
@@ -226,7 +240,7 @@ def op_args(problem):
             args = args._replace(mask=problem.key_mask)
         if problem.block_mask is not None:
             args = args._replace(**problem.block_mask.kernel_args)
-        elif problem.mask is not None and mask_summary.summarizable(problem.mask):
+        elif problem.mask is not None and _summarized_mask(problem):
             args = args._replace(mask=None, **mask_summary.summary(problem.mask))
         if not any([isinstance(x, Tensor) for x in args]):
             problem.plans[OpArgs] = args

@@ -8,14 +8,15 @@ Two functions are registered under one name, as transformers needs both:
   padded but the rule must be told): for the plain causal mask and a sliding-window causal layer's,
   the module adding its causal rule and its ``sliding_window`` (which transformers passes to
   attention functions, as to flash attention) as in transformers' flash-attention integration; for
-  the plain bidirectional mask, broadcast over the queries. Four dims, one row: transformers may
-  slice the queries' dimension (Gemma 3n's and 4's KV-shared layers keep the last tokens' rows).
+  the plain bidirectional mask the same padding as every query's row (``[B, 1, Lq, Lk]`` through
+  stride 0). Four dims: transformers may slice the queries' dimension (Gemma 3n's and 4's KV-shared
+  layers keep the last tokens' rows).
   Other patterns (chunked attention, packed sequences, a sliding cache past its window, static-cache
   offsets, custom overlays) get transformers' own dense `sdpa_mask`.
 - an attention function (`AttentionInterface`) with `sdpa_attention_forward`'s signature. A causal
   module (``module.is_causal``) given a mask of one row reads it as key padding under its causal
-  rule, bottom-right aligned as a KV cache needs, and its sliding window where the call passes one
-  (a dense mask's one row, a decoding step's, holds that rule already: adding it changes nothing).
+  rule, bottom-right aligned as a KV cache needs, and the sliding window the call passes (a dense
+  mask's one row, a decoding step's, holds that rule already: adding it changes nothing).
   Any other mask is read exactly as SDPA reads it, and no mask as SDPA does (top-left causal for a
   causal module given more than one query). GQA runs without repeating k/v.
   It takes the score modifiers models pass: ``softcap`` (Gemma 2), ``s_aux`` as the per-head sinks
@@ -73,9 +74,10 @@ def padding_or_dense_mask(
 
     ``attention_mask`` is the 2-D padding mask ``[B, >= kv_length]`` (True = real token) or None.
     Returns None (no padding, and the rule SDPA reads without a mask), the key padding
-    ``[B, 1, 1, kv_length]`` (bidirectional: broadcast over the queries; causal or a sliding-window
-    causal layer: `attention_forward` adds the module's causal rule and the layer's window), the
-    rule alone ``[B, 1, 1, 0]`` (nothing padded) or the dense ``[B, 1, q_length, kv_length]`` mask.
+    ``[B, 1, 1, kv_length]`` (causal or a sliding-window causal layer: `attention_forward` adds the
+    module's causal rule and the layer's window), the rule alone ``[B, 1, 1, 0]`` (nothing padded),
+    the key padding as every query's row ``[B, 1, q_length, kv_length]`` through stride 0
+    (bidirectional) or the dense ``[B, 1, q_length, kv_length]`` mask.
     """
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
@@ -87,7 +89,10 @@ def padding_or_dense_mask(
     aligned = isinstance(q_offset, int) and q_offset + q_length == kv_length
     covers_keys = attention_mask is None or attention_mask.shape[-1] >= kv_length
     if kv_offset == 0 and covers_keys and bidirectional:
-        return None if attention_mask is None else attention_mask[:, None, None, :kv_length]
+        # Every query's row, through stride 0: a one-row mask would read as a causal layer's padding
+        # (some bidirectional encoders' modules say is_causal, Phi-4-multimodal's vision tower's).
+        return None if attention_mask is None else attention_mask[:, None, None, :kv_length].expand(
+            -1, -1, q_length, -1)
     sliding = aligned and _sliding_window(mask_function, kwargs) is not None
     if kv_offset == 0 and covers_keys and (sliding or causal and aligned):
         # The key padding alone: `attention_forward` adds the module's causal rule and the layer's
@@ -151,8 +156,10 @@ def attention_forward(
         # Key padding (padding_or_dense_mask's; [B, 1, 1, 0]: nothing padded) or one row of a dense
         # mask, under the module's causal rule and a sliding-window layer's window; transformers'
         # window: key kv is seen from query q iff q - sliding_window < kv <= q.
+        # The window as transformers' flash-attention path takes it: the call's keyword alone (some
+        # models keep `sliding_window` on every layer's module and pass None for their full layers).
         mask, causal = attention_mask if attention_mask.shape[-1] else None, "bottom_right"
-        sliding_window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        sliding_window = kwargs.get("sliding_window")
         window = (sliding_window - 1, 0) if sliding_window else None
     else:
         mask, causal = attention_mask, False

@@ -9,8 +9,12 @@ the latest few per mask object, so the layers of a model that share one mask sum
 
 Which masks (`summarizable`): bool, with rows and columns of their own (a key mask ``[B, 1, 1, Lk]``
 already costs one row per tile) of at least `MIN_SUMMARIZED` elements per (batch, head). Below that
-the summary's ~30 small ops (tens of microseconds of host time, uncached) would cost more than the
-kernel time they save, and the mask keeps the kernels' bool-mask path.
+the summary's ~45 small ops (tens of microseconds of host time on a GPU, uncached) would cost more
+than the kernel time they save, and the mask keeps the kernels' bool-mask path.
+
+Memory while summarizing: the mask's bytes once more (its bits, spread before they are packed) and
+an eighth of them kept (the bits); the counts are summed from a uint8 view, a row of a block at a
+time, never widened whole.
 """
 
 import weakref
@@ -21,7 +25,7 @@ from .block_mask import BlockLists
 
 BLOCK_SIZE = 128
 # Elements of one (batch, head)'s [Lq, Lk] (a 1k x 1k mask); read when a call's static parts are first
-# seen (its plans then keep the choice).
+# seen (`attn_ops.fused.op_args` keeps the choice in the call's plans, as its launches are planned).
 MIN_SUMMARIZED = 1024 * 1024
 MAX_KEPT = 4  # summaries kept, of the masks last seen
 
@@ -38,17 +42,20 @@ _KEPT = []  # [(a weak reference to a mask, its version, its summary)], the late
 def summary(mask):
     """`summarized(mask)` with its leading dimensions completed to [B | 1, H | 1, Lq, Lk] (a batch or
     head dimension read through stride 0 as one), the same object's again while it is unchanged (its
-    version counter)."""
+    version counter). A summary is dropped with its mask (or when four newer ones are kept)."""
     if torch.compiler.is_compiling() or mask.is_inference():  # no object identity, no version counter
         return summarized(_completed(mask))
-    _KEPT[:] = [kept for kept in _KEPT if kept[0]() is not None]
     for ref, version, made in _KEPT:
         if ref() is mask and version == mask._version:
             return made
     made = summarized(_completed(mask))
-    _KEPT.append((weakref.ref(mask), mask._version, made))
+    _KEPT.append((weakref.ref(mask, _forget), mask._version, made))
     del _KEPT[:-MAX_KEPT]
     return made
+
+
+def _forget(dead):
+    _KEPT[:] = [kept for kept in _KEPT if kept[0] is not dead]
 
 
 def _completed(mask):
@@ -64,8 +71,9 @@ def summarized(mask, block_size=BLOCK_SIZE):
     The lists are the same sparse-row format as `_built`'s, in buffers sized for every block being
     listed (``B * H * (Lq / bs) * (Lk / bs)`` entries each, a 1/bs**2 fraction of the mask's size):
     each line's entries are scattered to their place in it, so no count has to reach the host to
-    size them, and what lies past the last line's entries is never read. The bits of every block
-    are packed (an eighth of the mask's bytes); the partial blocks' entries point at their own."""
+    size them, and what lies past the last line's entries is never read (so these are kernel
+    arguments, not a `BlockMask`, whose readers take compact lists). The bits of every block are
+    packed (an eighth of the mask's bytes); the partial blocks' entries point at their own."""
     B, H, Lq, Lk = mask.shape
     bs = block_size
     n_rows, n_cols = -(-Lq // bs), -(-Lk // bs)
@@ -73,11 +81,12 @@ def summarized(mask, block_size=BLOCK_SIZE):
         padded = mask.new_zeros(B, H, n_rows * bs, n_cols * bs)
         padded[:, :, :Lq, :Lk] = mask
         mask = padded
-    blocks = mask.reshape(B, H, n_rows, bs, n_cols, bs)
-    counts = blocks.sum((3, 5), dtype=torch.int32).view(B * H, n_rows, n_cols)
+    blocks = mask.reshape(B, H, n_rows, bs, n_cols, bs).view(torch.uint8)  # 0 or 1, no copy
+    # A block row's count fits a byte (bs <= 128); only the [.., bs, ..] partial sums are widened.
+    counts = blocks.sum(5, dtype=torch.uint8).sum(3, dtype=torch.int32).view(B * H, n_rows, n_cols)
     listed = torch.stack([counts == bs * bs, (counts > 0) & (counts < bs * bs)])  # full, partial
     shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    bits = (blocks.reshape(B, H, n_rows, bs, n_cols, bs // 8, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+    bits = (blocks.reshape(B, H, n_rows, bs, n_cols, bs // 8, 8) << shifts).sum(-1, dtype=torch.uint8)
     # Block (b, h, i, j)'s bits are bits[((b * H + h) * n_rows + i) * n_cols + j].
     bits = bits.permute(0, 1, 2, 4, 3, 5).reshape(-1, bs, bs // 8)
     block_ids = torch.arange(B * H * n_rows * n_cols, dtype=torch.int32, device=mask.device)

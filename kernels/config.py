@@ -57,6 +57,23 @@ def device_properties(device):
     return properties
 
 
+def shared_memory_per_block(device):
+    """The most shared memory (bytes) one block may opt into on a CUDA device: torch's property where
+    it has it, else by compute capability (sm_80 and sm_87 163 KB, sm_86 and sm_89 99 KB, Hopper and
+    later 227 KB)."""
+    properties = device_properties(device)
+    optin = getattr(properties, "shared_memory_per_block_optin", None)
+    if optin:
+        return optin
+    if properties.major >= 9:
+        return 232448
+    return 166912 if (properties.major, properties.minor) in ((8, 0), (8, 7)) else 101376
+
+
+# float32's dK/dV and dQ at head dims past 256 (16-row tiles, one stage) take about 132 KB.
+FLOAT32_WIDE_SHARED = 133120
+
+
 class TileConfig(NamedTuple):
     block_m: int  # queries per tile
     block_n: int  # keys per tile
@@ -174,7 +191,7 @@ def tile_for(element_size, kernel, head_dim, major, tma=False, plain=False):
     if tma and plain:
         tile = TMA_TILES.get(element_size, {}).get(kernel, {}).get(max(64, head_dim_pad(head_dim)), tile)
     if major < 9:  # pre-Hopper: 99 to 163 KB of shared memory per block instead of 227
-        tile = tile._replace(num_stages=min(tile.num_stages, 2))
+        tile = tile._replace(num_stages=min(tile.num_stages, 2 if head_dim <= 256 else 1))
         if kernel == "dq" and head_dim > 64:
             tile = tile._replace(block_m=min(tile.block_m, 64))
         if kernel == "dkdv" and element_size == 2 and tile.block_m < 32 and head_dim <= 128:

@@ -4,6 +4,7 @@ What the kernels cannot run is refused by dispatch, naming the reason and the wa
 import contextlib
 import dataclasses
 import math
+import types
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 import attn_ops
 from attn_ops import dispatch
+from attn_ops.kernels import config
 from attn_ops.problem import describe
 from truth import DEVICES
 
@@ -269,6 +271,25 @@ def test_auto_on_cuda_refuses_what_the_kernels_cannot_run_naming_the_reference(c
     with pytest.raises(ValueError, match=r"backend='auto' on CUDA.*head dim 600 > 512.*backend='reference'"):
         dispatch.choose(problem, "auto")
     assert dispatch.choose(problem, "reference") is attn_ops.reference
+
+
+@pytest.mark.parametrize("gpu, refused", [((8, 9, None), True), ((8, 6, 101376), True), ((8, 0, None), False),
+                                          ((9, 0, 232448), False)], ids=["sm89", "sm86", "sm80", "sm90"])
+def test_float32_past_256_is_refused_where_shared_memory_is_short(gpu, refused, monkeypatch):
+    """float32's backward at D = 512 takes ~132 KB of shared memory per block: more than sm_86/sm_89
+    give; half precision at 512 and float32 up to 256 fit everywhere."""
+    major, minor, optin = gpu
+    properties = types.SimpleNamespace(major=major, minor=minor, shared_memory_per_block_optin=optin)
+    monkeypatch.setattr(config, "device_properties", lambda device: properties)
+    wide = on_cuda(tensors=[torch.randn(1, 2, 4, 512)] * 3)
+    if refused:
+        with pytest.raises(ValueError, match=r"float32 at head dim 512 needs 133120 bytes of shared memory.*"
+                                             r"backend='reference'"):
+            dispatch.choose(wide, "auto")
+    else:
+        assert dispatch.choose(wide, "auto") is not attn_ops.reference
+    for tensors in ([torch.randn(1, 2, 4, 512, dtype=torch.bfloat16)] * 3, [torch.randn(1, 2, 4, 256)] * 3):
+        assert dispatch.choose(on_cuda(tensors=tensors), "auto") is not attn_ops.reference
 
 
 def test_float64_runs_on_the_reference_under_auto_even_on_cuda():

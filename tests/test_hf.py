@@ -161,7 +161,8 @@ def test_bert_encoder_with_padding_matches_sdpa(calls):
     expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).last_hidden_state
     actual = _run(model, "attn_ops", input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(actual, expected, **TOL)
-    assert calls and all(m.shape == (3, 1, 1, SEQ) for m in calls)  # padding broadcast over the queries
+    # The padding as every query's row, through stride 0 (no [Lq, Lk] tensor).
+    assert calls and all(m.shape == (3, 1, SEQ, SEQ) and m.stride()[2] == 0 for m in calls)
 
 
 @pytest.fixture
@@ -236,6 +237,42 @@ def test_a_mask_that_is_no_packed_rows_dense_mask_is_not_read_on_the_host(monkey
     assert attn_ops.hf._sequences_the_mask_keeps_apart(sliding_padding, torch.arange(SEQ), True) is None
 
 
+def _against_sdpa(module, mask_function, padding, mask_options=None, **call):
+    """Our mask function and attention function against transformers' dense mask and SDPA function,
+    on random q, k, v of 12 tokens."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    q, k, v = (torch.randn(2, 2, 12, 16) for _ in range(3))
+    masks = [make(2, 12, 12, 0, 0, mask_function=mask_function, attention_mask=padding, **(mask_options or {}))
+             for make in (attn_ops.hf.padding_or_dense_mask, sdpa_mask)]
+    assert masks[0].data_ptr() == padding.data_ptr()  # ours: a view of the key padding, no [Lq, Lk] tensor
+    ours, _ = attn_ops.hf.attention_forward(module, q, k, v, masks[0], scaling=0.25, **call)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, masks[1], scaling=0.25, **call)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_a_bidirectional_mask_stays_bidirectional_for_a_module_that_says_causal():
+    """Phi-4-multimodal's vision attention says is_causal and gets transformers' bidirectional mask."""
+    from transformers.masking_utils import bidirectional_mask_function
+
+    padding = torch.ones(2, 12, dtype=torch.bool)
+    padding[1, -3:] = False
+    # As create_bidirectional_mask asks for it: transformers' own would then skip the dense mask too.
+    _against_sdpa(types.SimpleNamespace(is_causal=True, training=False), bidirectional_mask_function, padding,
+                  mask_options=dict(allow_is_bidirectional_skip=True))
+
+
+def test_a_full_layer_gets_no_window_from_its_modules_sliding_window():
+    """EXAONE 4 keeps `sliding_window` on every layer's module and passes None for its full layers."""
+    from transformers.masking_utils import causal_mask_function
+
+    padding = torch.ones(2, 12, dtype=torch.bool)
+    padding[1, :3] = False
+    module = types.SimpleNamespace(is_causal=True, training=False, sliding_window=4)
+    _against_sdpa(module, causal_mask_function, padding, sliding_window=None)
+
+
 def test_config_attn_implementation_selects_the_op(calls):
     config = _llama().config
     config._attn_implementation = "attn_ops"
@@ -304,7 +341,7 @@ def test_t5_with_position_bias_matches_eager_logits_and_bias_gradients(padded, b
     torch.testing.assert_close(results["attn_ops"], results["eager"], **TOL)
     # 2 encoder layers, then 2 decoder layers of self and cross attention. Unpadded, the bias goes
     # in alone (its gradient from the op in its own shape), the decoder's causal rule from the module.
-    encoder, decoder_self, cross = ((3, 1, 1, SEQ), (3, 1, 1, SEQ - 3), (3, 1, 1, SEQ)) if padded else (None,) * 3
+    encoder, decoder_self, cross = ((3, 1, SEQ, SEQ), (3, 1, 1, SEQ - 3), (3, 1, SEQ - 3, SEQ)) if padded else (None,) * 3
     assert [m if m is None else tuple(m.shape) for m in calls] == [encoder] * 2 + [decoder_self, cross] * 2
 
 

@@ -146,6 +146,8 @@ def test_one_summary_per_mask_object_until_it_changes(summarize_all):
         attn_ops.attention(q, k, v, mask=mask)
         attn_ops.attention(q, k, v, mask=mask.clone())  # another object with the same values
     assert len(summarize_all) == 3
+    del mask
+    assert not mask_summary._KEPT  # a summary goes with its mask
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward_backward"])

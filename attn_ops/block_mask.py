@@ -274,7 +274,7 @@ def _built(shape, block_size, device, piece):
                 b, h, r, c = found.nonzero(as_tuple=True)
                 into.append(torch.stack([(b * H + h) * n_rows + r + r0, c + c0]))
                 if into is partial:
-                    bits.append(_packed(blocks[b, h, r, c]))
+                    bits.append(packed_bits(blocks[b, h, r, c]))
     full = torch.cat(full, 1) if full else torch.zeros(2, 0, dtype=torch.int64, device=device)
     partial = torch.cat(partial, 1) if partial else torch.zeros(2, 0, dtype=torch.int64, device=device)
     bits = torch.cat(bits) if bits else torch.zeros(0, bs, bs // 8, dtype=torch.uint8, device=device)
@@ -288,9 +288,7 @@ def _built(shape, block_size, device, piece):
     order_t = _ordered(partial_t[0] * n_rows + partial_t[1])
     cols = _lists(full_t[:, _ordered(full_t[0] * n_rows + full_t[1])], partial_t[:, order_t], order_t,
                   B * H * n_cols)
-    sections = (*rows, *cols)
-    starts = torch.tensor([0, *(t.numel() for t in sections)], device=device).cumsum(0)[:-1] + len(sections)
-    return BlockMask(shape, bs, torch.cat([starts.to(torch.int32), *sections]), bits)
+    return BlockMask(shape, bs, joined_lists((*rows, *cols), device), bits)
 
 
 def _ordered(keys):
@@ -320,12 +318,34 @@ def _entries(offsets, blocks):
     return lines, blocks.long()
 
 
+def joined_lists(sections, device):
+    """The ten lists (rows' five `BlockLists` fields, then cols') as one int32 tensor after a header of
+    where each starts in it (`BlockMask.lists`)."""
+    starts = [len(sections)]
+    for section in sections[:-1]:
+        starts.append(starts[-1] + section.numel())
+    return torch.cat([_header(tuple(starts), device), *sections])
 
-def _packed(blocks):
-    """bool [n, bs, bs] -> uint8 [n, bs, bs / 8]: bit j % 8 of byte j // 8 is column j."""
-    n, bs, _ = blocks.shape
-    shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device)
-    return (blocks.view(n, bs, bs // 8, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+
+_HEADERS = {}  # (section starts, device) -> the lists' header, made once: no copy to the device per call
+
+
+def _header(starts, device):
+    if torch.compiler.is_compiling():
+        return torch.tensor(starts, dtype=torch.int32, device=device)
+    header = _HEADERS.get((starts, device))
+    if header is None:
+        if len(_HEADERS) >= 64:
+            _HEADERS.clear()
+        header = _HEADERS[(starts, device)] = torch.tensor(starts, dtype=torch.int32, device=device)
+    return header
+
+
+def packed_bits(elements):
+    """bool (or 0/1 uint8) [..., n] -> uint8 [..., n / 8]: bit j % 8 of byte j // 8 is element j
+    (a block's [bs, bs] bits are its rows of bs / 8 bytes)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=elements.device)
+    return (elements.unflatten(-1, (-1, 8)).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
 
 
 def _unpacked(bits, bs):

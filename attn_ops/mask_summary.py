@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from .block_mask import BlockLists
+from .block_mask import BlockLists, joined_lists, packed_bits
 
 BLOCK_SIZE = 128
 # Elements of one (batch, head)'s [Lq, Lk] (a 1k x 1k mask); read when a call's static parts are first
@@ -85,19 +85,14 @@ def summarized(mask, block_size=BLOCK_SIZE):
     # A block row's count fits a byte (bs <= 128); only the [.., bs, ..] partial sums are widened.
     counts = blocks.sum(5, dtype=torch.uint8).sum(3, dtype=torch.int32).view(B * H, n_rows, n_cols)
     listed = torch.stack([counts == bs * bs, (counts > 0) & (counts < bs * bs)])  # full, partial
-    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    bits = (blocks.reshape(B, H, n_rows, bs, n_cols, bs // 8, 8) << shifts).sum(-1, dtype=torch.uint8)
-    # Block (b, h, i, j)'s bits are bits[((b * H + h) * n_rows + i) * n_cols + j].
-    bits = bits.permute(0, 1, 2, 4, 3, 5).reshape(-1, bs, bs // 8)
+    # Packed before the blocks are gathered (an eighth of the bytes to move); block (b, h, i, j)'s
+    # bits are then bits[((b * H + h) * n_rows + i) * n_cols + j].
+    bits = packed_bits(blocks).permute(0, 1, 2, 4, 3, 5).reshape(-1, bs, bs // 8)
     block_ids = torch.arange(B * H * n_rows * n_cols, dtype=torch.int32, device=mask.device)
     rows = _scattered(listed, block_ids.view(B * H, n_rows, n_cols))
     cols = _scattered(listed.transpose(2, 3), block_ids.view(B * H, n_rows, n_cols).transpose(1, 2))
-    sections = (*rows, *cols)
-    starts = [len(sections)]
-    for section in sections[:-1]:
-        starts.append(starts[-1] + section.numel())
-    lists = torch.cat([_header(tuple(starts), mask.device), *sections])
-    return dict(block_lists=lists, block_bits=bits, block_size=bs, block_batch=B, block_heads=H)
+    return dict(block_lists=joined_lists((*rows, *cols), mask.device), block_bits=bits, block_size=bs,
+                block_batch=B, block_heads=H)
 
 
 def _scattered(listed, block_ids):
@@ -115,17 +110,3 @@ def _scattered(listed, block_ids):
     entries[:2].scatter_(1, places, columns.reshape(2, -1))
     entries[2].scatter_(0, places[1], block_ids.reshape(-1))
     return BlockLists(offsets[0], entries[0, :-1], offsets[1], entries[1, :-1], entries[2, :-1])
-
-
-_HEADERS = {}  # (section starts, device) -> the lists' header, made once: no copy to the device per call
-
-
-def _header(starts, device):
-    if torch.compiler.is_compiling():
-        return torch.tensor(starts, dtype=torch.int32, device=device)
-    header = _HEADERS.get((starts, device))
-    if header is None:
-        if len(_HEADERS) >= 64:
-            _HEADERS.clear()
-        header = _HEADERS[(starts, device)] = torch.tensor(starts, dtype=torch.int32, device=device)
-    return header

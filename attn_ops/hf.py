@@ -11,8 +11,13 @@ Two functions are registered under one name, as transformers needs both:
   the plain bidirectional mask the same padding as every query's row (``[B, 1, Lq, Lk]`` through
   stride 0). Four dims: transformers may slice the queries' dimension (Gemma 3n's and 4's KV-shared
   layers keep the last tokens' rows).
-  Other patterns (chunked attention, packed sequences, a sliding cache past its window, static-cache
-  offsets, custom overlays) get transformers' own dense `sdpa_mask`.
+  A chunked-attention layer's mask (Llama 4's ``chunked_causal_mask_function``, its chunks shifted by
+  each row's left padding) over more than one query comes back as a `BlockMask` of that function and
+  the key padding, evaluated as `sdpa_mask` evaluates them but a chunk of blocks at a time, never
+  ``[Lq, Lk]`` at once (building reads its counts on the host: one sync per forward, which the layers
+  share); the kernels skip the other chunks' blocks. Its decoding steps keep the one-row mask.
+  Other patterns (packed sequences, a sliding cache past its window, static-cache offsets, custom
+  overlays) get transformers' own dense `sdpa_mask`.
 - an attention function (`AttentionInterface`) with `sdpa_attention_forward`'s signature. A causal
   module (``module.is_causal``) given a mask of one row reads it as key padding under its causal
   rule, bottom-right aligned as a KV cache needs, and the sliding window the call passes (a dense
@@ -49,6 +54,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .api import attention, attention_with_kvcache, varlen_attention
+from .block_mask import BlockMask
 
 _REQUIREMENT = "Hugging Face transformers >= 5.4"
 
@@ -93,6 +99,9 @@ def padding_or_dense_mask(
         # (some bidirectional encoders' modules say is_causal, Phi-4-multimodal's vision tower's).
         return None if attention_mask is None else attention_mask[:, None, None, :kv_length].expand(
             -1, -1, q_length, -1)
+    if q_length > 1 and not kwargs.get("use_vmap", False) and _chunked(mask_function):
+        return _block_mask(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask,
+                           kwargs.get("device", "cpu"))
     sliding = aligned and _sliding_window(mask_function, kwargs) is not None
     if kv_offset == 0 and covers_keys and (sliding or causal and aligned):
         # The key padding alone: `attention_forward` adds the module's causal rule and the layer's
@@ -136,6 +145,36 @@ def _sliding_window(mask_function, kwargs):
     return None
 
 
+def _chunked(mask_function):
+    """Whether `mask_function` is exactly transformers' ``chunked_causal_mask_function(chunk_size,
+    left_padding)`` (``and_masks`` of its chunk overlay and the causal rule, read from the closures)."""
+    from transformers.masking_utils import causal_mask_function, chunked_overlay
+
+    try:
+        overlay, rule = mask_function.__closure__[0].cell_contents
+        return rule is causal_mask_function and overlay.__code__ is chunked_overlay(1, None).__code__
+    except (AttributeError, IndexError, TypeError, ValueError):  # another kind of mask function
+        return False
+
+
+def _block_mask(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, device):
+    """A `BlockMask` [B, 1, q_length, kv_length] of transformers' index-based `mask_function` and the
+    key padding, exactly as `sdpa_mask` would evaluate them (the same offsets, the padding mask padded
+    the same way), built on the device a chunk of blocks at a time: never [Lq, Lk] at once. Building
+    reads the blocks' counts on the host (a sync, once per forward: the layers share it)."""
+    from transformers.masking_utils import prepare_padding_mask
+
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is not None:
+        padding = padding.to(device=device, dtype=torch.bool)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = mask_function(b, h, q_idx + q_offset, kv_idx + kv_offset)
+        return allowed if padding is None else allowed & padding[b, kv_idx + kv_offset]
+
+    return BlockMask.from_mask_mod(mask_mod, batch_size, 1, q_length, kv_length, device=device)
+
+
 def attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, softcap=None, s_aux=None,
     position_bias=None, **kwargs
@@ -150,6 +189,11 @@ def attention_forward(
         )
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = None
+    if isinstance(attention_mask, BlockMask):
+        # A chunked-attention layer's rule, causal and key padding included (padding_or_dense_mask's).
+        out = attention(query, key, value, mask=position_bias, block_mask=attention_mask, scale=scaling, softcap=softcap,
+                        sinks=s_aux, dropout_p=dropout)
+        return out.transpose(1, 2).contiguous(), None
     if attention_mask is None:
         mask, causal = None, bool(is_causal) and query.shape[2] > 1
     elif attention_mask.dim() == 4 and attention_mask.shape[2] == 1 and is_causal:

@@ -273,6 +273,49 @@ def test_a_full_layer_gets_no_window_from_its_modules_sliding_window():
     _against_sdpa(module, causal_mask_function, padding, sliding_window=None)
 
 
+def _llama4(chunk=4):
+    """Llama 4's text model, tiny: a chunked-attention layer (chunks of 4 < SEQ) and a full one."""
+    config = transformers.Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, num_local_experts=2,
+        attention_chunk_size=chunk, layer_types=["chunked_attention", "full_attention"],
+    )
+    return transformers.Llama4ForCausalLM(config).eval()
+
+
+def _chunked_dense(mask, chunk):
+    """The bool [B, 1, L, L] mask of Llama 4's chunked layers, written out: causal, within the chunk
+    counted from each row's first real token, real keys only."""
+    length = mask.shape[1]
+    left = (mask.cumsum(-1) == 0).sum(-1)[:, None, None]
+    q, kv = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    same_chunk = (q - left).div(chunk, rounding_mode="floor") == (kv - left).div(chunk, rounding_mode="floor")
+    return (same_chunk & (kv <= q) & mask.bool()[:, None, :])[:, None]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_chunked_attention_layers_pass_a_block_mask_not_a_dense_one_and_match_sdpa(padding_side, calls):
+    model = _llama4()
+    ids, mask = _batch(padding_side)
+    expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(_run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits, expected, **TOL)
+    # The chunked layer: its rule as a block mask (chunks shifted by the left padding, causal, the key
+    # padding), never a dense [B, 1, Lq, Lk] tensor; the full layer: the key padding.
+    chunked, full = calls
+    assert isinstance(chunked, attn_ops.BlockMask) and chunked.shape == (3, 1, SEQ, SEQ)
+    assert torch.equal(chunked.to_dense(), _chunked_dense(mask, 4))
+    assert tuple(full.shape) == (3, 1, 1, SEQ)
+
+
+def test_chunked_attention_generation_matches_sdpa(calls, decode_calls):
+    """The prompt's chunked layer takes its block mask; each decoding step's one-row mask goes to the
+    split-KV kernels as a key mask."""
+    ids, mask = _batch("left")
+    _generate_as_sdpa(_llama4(), ids, mask, 4)
+    assert isinstance(calls[0], attn_ops.BlockMask)
+    assert len(decode_calls) == 2 * 3
+
+
 def test_config_attn_implementation_selects_the_op(calls):
     config = _llama().config
     config._attn_implementation = "attn_ops"
@@ -349,8 +392,9 @@ def test_t5_with_position_bias_matches_eager_logits_and_bias_gradients(padded, b
 # its sinks through the kernels, in the normalizer of the sliding layer's dense mask and of the
 # global layer's padding with the causal rule; it is compared with eager, its default.
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make, padding_side, peer", [(_llama, "left", "sdpa"), (_gpt_oss, "right", "eager")],
-                         ids=["llama", "gpt_oss_sinks"])
+@pytest.mark.parametrize("make, padding_side, peer",
+                         [(_llama, "left", "sdpa"), (_gpt_oss, "right", "eager"), (_llama4, "left", "sdpa")],
+                         ids=["llama", "gpt_oss_sinks", "llama4_chunked"])
 def test_kernel_path_matches_the_models_peer(device, make, padding_side, peer):
     model = make().to(device)
     ids, mask = (t.to(device) for t in _batch(padding_side))

@@ -157,10 +157,6 @@ def not_supported_reasons(problem):
             shared_memory_per_block(problem.device) < FLOAT32_WIDE_SHARED:
         why.append(f"float32 at head dim {head_dim} needs {FLOAT32_WIDE_SHARED} bytes of shared memory per block, "
                    f"this GPU has {shared_memory_per_block(problem.device)} (half precision fits)")
-    if problem.block_mask is not None and problem.requires_grad and problem.mask is not None \
-            and problem.mask.requires_grad:
-        why.append(f"{names['block_mask']} with a {names['mask']} that requires grad: the mask's gradient pass does "
-                   "not read block masks")
     return why
 
 

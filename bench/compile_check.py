@@ -289,6 +289,10 @@ def variants(arch):
         for name in ("fwd", "dkdv", "dq"):
             for kind in ("full", "partial"):
                 yield Variant(f"{name} {kind} blocks", dtype, 128, NO_MASK.value, False, launches[name])
+        # A learned float mask with a block mask: the mask's gradient pass over the listed blocks.
+        args = op_args(HEADS, 128, dense_mask(ADD_MASK.value))._replace(**block_mask.kernel_args)
+        launches = dense_launches(arch, dtype, 128, 128, args, mask_grad=True)
+        yield Variant("dmask partial blocks", dtype, 128, ADD_MASK.value, False, launches["dmask"])
         # Packed sequences (varlen) at D = 128: plain, and with every modifier, dropout and an LSE gradient.
         for modified in (False, True):
             launches = packed_launches(arch, dtype, modified)

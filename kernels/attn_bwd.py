@@ -255,14 +255,31 @@ def _attn_bwd_dq(Q, K, V, Mask, Blocks, Alibi, Seed, Out, dO, Lse, dLse, Delta, 
 
 
 @triton.jit
-def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask, st, mask_shape, batch, num_heads_q,
+def _dmask_tile(acc, rows, keys, start_n, alibi_log2, seed, head_index, hidden, st, sc, SW: tl.constexpr):
+    """`acc` plus dS of one tile: the queries of `rows` = (q, do, row_stats, offs_m, their mask row
+    pointers) against keys [start_n, start_n + BLOCK_N) of `keys` = (K, V at the head's first row,
+    offs_d, offs_dv); `hidden`: a partial block's bits (`_block_bits`) or None."""
+    q, do, row_stats, offs_m, mask_row_ptrs = rows
+    K_h, V_h, offs_d, offs_dv = keys
+    offs_n = start_n + tl.arange(0, SW.BLOCK_N)
+    k_t = _load_tile(K_h, offs_d, offs_n, st.k[3], st.k[2], SW.HEAD_DIM, sc.len_k)
+    v_t = _load_tile(V_h, offs_dv, offs_n, st.v[3], st.v[2], SW.HEAD_DIM_V, sc.len_k)
+    mask_ptrs = mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3]
+    s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, True, SW, False, hidden)
+    return acc + _score_grads(s, unit, row_stats, do, v_t, seed, offs_m, offs_n, head_index, sc, SW)
+
+
+@triton.jit
+def _attn_bwd_dmask(Q, K, V, Mask, Blocks, Alibi, Seed, dO, Lse, Delta, dMask, st, mask_shape, batch, num_heads_q,
                     group_size, sc, SW: tl.constexpr, ROWS_SUMMED: tl.constexpr, COLS_SUMMED: tl.constexpr):
     """The gradient of a float mask in its own shape [mask_batch, mask_heads, 1 or Lq, 1 or Lk]
     (`mask_shape` = (mask_batch, mask_heads); `st.out`: its strides): each program owns one tile of
     it and sums dS over the dimensions the mask broadcasts (batches, heads, rows or columns) in a
     fixed order, so the result is deterministic without atomics and without a scratch tensor. dS is
     the gradient of the final scores, to which the mask is added after the cap: no cap factor.
-    Pointers only (SW.TMA is not read)."""
+    With a block mask (`Blocks`, as the dQ pass's; launched with ``SW.BANDED`` so that its lists are
+    cut to this program's columns) only its listed tiles are visited, partial ones reading their
+    bits: elsewhere dS is 0. Pointers only (SW.TMA is not read)."""
     mask_batch, mask_heads = mask_shape
     len_q, len_k = sc.len_q, sc.len_k
     row_tiles = 1 if ROWS_SUMMED else tl.cdiv(len_q, SW.BLOCK_M)
@@ -294,19 +311,28 @@ def _attn_bwd_dmask(Q, K, V, Mask, Alibi, Seed, dO, Lse, Delta, dMask, st, mask_
                                 SW.HEAD_DIM_V)
                 row_stats = _load_row_stats(_row_stats(Lse, head_index, len_q), _row_stats(Delta, head_index, len_q),
                                             offs_m, len_q)
-                mask_row_ptrs = _head_rows(Mask, b, h, st.mask) + _wide(offs_m)[:, None] * st.mask[2]
+                rows = (q, do, row_stats, offs_m, _head_rows(Mask, b, h, st.mask) + _wide(offs_m)[:, None] * st.mask[2])
+                keys = (K_h, V_h, offs_d, offs_dv)
                 # Only the key tiles these rows can see: within this program's columns, at most one.
                 tiles = key_tiles(start_m, len_q, sc, SW)
                 lo, hi = tiles[0], tiles[3]
                 if not COLS_SUMMED:
                     lo, hi = tl.maximum(lo, col0), tl.minimum(hi, col0 + SW.BLOCK_N)
-                for start_n in range(lo, hi, SW.BLOCK_N):
-                    offs_n = start_n + tl.arange(0, SW.BLOCK_N)
-                    k_t = _load_tile(K_h, offs_d, offs_n, st.k[3], st.k[2], SW.HEAD_DIM, len_k)
-                    v_t = _load_tile(V_h, offs_dv, offs_n, st.v[3], st.v[2], SW.HEAD_DIM_V, len_k)
-                    mask_ptrs = mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3]
-                    s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, True, SW)
-                    acc += _score_grads(s, unit, row_stats, do, v_t, seed, offs_m, offs_n, head_index, sc, SW)
+                if SW.BLOCK_SIZE:  # a block mask: its listed blocks within [lo, hi) only, as the dQ pass's
+                    line = block_line(b, h, start_m, len_q, st, SW)
+                    for KIND in tl.static_range(FULL_BLOCKS, PARTIAL_BLOCKS + 1):
+                        span = listed_tiles(Blocks, line, ROWS, KIND, (lo, hi), SW.BLOCK_N, SW)
+                        for i in range(span[0], span[1]):
+                            start_n = tile_start(i, span, KIND, SW.BLOCK_N, SW)
+                            if (start_n >= lo) & (start_n < hi):  # a listed block's other tiles are not ours
+                                hidden = None
+                                if KIND == PARTIAL_BLOCKS:
+                                    hidden = _block_bits(span, i, offs_m, start_n, SW.BLOCK_N, SW)
+                                acc = _dmask_tile(acc, rows, keys, start_n, alibi_log2, seed, head_index, hidden,
+                                                  st, sc, SW)
+                else:
+                    for start_n in range(lo, hi, SW.BLOCK_N):
+                        acc = _dmask_tile(acc, rows, keys, start_n, alibi_log2, seed, head_index, None, st, sc, SW)
     offs_r = row0 + tl.arange(0, SW.BLOCK_M)
     offs_c = col0 + tl.arange(0, SW.BLOCK_N)
     len_r, len_c = len_q, len_k
@@ -430,9 +456,10 @@ def _mask_grad(q, k, v, do, lse_log2, delta, args, tensors, dq_pass):
     scalars = dq_pass.scalars
     if dmask.numel():
         _attn_bwd_dmask[(shape[0] * shape[1] * tiles,)](
-            q, k, v, tensors.mask, tensors.alibi, tensors.seed, do, lse_log2, delta, dmask,
+            q, k, v, tensors.mask, tensors.blocks, tensors.alibi, tensors.seed, do, lse_log2, delta, dmask,
             scalars[0]._replace(q=q.stride(), do=do.stride(), out=dmask.stride()), shape[:2], batch, num_heads_q,
-            num_heads_q // k.shape[1], scalars[-1], SW=dq_pass.options["SW"].replaced(TMA=False),
+            num_heads_q // k.shape[1], scalars[-1],
+            SW=dq_pass.options["SW"].replaced(TMA=False, BANDED=bool(args.block_size)),
             ROWS_SUMMED=rows_summed, COLS_SUMMED=cols_summed, num_warps=dq_pass.options["num_warps"],
             num_stages=dq_pass.options["num_stages"],
         )

@@ -224,6 +224,28 @@ def test_attention_with_a_block_mask_matches_float64_with_its_dense_mask(backend
     assert torch.allclose(lse.double(), lse_dense, atol=1e-4)
 
 
+# A learned float mask in its own shapes: whole, one per head and row ([B, 1, Lq, Lk] and [1, Hq,
+# Lq, 1]: the gradient pass sums heads / keys), keys only (sums rows too); with and without a band.
+@pytest.mark.parametrize("shape, rule", [
+    ((1, 4, 200, 260), {}),
+    ((200, 260), {"causal": True}),
+    ((2, 1, 200, 260), {"window": (50, 20), "align": "bottom_right"}),
+    ((1, 4, 200, 1), {}),
+    ((2, 1, 1, 260), {"causal": True}),
+], ids=["per_head", "shared_causal", "per_batch_window", "per_row", "per_key_causal"])
+@pytest.mark.parametrize("backend, device", RUNS)
+def test_a_learned_mask_with_a_block_mask_gets_its_gradient(backend, device, shape, rule):
+    """The mask's gradient pass visits the block mask's listed tiles only, partial ones reading their
+    bits: every gradient, the mask's in its own shape, against float64 with the same block mask."""
+    q, k, v = _inputs(device)
+    block_mask = _documents_and_globals(device)
+    bias = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device).requires_grad_()
+    out = attn_ops.attention(q, k, v, mask=bias, block_mask=block_mask, backend=backend, **rule)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, bias), dout)
+    check_against_float64(q, k, v, out, grads, dout, mask=bias, block_mask=block_mask, **rule)
+
+
 @pytest.mark.parametrize("backend, device", RUNS)
 def test_half_precision_with_gqa_and_a_shared_block_mask(backend, device):
     q, k, v = _inputs(device, dtype=torch.bfloat16, batch=1, heads_q=4, heads_kv=1, len_q=130, len_k=190)
@@ -287,6 +309,24 @@ def test_kernel_tiles_smaller_than_a_block_or_a_word_of_bits(device, config):
     check_against_float64(q, k, v, out, grads, dout, mask=block_mask.to_dense())
 
 
+@pytest.mark.parametrize("band", [(None, None), (-30, 10)], ids=["no_band", "band"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_mask_gradient_with_tiles_smaller_than_a_block(device, band):
+    """The mask's gradient pass: each program owns one 16 x 16 tile of the gradient, inside a block
+    of 64 whose other tiles are other programs'."""
+    q, k, v = _inputs(device, batch=1, heads_q=2, heads_kv=1, len_q=100, len_k=120)
+    block_mask = BlockMask.from_mask(torch.rand(1, 2, 100, 120, device=device) > 0.4, block_size=64)
+    bias = torch.randn(1, 2, 100, 120, device=device, requires_grad=True)
+    args = OpArgs(scale=q.shape[-1] ** -0.5, mask=bias.detach(), band_lo=band[0], band_hi=band[1],
+                  **block_mask.kernel_args)
+    out, lse_log2 = attn_fwd(q.detach(), k.detach(), v.detach(), args, config=(16, 16, 4, 1))
+    dout = torch.randn_like(out)
+    grads = attn_bwd(dout, None, q.detach(), k.detach(), v.detach(), out, lse_log2, args, mask_grad=True,
+                     config=(16, 16, 4, 1))[:4]
+    window = None if band[0] is None else (-band[0], band[1])
+    check_against_float64(q, k, v, out, grads, dout, mask=bias, block_mask=block_mask, window=window)
+
+
 def test_launch_plans_do_not_depend_on_how_many_blocks_a_mask_keeps():
     """A launcher's plan key reads a block mask's lists and bits by dtype: their lengths are values."""
     one_block = torch.zeros(1, 1, 4, 5, dtype=torch.bool)
@@ -322,10 +362,6 @@ def test_bad_block_masks_name_block_mask():
     three_heads = BlockMask.from_mask(torch.ones(1, 3, 200, 260, dtype=torch.bool), block_size=64)
     with pytest.raises(ValueError, match="block_mask shape"):
         attn_ops.attention(q, k, v, block_mask=three_heads)
-    learned = torch.zeros(1, 1, 200, 260, requires_grad=True)
-    with pytest.raises(ValueError, match="block_mask with a mask that requires grad"):
-        attn_ops.attention(q, k, v, mask=learned, backend="triton",
-                           block_mask=BlockMask.from_mask(torch.ones(200, 260, dtype=torch.bool)))
 
 
 def test_bad_constructor_arguments_raise_naming_them():

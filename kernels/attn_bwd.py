@@ -62,15 +62,15 @@ def _attn_bwd_dkdv_tiles(grads, kv, Q, dO, stats, extra, offs, at, drop, span, s
     for i in range(span[0], span[1], SW.BLOCK_M if KIND == CONTIGUOUS else 1):
         start_m = tile_start(i, span, KIND, SW.BLOCK_M, SW)
         offs_m = start_m + tl.arange(0, SW.BLOCK_M)
-        hidden = None
+        seen = None
         if KIND == PARTIAL_BLOCKS:
-            hidden = _block_bits(span, i, offs_m, tl.min(offs_n, 0), SW.BLOCK_N, SW, True)
+            seen = _block_bits(span, i, offs_m, tl.min(offs_n, 0), SW.BLOCK_N, SW, True)
         q_t = _load_rows(Q, b, h, start_m, offs_m, offs_d, st.q, sc.len_q, SW.HEAD_DIM, True, SW)
         do = _load_rows(dO, b, h, start_m, offs_m, offs_dv, st.do, sc.len_q, SW.HEAD_DIM_V, False, SW)
         lse2, delta = _load_row_stats(Lse, Delta, offs_m, sc.len_q)
         mask_ptrs = mask_row_ptrs + _wide(offs_m)[None, :] * st.mask[2]
         s_t, cap_slope, unit = _masked_scores(k, q_t, offs_n, offs_m, mask_ptrs, alibi_log2, sc, EDGE, SW, True,
-                                              hidden)
+                                              seen)
         p_t = tl.math.exp2(s_t * unit - lse2[None, :])
         dp_t = _dot(v, tl.trans(do), SW.INPUT_PRECISION)
         p_out = p_t
@@ -170,13 +170,13 @@ def _attn_bwd_dq_tiles(dq, q, do, row_stats, K, V, extra, offs, at, drop, span, 
     for i in range(span[0], span[1], SW.BLOCK_N if KIND == CONTIGUOUS else 1):
         start_n = tile_start(i, span, KIND, SW.BLOCK_N, SW)
         offs_n = start_n + tl.arange(0, SW.BLOCK_N)
-        hidden = None
+        seen = None
         if KIND == PARTIAL_BLOCKS:
-            hidden = _block_bits(span, i, offs_m, start_n, SW.BLOCK_N, SW)
+            seen = _block_bits(span, i, offs_m, start_n, SW.BLOCK_N, SW)
         k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, True, SW)
         v_t = _load_rows(V, b, h_kv, start_n, offs_n, offs_dv, st.v, sc.len_k, SW.HEAD_DIM_V, True, SW)
         s, cap_slope, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3],
-                                            alibi_log2, sc, EDGE, SW, False, hidden)
+                                            alibi_log2, sc, EDGE, SW, False, seen)
         ds = _score_grads(s, unit, row_stats, do, v_t, seed, offs_m + drop_q0, offs_n + drop_k0, drop_head, sc,
                           SW) * cap_slope
         dq += _dot(_rounded(ds, SW.INTERPRETED_BF16).to(k_t.dtype), tl.trans(k_t), SW.INPUT_PRECISION)
@@ -255,17 +255,17 @@ def _attn_bwd_dq(Q, K, V, Mask, Blocks, Alibi, Seed, Out, dO, Lse, dLse, Delta, 
 
 
 @triton.jit
-def _dmask_tile(acc, rows, keys, start_n, alibi_log2, seed, head_index, hidden, st, sc, SW: tl.constexpr):
+def _dmask_tile(acc, rows, keys, start_n, alibi_log2, seed, head_index, seen, st, sc, SW: tl.constexpr):
     """`acc` plus dS of one tile: the queries of `rows` = (q, do, row_stats, offs_m, their mask row
     pointers) against keys [start_n, start_n + BLOCK_N) of `keys` = (K, V at the head's first row,
-    offs_d, offs_dv); `hidden`: a partial block's bits (`_block_bits`) or None."""
+    offs_d, offs_dv); `seen`: a partial block's bits (`_block_bits`) or None."""
     q, do, row_stats, offs_m, mask_row_ptrs = rows
     K_h, V_h, offs_d, offs_dv = keys
     offs_n = start_n + tl.arange(0, SW.BLOCK_N)
     k_t = _load_tile(K_h, offs_d, offs_n, st.k[3], st.k[2], SW.HEAD_DIM, sc.len_k)
     v_t = _load_tile(V_h, offs_dv, offs_n, st.v[3], st.v[2], SW.HEAD_DIM_V, sc.len_k)
     mask_ptrs = mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3]
-    s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, True, SW, False, hidden)
+    s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, True, SW, False, seen)
     return acc + _score_grads(s, unit, row_stats, do, v_t, seed, offs_m, offs_n, head_index, sc, SW)
 
 
@@ -325,10 +325,10 @@ def _attn_bwd_dmask(Q, K, V, Mask, Blocks, Alibi, Seed, dO, Lse, Delta, dMask, s
                         for i in range(span[0], span[1]):
                             start_n = tile_start(i, span, KIND, SW.BLOCK_N, SW)
                             if (start_n >= lo) & (start_n < hi):  # a listed block's other tiles are not ours
-                                hidden = None
+                                seen = None
                                 if KIND == PARTIAL_BLOCKS:
-                                    hidden = _block_bits(span, i, offs_m, start_n, SW.BLOCK_N, SW)
-                                acc = _dmask_tile(acc, rows, keys, start_n, alibi_log2, seed, head_index, hidden,
+                                    seen = _block_bits(span, i, offs_m, start_n, SW.BLOCK_N, SW)
+                                acc = _dmask_tile(acc, rows, keys, start_n, alibi_log2, seed, head_index, seen,
                                                   st, sc, SW)
                 else:
                     for start_n in range(lo, hi, SW.BLOCK_N):

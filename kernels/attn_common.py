@@ -13,8 +13,6 @@ from .config import ADD_MASK, BOOL_MASK, INTERPRETED, NO_MASK
 # Globals a kernel reads must be tl.constexpr instances (compiled Triton rejects plain globals).
 LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2)
 FLOAT_MIN = tl.constexpr(-3.4028234663852886e38)
-SIGN_BIT = tl.constexpr(-2147483648)  # 0x80000000
-POS_INF_BITS = tl.constexpr(2139095040)  # 0x7F800000
 RUN_BY_INTERPRETER = tl.constexpr(INTERPRETED)
 
 
@@ -104,15 +102,15 @@ def _alibi_log2(Alibi, b, h, strides, ALIBI: tl.constexpr):
 
 @triton.jit
 def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, EDGE: tl.constexpr, SW: tl.constexpr,
-                   TRANSPOSED: tl.constexpr = False, hidden=None):
+                   TRANSPOSED: tl.constexpr = False, seen=None):
     """(s, the derivative of the modified score by the scaled one (``SW.MODIFIER``'s: ``1 - tanh**2``
     under a cap, 1.0 without), unit) of one [BLOCK_M, BLOCK_N] tile of the `Scores` `sc`: ``s * unit``
     are its log2-domain scores, -inf where a key is not visible. ``EDGE``: the tile may hold keys
     outside the band (the element-wise band mask runs). ``TRANSPOSED``: `q` holds keys and `k_t`
     queries (the dK/dV pass's [keys, queries] tiles, `offs_m` the keys): the band and ALiBi are seen
     from the key side (query - key in [-hi, -lo], the same distances). The score modifier
-    (`kernels.modifiers`) runs on the scaled scores, before the mask and the band. ``hidden``: None,
-    or a partial block's bits for the tile (`_block_bits`: int32, the sign set where a key is hidden).
+    (`kernels.modifiers`) runs on the scaled scores, before the mask and the band. ``seen``: None,
+    or a partial block's bits for the tile (`_block_bits`: int32, not 0 where a key is seen).
 
     Plain scores (no cap, ALiBi or float mask) stay unscaled, ``unit = qk_scale``: the caller folds
     the scale into its exp2's argument, one FMA per score (``s * unit - max``) instead of a multiply
@@ -131,7 +129,7 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, EDGE: tl.c
     s, cap_slope = SW.MODIFIER(s, offs_m + shift, offs_n, alibi_log2, sc)
     if SW.MASK_KIND != NO_MASK:
         in_bounds = offs_m[:, None] < len_r
-        if EDGE or TRANSPOSED or hidden is not None:
+        if EDGE or TRANSPOSED or seen is not None:
             in_bounds = in_bounds & (offs_n[None, :] < len_c)
         # Else every key of the tile is below len_k (an interior tile, or a full block): a bound that
         # is the same along the keys lets a row's contiguous mask bytes load together, not one by one.
@@ -143,8 +141,8 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, EDGE: tl.c
             # A finite mask (e.g. finfo.min) must stay finite after * log2(e), as plain addition
             # would; only -inf masks.
             s = tl.where(m == float("-inf"), float("-inf"), tl.maximum(s + m * LOG2E, FLOAT_MIN))
-    if hidden is not None:  # min(s, -inf) where the sign bit is set, min(s, +inf) elsewhere
-        s = tl.minimum(s, ((hidden & SIGN_BIT) | POS_INF_BITS).to(tl.float32, bitcast=True))
+    if seen is not None:
+        s = _seen_only(s, seen)
     if EDGE:
         rel = offs_n[None, :] - offs_m[:, None]
         visible = (rel >= band_lo) & (rel <= band_hi) & (offs_n[None, :] < len_c)
@@ -153,18 +151,32 @@ def _masked_scores(q, k_t, offs_m, offs_n, mask_ptrs, alibi_log2, sc, EDGE: tl.c
 
 
 @triton.jit
+def _seen_only(s, seen):
+    """`s` where `seen` (a partial block's bits, `_block_bits`) is not 0, -inf elsewhere. Compiled, a
+    select on a predicate per score, which ptxas fuses with the bit test into a LOP3 that writes the
+    predicate, then an FSEL: two instructions per score. The same written as ``tl.where(seen != 0,
+    ...)`` makes LLVM pack the bool tile into bitfields and unpack it (sm_90, bf16 D = 128: the
+    forward's partial-block loop 205.5 SASS per MFLOP, against 158.1), so the select is inline PTX,
+    which LLVM does not look into; the interpreter, which runs no PTX, takes `tl.where`."""
+    if RUN_BY_INTERPRETER:
+        return tl.where(seen != 0, s, float("-inf"))
+    return tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; selp.f32 $0, $1, 0fFF800000, p; }",
+                                     "=f,f,r", [s, seen], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _block_bits(span, i, offs_q, k0, BLOCK_K: tl.constexpr, SW: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """The bits of queries `offs_q` and keys [k0, k0 + BLOCK_K) in the partial block of tile `i` of a
     listed `span` (`schedule.listed_tiles`; its tiles are the keys', the queries' when
     ``TRANSPOSED``), as `_masked_scores` takes them: an int32 [queries, keys] tile ([keys,
-    queries] when ``TRANSPOSED``) whose sign bit is set where the key is hidden.
+    queries] when ``TRANSPOSED``), not 0 where the key is seen.
 
     A block's bits are rows of ``BLOCK_SIZE / 8`` bytes, bit ``j % 8`` of byte ``j // 8`` for key j
     of the block, that is (little-endian) bit ``j % 32`` of 32-bit word ``j // 32``. The tile's words
     are read as one [queries, BLOCK_K / 32] tile (a few loads per thread, not one per score),
-    inverted, spread over their keys, and each key's bit is shifted to the sign. Integers, not a
-    bool tile: the compiler packs a bool tile into bitfields and unpacks it again (two instructions
-    more per score).
+    spread over their keys, and each key's word is ANDed with its own bit, a per-column constant
+    (`_seen_only` tests the result). Integers, not a bool tile: the compiler packs a bool tile into
+    bitfields and unpacks it again.
     """
     BLOCK_Q: tl.constexpr = offs_q.shape[0]
     WORDS: tl.constexpr = BLOCK_K // 32 if BLOCK_K >= 32 else 1
@@ -172,16 +184,16 @@ def _block_bits(span, i, offs_q, k0, BLOCK_K: tl.constexpr, SW: tl.constexpr, TR
     bits = span[4] + tl.load(span[3] + i // per_block).to(tl.int64) * (SW.BLOCK_SIZE * SW.BLOCK_SIZE // 8)
     rows = offs_q % SW.BLOCK_SIZE
     word_cols = k0 % SW.BLOCK_SIZE // 32 + tl.arange(0, WORDS)
-    words = ~tl.load(bits.to(tl.pointer_type(tl.int32)) + rows[:, None] * (SW.BLOCK_SIZE // 32) + word_cols[None, :])
+    words = tl.load(bits.to(tl.pointer_type(tl.int32)) + rows[:, None] * (SW.BLOCK_SIZE // 32) + word_cols[None, :])
     spread = tl.reshape(tl.broadcast_to(words[:, :, None], [BLOCK_Q, WORDS, BLOCK_K // WORDS]), [BLOCK_Q, BLOCK_K])
     if BLOCK_K >= 32:  # tiles of whole words: the shifts are the same every tile
         bit = tl.arange(0, BLOCK_K) % 32
     else:
         bit = k0 % 32 + tl.arange(0, BLOCK_K)
-    hidden = spread << (31 - bit)[None, :]
+    seen = spread & (1 << bit)[None, :]
     if TRANSPOSED:
-        hidden = tl.trans(hidden)
-    return hidden
+        seen = tl.trans(seen)
+    return seen
 
 
 @triton.jit

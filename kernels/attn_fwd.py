@@ -67,12 +67,12 @@ def _attn_fwd_tiles(state, q, K, V, extra, offs, at, drop, span, st, sc, EDGE: t
     for i in range(span[0], span[1], SW.BLOCK_N if KIND == CONTIGUOUS else 1):
         start_n = tile_start(i, span, KIND, SW.BLOCK_N, SW)
         offs_n = start_n + tl.arange(0, SW.BLOCK_N)
-        hidden = None
+        seen = None
         if KIND == PARTIAL_BLOCKS:
-            hidden = _block_bits(span, i, offs_m, start_n, SW.BLOCK_N, SW)
+            seen = _block_bits(span, i, offs_m, start_n, SW.BLOCK_N, SW)
         k_t = _load_rows(K, b, h_kv, start_n, offs_n, offs_d, st.k, sc.len_k, SW.HEAD_DIM, True, SW)
         s, _, unit = _masked_scores(q, k_t, offs_m, offs_n, mask_row_ptrs + _wide(offs_n)[None, :] * st.mask[3],
-                                    alibi_log2, sc, EDGE, SW, False, hidden)
+                                    alibi_log2, sc, EDGE, SW, False, seen)
         p, alpha, l_i, m_new = _online_softmax(s, unit, m_i, l_i,
                                                EDGE or SW.MASK_KIND != NO_MASK or KIND == PARTIAL_BLOCKS)
         if SW.DROPOUT:

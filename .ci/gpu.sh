@@ -6,7 +6,8 @@
 #   3. the determinism tests twice, in two processes, their compared tensors hashed (bench.bitwise):
 #      bitwise equal across the runs, or which tests differ
 #   4. the headline benchmark (bench.headline): forward and backward, bf16, D = 128, causal and not,
-#      4k-16k; decoding at 16k; key padding; against every SDPA backend, then compiled FlexAttention
+#      4k-16k; decoding at 16k; key padding; causal at D = 256 and 512 (4k, 16k) and decoding at 512;
+#      against every SDPA backend, then compiled FlexAttention
 #   5. with the time left, config.py's tiles and candidates around them, timed per pass (bench.tiles)
 # Each step runs under a timeout within the 9 minutes (SIGINT first, so that pytest and the drivers
 # write what they have) and its status and time go to $OUT/summary.txt as it ends, so a step that

@@ -89,6 +89,8 @@ BIAS_LENGTHS = (1024, 4096, 8192)
 GPU_SWEEP = (
     self_attention(LENGTHS, (64, 128), MASKS, MODES)
     + self_attention(LENGTHS, (256,), ("none", "causal"), MODES)
+    # Gemma 4's global layers: D = 512 (FlashAttention and SDPA's flash backend stop at 256).
+    + self_attention(LENGTHS[1:], (512,), ("causal",), MODES)
     + self_attention(LENGTHS, (128,), ("none", "causal"), MODES, dtype="float16")
     + self_attention((2048,), (64,), ("none",), ("fwd",), dtype="float32")
     + self_attention(LENGTHS, (128,), ("none", "causal"), MODES, group=4)
@@ -106,6 +108,7 @@ GPU_SWEEP = (
     ]
     # Decoding: one new query per sequence against a long KV cache, GQA as in current LLMs.
     + decode((1, 8, 32), (1024, 4096, 16384, 65536, 131072))
+    + decode((1, 8), (16384,), ("kvcache",), head_dim=512)
     # Sparse patterns at one sequence of 32k tokens in all (B = 8 at 4k ... 1 at 32k).
     + self_attention((4096, 8192, 16384, 32768), (128,), SPARSE + ("block_sparse",), ("fwd", "fwd_bwd"),
                      tokens=32768)
@@ -129,10 +132,13 @@ CPU_CASES = (
 )
 
 # The headline a GPU session measures first (`python -m bench.headline`, run by `.ci/gpu.sh`): forward
-# and backward at bf16, D = 128, 4k to 16k, causal and not; decoding at 16k; one masked case.
+# and backward at bf16, D = 128, 4k to 16k, causal and not; decoding at 16k; one masked case; then
+# causal at D = 256 and 512 (Gemma 4's global layers), 4k and 16k, and decoding at 512.
 HEADLINE = (self_attention((4096, 8192, 16384), (128,), ("none", "causal"), ("fwd", "bwd"))
             + decode((1, 8), (16384,), ("kvcache", "kvcache_paged16"))
-            + self_attention((4096,), (128,), ("padding",), ("fwd", "bwd")))
+            + self_attention((4096,), (128,), ("padding",), ("fwd", "bwd"))
+            + self_attention((4096, 16384), (256, 512), ("causal",), ("fwd", "bwd"))
+            + decode((8,), (16384,), ("kvcache",), head_dim=512))
 # The same kinds of rows at toy sizes, for the script's CPU dry run.
 HEADLINE_DRY = (self_attention((128,), (64,), ("none", "causal", "padding"), ("fwd", "bwd"), dtype="float32",
                                tokens=256, width=128)

@@ -60,6 +60,12 @@ class BlockMask:
         return (f"BlockMask(shape={self.shape}, block_size={self.block_size}, density={self.density:.3g}, "
                 f"full={self.rows.full_blocks.numel()}, partial={self.rows.partial_blocks.numel()})")
 
+    def to(self, device, non_blocking=False):
+        """The same mask on `device`, as `torch.Tensor.to` moves a tensor (itself where it is there
+        already): a model split across devices moves each layer's inputs so."""
+        lists, bits = (t.to(device, non_blocking=non_blocking) for t in (self.lists, self.bits))
+        return self if lists is self.lists and bits is self.bits else BlockMask(self.shape, self.block_size, lists, bits)
+
     @property
     def static_key(self):
         """What a call's checks read of it: its shape, block size and device."""

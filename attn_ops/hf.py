@@ -12,10 +12,13 @@ Two functions are registered under one name, as transformers needs both:
   stride 0). Four dims: transformers may slice the queries' dimension (Gemma 3n's and 4's KV-shared
   layers keep the last tokens' rows).
   A chunked-attention layer's mask (Llama 4's ``chunked_causal_mask_function``, its chunks shifted by
-  each row's left padding) over more than one query comes back as a `BlockMask` of that function and
-  the key padding, evaluated as `sdpa_mask` evaluates them but a chunk of blocks at a time, never
-  ``[Lq, Lk]`` at once (building reads its counts on the host: one sync per forward, which the layers
-  share); the kernels skip the other chunks' blocks. Its decoding steps keep the one-row mask.
+  each row's left padding) is the causal one while every key lies in one chunk (the key padding
+  then, as above); longer, over more than one query, it comes back as a `BlockMask` of that
+  function and the key padding, evaluated as `sdpa_mask` evaluates them but a chunk of blocks at a
+  time, never ``[Lq, Lk]`` at once: once per forward, for every chunked layer (building evaluates
+  each (query, key) once and reads the blocks' counts on the host, a sync per chunk of blocks; the
+  attention calls read nothing); the kernels skip the other chunks' blocks. Its decoding steps keep
+  the one-row mask.
   Other patterns (packed sequences, a sliding cache past its window, static-cache offsets, custom
   overlays) get transformers' own dense `sdpa_mask`.
 - an attention function (`AttentionInterface`) with `sdpa_attention_forward`'s signature. A causal
@@ -89,7 +92,12 @@ def padding_or_dense_mask(
 
     mask_function = causal_mask_function if mask_function is None else mask_function
     # Only where transformers lets `sdpa_mask` skip materialising the mask may ours be small.
-    causal = mask_function is causal_mask_function and kwargs.get("allow_is_causal_skip", True)
+    skip = kwargs.get("allow_is_causal_skip", True)
+    chunked = _chunked(mask_function)
+    # Keys all within one chunk (kv_length <= the chunk size, counted from the row's first real token):
+    # the chunked rule is the causal one.
+    within_a_chunk = chunked and kv_offset == 0 and kv_length <= (kwargs.get("local_size") or 0)
+    causal = (mask_function is causal_mask_function or within_a_chunk) and skip
     bidirectional = mask_function is bidirectional_mask_function and kwargs.get("allow_is_bidirectional_skip", False)
     # Bottom-right causal alignment is exact when the queries are the last q_length of kv_length keys.
     aligned = isinstance(q_offset, int) and q_offset + q_length == kv_length
@@ -99,7 +107,7 @@ def padding_or_dense_mask(
         # (some bidirectional encoders' modules say is_causal, Phi-4-multimodal's vision tower's).
         return None if attention_mask is None else attention_mask[:, None, None, :kv_length].expand(
             -1, -1, q_length, -1)
-    if q_length > 1 and not kwargs.get("use_vmap", False) and _chunked(mask_function):
+    if chunked and q_length > 1 and skip and not within_a_chunk and not kwargs.get("use_vmap", False):
         return _block_mask(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask,
                            kwargs.get("device", "cpu"))
     sliding = aligned and _sliding_window(mask_function, kwargs) is not None
@@ -161,7 +169,8 @@ def _block_mask(mask_function, batch_size, q_length, kv_length, q_offset, kv_off
     """A `BlockMask` [B, 1, q_length, kv_length] of transformers' index-based `mask_function` and the
     key padding, exactly as `sdpa_mask` would evaluate them (the same offsets, the padding mask padded
     the same way), built on the device a chunk of blocks at a time: never [Lq, Lk] at once. Building
-    reads the blocks' counts on the host (a sync, once per forward: the layers share it)."""
+    reads the blocks' counts on the host (a sync per chunk of blocks, once per forward: the layers
+    share the mask)."""
     from transformers.masking_utils import prepare_padding_mask
 
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
@@ -191,6 +200,9 @@ def attention_forward(
     window = None
     if isinstance(attention_mask, BlockMask):
         # A chunked-attention layer's rule, causal and key padding included (padding_or_dense_mask's).
+        if kwargs.get("cu_seq_lens_q") is not None:
+            raise ValueError("attn_ops attention: chunked attention over packed sequences (cu_seq_lens_q) is not "
+                             "supported; pass the sequences as a padded batch")
         out = attention(query, key, value, mask=position_bias, block_mask=attention_mask, scale=scaling, softcap=softcap,
                         sinks=s_aux, dropout_p=dropout)
         return out.transpose(1, 2).contiguous(), None

@@ -34,7 +34,8 @@ VARLEN = "varlen"
 # layout: dense, or paged in blocks of 16 or 256 rows (shuffled). Timed as K/V bytes read per second.
 DECODE = "decode"
 CACHES = {"kvcache": 0, "kvcache_paged16": 16, "kvcache_paged256": 256}  # mask -> block size (0: dense)
-MODES = ("fwd", "bwd", "fwd_bwd", DECODE)
+ATTENTION_MODES = ("fwd", "bwd", "fwd_bwd")  # the modes of every case but decoding's
+MODES = ATTENTION_MODES + (DECODE,)
 
 
 @dataclass(frozen=True)
@@ -87,18 +88,18 @@ LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 BIAS_LENGTHS = (1024, 4096, 8192)
 
 GPU_SWEEP = (
-    self_attention(LENGTHS, (64, 128), MASKS, MODES)
-    + self_attention(LENGTHS, (256,), ("none", "causal"), MODES)
+    self_attention(LENGTHS, (64, 128), MASKS, ATTENTION_MODES)
+    + self_attention(LENGTHS, (256,), ("none", "causal"), ATTENTION_MODES)
     # Gemma 4's global layers: D = 512 (FlashAttention and SDPA's flash backend stop at 256).
-    + self_attention(LENGTHS[1:], (512,), ("causal",), MODES)
-    + self_attention(LENGTHS, (128,), ("none", "causal"), MODES, dtype="float16")
+    + self_attention(LENGTHS[1:], (512,), ("causal",), ATTENTION_MODES)
+    + self_attention(LENGTHS, (128,), ("none", "causal"), ATTENTION_MODES, dtype="float16")
     + self_attention((2048,), (64,), ("none",), ("fwd",), dtype="float32")
-    + self_attention(LENGTHS, (128,), ("none", "causal"), MODES, group=4)
+    + self_attention(LENGTHS, (128,), ("none", "causal"), ATTENTION_MODES, group=4)
     + self_attention((1024, 4096, 16384), (128,), ("alibi", "softcap"), ("fwd", "fwd_bwd"))
     # bwd too, for the backward's target; bias_grad's forward would be bias's.
-    + self_attention(BIAS_LENGTHS, (128,), ("bias",), MODES)
+    + self_attention(BIAS_LENGTHS, (128,), ("bias",), ATTENTION_MODES)
     + self_attention(BIAS_LENGTHS, (128,), ("bias_grad",), ("bwd", "fwd_bwd"))
-    + varlen((2048, 4096, 8192), MODES)
+    + varlen((2048, 4096, 8192), ATTENTION_MODES)
     # Cross attention: 1k queries against longer keys (e.g. an encoder's output).
     + [
         Case(mode, "bfloat16", 16384 // n, 16, 16, 1024, n, 128, mask)

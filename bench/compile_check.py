@@ -253,10 +253,10 @@ def variants(arch):
     masking (the mask-free ones also through pointers where the launcher takes TMA, and with GQA at
     D = 128), the score modifiers, packed sequences, and decoding."""
     for dtype in TRITON_DTYPE:
-        # 80 and 320: head dims padded to their tiles (masked loads); 192/128 and 512/256: K's and V's
-        # differ (DeepSeek's MLA); 512: Gemma 4's global layers
-        for head_dim, head_dim_v in ((64, 64), (80, 80), (128, 128), (256, 256), (192, 128), (320, 320), (512, 512),
-                                     (512, 256)):
+        # 80, 320 and 384: head dims padded to their tiles (masked loads); 192/128 and 512/256: K's and
+        # V's differ (DeepSeek's MLA); 512: Gemma 4's global layers
+        for head_dim, head_dim_v in ((64, 64), (80, 80), (128, 128), (256, 256), (192, 128), (320, 320), (384, 384),
+                                     (512, 512), (512, 256)):
             label = head_dim if head_dim == head_dim_v else f"{head_dim}/{head_dim_v}"
             for mask_kind, dropout in ((NO_MASK.value, False), (BOOL_MASK.value, False), (ADD_MASK.value, False),
                                        (BOOL_MASK.value, True)):

@@ -352,6 +352,17 @@ def test_dropout_with_a_block_mask_is_dropout_with_its_dense_mask(backend, devic
     assert all(torch.allclose(g, h, atol=1e-4) for g, h in zip(grads, grads_again))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_to_moves_a_block_mask_as_tensor_to_moves_a_tensor(device):
+    """A model split across devices moves each layer's inputs with `.to` (accelerate's hooks)."""
+    block_mask = _documents_and_globals("cpu")
+    moved = block_mask.to(device, non_blocking=True)
+    assert (moved is block_mask) == (device == "cpu")
+    assert moved.device.type == device and moved.shape == block_mask.shape
+    assert torch.equal(moved.to_dense().cpu(), block_mask.to_dense())
+
+
 def test_bad_block_masks_name_block_mask():
     q, k, v = _inputs("cpu")
     with pytest.raises(TypeError, match="block_mask must be an attn_ops.BlockMask"):

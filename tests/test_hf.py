@@ -307,6 +307,35 @@ def test_chunked_attention_layers_pass_a_block_mask_not_a_dense_one_and_match_sd
     assert tuple(full.shape) == (3, 1, 1, SEQ)
 
 
+def test_chunked_attention_continued_past_a_cache_takes_the_offsets_of_sdpa_mask(calls):
+    """Three more tokens after a cached prompt: the chunked layer's cache keeps the last chunk's keys
+    (kv_offset 6 of 12 positions, queries at 9 to 11): its block mask is transformers' rule at those
+    offsets, the logits sdpa's."""
+    model = _llama4()
+    ids, mask = _batch("left")
+    more, longer = torch.randint(0, VOCAB, (3, 3)), torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], 1)
+    logits = {}
+    for implementation in ("sdpa", "attn_ops"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+            logits[implementation] = model(input_ids=more, attention_mask=longer, past_key_values=cache).logits
+    torch.testing.assert_close(logits["attn_ops"], logits["sdpa"], **TOL)
+    chunked = calls[2]
+    assert isinstance(chunked, attn_ops.BlockMask) and chunked.shape == (3, 1, 3, 6)
+    assert torch.equal(chunked.to_dense(), _chunked_dense(longer, 4)[:, :, SEQ:, 6:])
+
+
+def test_chunked_attention_within_one_chunk_is_causal_with_the_key_padding(calls):
+    """Every key in the first chunk (counted from each row's first real token): no block mask to
+    build, the key padding and the module's causal rule, as for a plain causal layer."""
+    model = _llama4(chunk=16)
+    ids, mask = _batch("left")
+    expected = _run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(_run(model, "attn_ops", input_ids=ids, attention_mask=mask).logits, expected, **TOL)
+    assert [tuple(m.shape) for m in calls] == [(3, 1, 1, SEQ)] * 2
+
+
 def test_chunked_attention_generation_matches_sdpa(calls, decode_calls):
     """The prompt's chunked layer takes its block mask; each decoding step's one-row mask goes to the
     split-KV kernels as a key mask."""

@@ -22,3 +22,16 @@ def test_packed_batches_get_their_own_table_and_no_column_is_only_n_a():
     assert "| none | 2 | 4 | 0.5x | 0.5x |" in main
     assert "attn_ops speedup over attn_ops_padded" in packed_part
     assert f"| {VARLEN} | 3 | 1.5 | 1 | 3x | 3x | 2x |" in packed_part
+
+
+def test_every_case_of_the_gpu_runs_is_one_the_drivers_can_prepare():
+    """A decoding row needs a cache layout as its mask and one query; any other row a mask or pattern
+    the drivers build (a decoding mode on a self-attention case raised KeyError mid-sweep)."""
+    from bench.cases import CACHES, DECODE, GPU_QUICK, GPU_SWEEP, HEADLINE, MASKS, MODIFIERS, SPARSE
+
+    attention_masks = set(MASKS) | set(MODIFIERS) | set(SPARSE) | {VARLEN}
+    for case in GPU_SWEEP + GPU_QUICK + HEADLINE:
+        if case.mode == DECODE:
+            assert case.mask in CACHES and case.len_q == 1, case
+        else:
+            assert case.mask in attention_masks, case

@@ -13,8 +13,8 @@ from .attn_launch import (PassPlan, descriptor_layouts, descriptors, launch_args
                           on_inputs_device, planned, tma_allowed, uses_tma)
 from .bundles import Strides
 from .layout import on_16_bytes
-from .schedule import (COLS, CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, block_line, key_tiles, listed_tiles,
-                       query_tiles, segment, tile_start)
+from .schedule import (COLS, CONTIGUOUS, FULL_BLOCKS, PARTIAL_BLOCKS, ROWS, block_line, key_tiles, listed_block,
+                       listed_tiles, query_tiles, segment, tile_start)
 from .config import cdiv, tile_config
 from .precision import tf32_allowed
 
@@ -277,9 +277,8 @@ def _attn_bwd_dmask(Q, K, V, Mask, Blocks, Alibi, Seed, dO, Lse, Delta, dMask, s
     it and sums dS over the dimensions the mask broadcasts (batches, heads, rows or columns) in a
     fixed order, so the result is deterministic without atomics and without a scratch tensor. dS is
     the gradient of the final scores, to which the mask is added after the cap: no cap factor.
-    With a block mask (`Blocks`, as the dQ pass's; launched with ``SW.BANDED`` so that its lists are
-    cut to this program's columns) only its listed tiles are visited, partial ones reading their
-    bits: elsewhere dS is 0. Pointers only (SW.TMA is not read)."""
+    With a block mask (`Blocks`, as the dQ pass's) only its listed tiles are visited, partial ones
+    reading their bits: elsewhere dS is 0. Pointers only (SW.TMA is not read)."""
     mask_batch, mask_heads = mask_shape
     len_q, len_k = sc.len_q, sc.len_k
     row_tiles = 1 if ROWS_SUMMED else tl.cdiv(len_q, SW.BLOCK_M)
@@ -318,10 +317,13 @@ def _attn_bwd_dmask(Q, K, V, Mask, Blocks, Alibi, Seed, dO, Lse, Delta, dMask, s
                 lo, hi = tiles[0], tiles[3]
                 if not COLS_SUMMED:
                     lo, hi = tl.maximum(lo, col0), tl.minimum(hi, col0 + SW.BLOCK_N)
-                if SW.BLOCK_SIZE:  # a block mask: its listed blocks within [lo, hi) only, as the dQ pass's
+                if SW.BLOCK_SIZE:  # a block mask: its listed blocks within [lo, hi) only
                     line = block_line(b, h, start_m, len_q, st, SW)
                     for KIND in tl.static_range(FULL_BLOCKS, PARTIAL_BLOCKS + 1):
-                        span = listed_tiles(Blocks, line, ROWS, KIND, (lo, hi), SW.BLOCK_N, SW)
+                        if COLS_SUMMED:  # the band's blocks, as the dQ pass walks them
+                            span = listed_tiles(Blocks, line, ROWS, KIND, (lo, hi), SW.BLOCK_N, SW)
+                        else:  # the one block that holds this program's columns
+                            span = listed_block(Blocks, line, ROWS, KIND, col0 // SW.BLOCK_SIZE, SW.BLOCK_N, SW)
                         for i in range(span[0], span[1]):
                             start_n = tile_start(i, span, KIND, SW.BLOCK_N, SW)
                             if (start_n >= lo) & (start_n < hi):  # a listed block's other tiles are not ours
@@ -459,7 +461,7 @@ def _mask_grad(q, k, v, do, lse_log2, delta, args, tensors, dq_pass):
             q, k, v, tensors.mask, tensors.blocks, tensors.alibi, tensors.seed, do, lse_log2, delta, dmask,
             scalars[0]._replace(q=q.stride(), do=do.stride(), out=dmask.stride()), shape[:2], batch, num_heads_q,
             num_heads_q // k.shape[1], scalars[-1],
-            SW=dq_pass.options["SW"].replaced(TMA=False, BANDED=bool(args.block_size)),
+            SW=dq_pass.options["SW"].replaced(TMA=False),
             ROWS_SUMMED=rows_summed, COLS_SUMMED=cols_summed, num_warps=dq_pass.options["num_warps"],
             num_stages=dq_pass.options["num_stages"],
         )

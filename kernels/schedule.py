@@ -102,12 +102,7 @@ def listed_tiles(Blocks, line, SIDE: tl.constexpr, KIND: tl.constexpr, band, BLO
     With ``SW.BANDED`` only the blocks that meet `band` = (lo, hi), the range of the other axis the
     band lets this line's rows see: a line's blocks are in increasing order, so the others are at
     its two ends."""
-    Lists, Bits = Blocks
-    at = SIDE + 2 * (KIND - FULL_BLOCKS)
-    offsets = Lists + tl.load(Lists + at)
-    blocks = Lists + tl.load(Lists + at + 1)
-    first = tl.load(offsets + line)
-    stop = tl.load(offsets + line + 1)
+    first, stop, blocks, bit_ids, Bits = _line_entries(Blocks, line, SIDE, KIND)
     if SW.BANDED:
         lo, hi = band
         while (first < stop) & ((tl.load(blocks + first, mask=first < stop, other=0) + 1) * SW.BLOCK_SIZE <= lo):
@@ -115,7 +110,38 @@ def listed_tiles(Blocks, line, SIDE: tl.constexpr, KIND: tl.constexpr, band, BLO
         while (first < stop) & (tl.load(blocks + stop - 1, mask=first < stop, other=0) * SW.BLOCK_SIZE >= hi):
             stop -= 1
     per_block: tl.constexpr = SW.BLOCK_SIZE // BLOCK
-    return first * per_block, stop * per_block, blocks, Lists + tl.load(Lists + SIDE + 4), Bits
+    return first * per_block, stop * per_block, blocks, bit_ids, Bits
+
+
+@triton.jit
+def listed_block(Blocks, line, SIDE: tl.constexpr, KIND: tl.constexpr, block, BLOCK: tl.constexpr,
+                 SW: tl.constexpr):
+    """`listed_tiles`' span for one block of the other axis, `block`: its ``BLOCK_SIZE // BLOCK``
+    tiles where line `line` lists it as ``KIND``, else none. Found by bisection (a line's blocks are
+    in increasing order): a program that owns one tile of the other axis (the mask's gradient)
+    reads a few entries, not the line."""
+    first, stop, blocks, bit_ids, Bits = _line_entries(Blocks, line, SIDE, KIND)
+    end = stop
+    while first < stop:
+        middle = (first + stop) // 2
+        if tl.load(blocks + middle) < block:
+            first = middle + 1
+        else:
+            stop = middle
+    found = (first < end) & (tl.load(blocks + first, mask=first < end, other=-1) == block)
+    per_block: tl.constexpr = SW.BLOCK_SIZE // BLOCK
+    return first * per_block, (first + found.to(tl.int32)) * per_block, blocks, bit_ids, Bits
+
+
+@triton.jit
+def _line_entries(Blocks, line, SIDE: tl.constexpr, KIND: tl.constexpr):
+    """(first, stop, the blocks, their bits' indices, the bits) of line `line`'s full or partial blocks
+    (``KIND``) of a block mask's lists by query block (``SIDE`` ROWS) or key block (COLS)."""
+    Lists, Bits = Blocks
+    at = SIDE + 2 * (KIND - FULL_BLOCKS)
+    offsets = Lists + tl.load(Lists + at)
+    return (tl.load(offsets + line), tl.load(offsets + line + 1), Lists + tl.load(Lists + at + 1),
+            Lists + tl.load(Lists + SIDE + 4), Bits)
 
 
 @triton.jit

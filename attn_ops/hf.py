@@ -18,7 +18,9 @@ Two functions are registered under one name, as transformers needs both:
   time, never ``[Lq, Lk]`` at once: once per forward, for every chunked layer (building evaluates
   each (query, key) once and reads the blocks' counts on the host, a sync per chunk of blocks; the
   attention calls read nothing); the kernels skip the other chunks' blocks. Its decoding steps keep
-  the one-row mask.
+  the one-row mask. Packed sequences (flash-attn's keywords) on a chunked layer run as causal
+  sequences, exact where ``max_length_q`` is at most the chunk; longer ones are refused, as
+  transformers' flash-attention path refuses them.
   Other patterns (packed sequences, a sliding cache past its window, static-cache offsets, custom
   overlays) get transformers' own dense `sdpa_mask`.
 - an attention function (`AttentionInterface`) with `sdpa_attention_forward`'s signature. A causal
@@ -198,11 +200,13 @@ def attention_forward(
         )
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = None
+    if kwargs.get("cu_seq_lens_q") is not None and _chunk_size(module) is not None:
+        # Packed sequences (flash-attn's keywords) on a chunked layer: exact as causal sequences where
+        # none is longer than the chunk, which the block mask of the whole row does not know.
+        _check_packed_sequences_fit_the_chunk(_chunk_size(module), kwargs)
+        attention_mask = None
     if isinstance(attention_mask, BlockMask):
         # A chunked-attention layer's rule, causal and key padding included (padding_or_dense_mask's).
-        if kwargs.get("cu_seq_lens_q") is not None:
-            raise ValueError("attn_ops attention: chunked attention over packed sequences (cu_seq_lens_q) is not "
-                             "supported; pass the sequences as a padded batch")
         out = attention(query, key, value, mask=position_bias, block_mask=attention_mask, scale=scaling, softcap=softcap,
                         sinks=s_aux, dropout_p=dropout)
         return out.transpose(1, 2).contiguous(), None
@@ -240,6 +244,26 @@ def attention_forward(
     out = attention(query, key, value, mask=mask, causal=causal, window=window, scale=scaling, softcap=softcap,
                     sinks=s_aux, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _chunk_size(module):
+    """The chunk of a chunked-attention layer (Llama 4's: ``config.layer_types[layer_idx]``), or None."""
+    config = getattr(module, "config", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    index = getattr(module, "layer_idx", None)
+    if isinstance(index, int) and 0 <= index < len(layer_types) and layer_types[index] == "chunked_attention":
+        return getattr(config, "attention_chunk_size", None)
+    return None
+
+
+def _check_packed_sequences_fit_the_chunk(chunk_size, kwargs):
+    """Packed sequences on a chunked layer run as causal sequences: exact only where none is longer than
+    the chunk, which ``max_length_q`` must say (transformers' flash-attention path refuses longer ones)."""
+    longest = kwargs.get("max_length_q")
+    if not isinstance(longest, int) or longest > chunk_size:
+        raise ValueError(f"attn_ops attention: packed sequences (cu_seq_lens_q) on a chunked-attention layer need "
+                         f"max_length_q <= its attention_chunk_size ({chunk_size}), got max_length_q={longest!r}; "
+                         f"pass longer sequences as a padded batch")
 
 
 def _with_bias(mask, bias):

@@ -336,6 +336,24 @@ def test_chunked_attention_within_one_chunk_is_causal_with_the_key_padding(calls
     assert [tuple(m.shape) for m in calls] == [(3, 1, 1, SEQ)] * 2
 
 
+@pytest.mark.parametrize("chunk", [8, 4])
+def test_packed_sequences_on_a_chunked_layer_run_as_causal_sequences_within_the_chunk(chunk, varlen_calls):
+    """flash-attn's keywords, sequences of 8 and 6 tokens: with chunks of 8 each sequence is causal
+    (the separate runs' logits); with chunks of 4 they are not, and the call says so."""
+    model = _llama4(chunk)
+    ids, positions = torch.randint(0, VOCAB, (1, 14)), torch.cat([torch.arange(8), torch.arange(6)])[None]
+    cu = torch.tensor([0, 8, 14], dtype=torch.int32)
+    packed = dict(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=8,
+                  max_length_k=8)
+    if chunk < 8:
+        with pytest.raises(ValueError, match=r"max_length_q <= its attention_chunk_size \(4\)"):
+            _run(model, "attn_ops", **packed)
+        return
+    separate = torch.cat([_run(model, "sdpa", input_ids=ids[:, a:b]).logits for a, b in ((0, 8), (8, 14))], dim=1)
+    torch.testing.assert_close(_run(model, "attn_ops", **packed).logits, separate, **TOL)
+    assert varlen_calls == [[0, 8, 14]] * 2
+
+
 def test_chunked_attention_generation_matches_sdpa(calls, decode_calls):
     """The prompt's chunked layer takes its block mask; each decoding step's one-row mask goes to the
     split-KV kernels as a key mask."""

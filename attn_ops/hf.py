@@ -200,10 +200,11 @@ def attention_forward(
         )
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = None
-    if kwargs.get("cu_seq_lens_q") is not None and _chunk_size(module) is not None:
+    chunk_size = _chunk_size(module) if kwargs.get("cu_seq_lens_q") is not None else None
+    if chunk_size is not None:
         # Packed sequences (flash-attn's keywords) on a chunked layer: exact as causal sequences where
         # none is longer than the chunk, which the block mask of the whole row does not know.
-        _check_packed_sequences_fit_the_chunk(_chunk_size(module), kwargs)
+        _check_packed_sequences_fit_the_chunk(chunk_size, kwargs)
         attention_mask = None
     if isinstance(attention_mask, BlockMask):
         # A chunked-attention layer's rule, causal and key padding included (padding_or_dense_mask's).

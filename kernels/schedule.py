@@ -16,7 +16,9 @@ that are full and those that are partial: a pass walks the full ones, then the p
 (`listed_tiles`), each a loop of the same tile body (``KIND`` FULL_BLOCKS or PARTIAL_BLOCKS instead
 of CONTIGUOUS; `tile_start` maps the loop's index to a tile), a block's tiles one after another.
 Full blocks need no element-wise masking but the band's, partial ones read their bits
-(`attn_common._block_bits`). Blocks the band cannot see are cut from the ends of each list.
+(`attn_common._block_bits`). Blocks the band cannot see are cut from the ends of each list. A
+program that owns one tile of the other axis (the mask's gradient) finds its one block by
+bisection (`listed_block`).
 """
 
 import triton

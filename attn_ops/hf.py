@@ -137,34 +137,40 @@ def padding_or_dense_mask(
 
 def _sliding_window(mask_function, kwargs):
     """The window of a sliding-window causal layer's mask, where `mask_function` is exactly
-    transformers' ``sliding_window_causal_mask_function(window)`` (``and_masks`` of its window overlay
-    and the causal rule, read from the closures) and the call lets the mask be skipped (no overlay,
-    no packed sequences); else None, and the layer gets transformers' dense mask."""
-    from transformers.masking_utils import causal_mask_function, sliding_window_overlay
+    transformers' ``sliding_window_causal_mask_function(window)`` (its window overlay on the causal
+    rule: `_causal_overlay`) and the call lets the mask be skipped (no overlay, no packed sequences);
+    else None, and the layer gets transformers' dense mask."""
+    from transformers.masking_utils import sliding_window_overlay
 
     window = kwargs.get("local_size")
     if not isinstance(window, int) or not kwargs.get("allow_is_causal_skip", True):
         return None
-    try:
-        overlay, rule = mask_function.__closure__[0].cell_contents
-        same_overlay = overlay.__code__ is sliding_window_overlay(window).__code__
-        if rule is causal_mask_function and same_overlay and overlay.__closure__[0].cell_contents == window:
-            return window
-    except (AttributeError, IndexError, TypeError, ValueError):  # another kind of mask function
-        pass
+    overlay = _causal_overlay(mask_function)
+    if overlay is not None and overlay.__code__ is sliding_window_overlay(window).__code__ \
+            and overlay.__closure__[0].cell_contents == window:
+        return window
     return None
 
 
 def _chunked(mask_function):
     """Whether `mask_function` is exactly transformers' ``chunked_causal_mask_function(chunk_size,
-    left_padding)`` (``and_masks`` of its chunk overlay and the causal rule, read from the closures)."""
-    from transformers.masking_utils import causal_mask_function, chunked_overlay
+    left_padding)`` (its chunk overlay on the causal rule: `_causal_overlay`)."""
+    from transformers.masking_utils import chunked_overlay
+
+    overlay = _causal_overlay(mask_function)
+    return overlay is not None and overlay.__code__ is chunked_overlay(1, None).__code__
+
+
+def _causal_overlay(mask_function):
+    """The overlay of a mask function that is transformers' ``and_masks(overlay, causal_mask_function)``
+    (read from its closure), as its sliding-window and chunked causal rules are made; else None."""
+    from transformers.masking_utils import causal_mask_function
 
     try:
         overlay, rule = mask_function.__closure__[0].cell_contents
-        return rule is causal_mask_function and overlay.__code__ is chunked_overlay(1, None).__code__
     except (AttributeError, IndexError, TypeError, ValueError):  # another kind of mask function
-        return False
+        return None
+    return overlay if rule is causal_mask_function and hasattr(overlay, "__code__") else None
 
 
 def _block_mask(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, device):

@@ -460,8 +460,7 @@ def _mask_grad(q, k, v, do, lse_log2, delta, args, tensors, dq_pass):
         _attn_bwd_dmask[(shape[0] * shape[1] * tiles,)](
             q, k, v, tensors.mask, tensors.blocks, tensors.alibi, tensors.seed, do, lse_log2, delta, dmask,
             scalars[0]._replace(q=q.stride(), do=do.stride(), out=dmask.stride()), shape[:2], batch, num_heads_q,
-            num_heads_q // k.shape[1], scalars[-1],
-            SW=dq_pass.options["SW"].replaced(TMA=False),
+            num_heads_q // k.shape[1], scalars[-1], SW=dq_pass.options["SW"].replaced(TMA=False),
             ROWS_SUMMED=rows_summed, COLS_SUMMED=cols_summed, num_warps=dq_pass.options["num_warps"],
             num_stages=dq_pass.options["num_stages"],
         )
